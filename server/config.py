@@ -1,0 +1,99 @@
+"""Every engine setting, as frozen dataclasses validated once at start.
+
+Each dataclass raises ``ValueError`` with a message that names the setting and the allowed range,
+so a bad flag, env var or config-file key fails at start with a clear message, never mid-request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and how.
+
+    ``model`` is a local HF checkpoint directory, a ``.gguf`` file, or the name of the embedded
+    default (``smollm2-135m-instruct``). ``cache_dir`` holds converted checkpoints (None: the
+    ``LORAPLEX_CACHE_DIR`` env var, else ``~/.cache/loraplex``).
+    """
+
+    model: str = DEFAULT_MODEL
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    device: str | None = None  # None: cuda when available, else cpu
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "model must name a checkpoint directory, a .gguf file or the default")
+        _require(
+            self.dtype is None or self.dtype in SUPPORTED_DTYPES,
+            f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}",
+        )
+        _require(
+            self.device is None or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the continuously batched engine.
+
+    - ``max_loras``: device slots, so at most this many distinct adapters run in one step.
+    - ``max_lora_rank``: slot buffers are padded to this rank; adapters above it are refused.
+      Decode reads every slot at this rank, so set it to the largest rank you serve.
+    - ``max_num_seqs``: sequences in the running batch.
+    - ``max_num_batched_tokens``: tokens in one forward (prefill chunks + decode tokens).
+    - ``max_model_len``: prompt + generated tokens per sequence (None: the model's limit).
+    - ``kv_cache_bytes``: KV-cache budget (None: enough for ``max_num_seqs`` full-length
+      sequences, capped at 2 GiB on CPU). ``kv_block_size``: tokens per paged block.
+    - ``target_modules``: projections that get a LoRA side path (adapters may use a subset).
+    """
+
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    kv_cache_bytes: int | None = None
+    kv_block_size: int = 16
+    target_modules: tuple[str, ...] = field(default=ALL_TARGET_MODULES)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.max_loras <= 256, f"max_loras must be in [1, 256], got {self.max_loras}")
+        _require(
+            1 <= self.max_lora_rank <= 512, f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}"
+        )
+        _require(
+            1 <= self.max_num_seqs <= 1024, f"max_num_seqs must be in [1, 1024], got {self.max_num_seqs}"
+        )
+        _require(
+            self.max_num_batched_tokens >= self.max_num_seqs,
+            f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+            f"({self.max_num_seqs}) so every running sequence can decode in one step",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len >= 2,
+            f"max_model_len must be >= 2, got {self.max_model_len}",
+        )
+        _require(
+            self.kv_cache_bytes is None or self.kv_cache_bytes > 0,
+            f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}",
+        )
+        _require(
+            self.kv_block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+            f"kv_block_size must be a power of two in [1, 128], got {self.kv_block_size}",
+        )
+        unknown = sorted(set(self.target_modules) - set(ALL_TARGET_MODULES))
+        _require(not unknown, f"unknown target modules {unknown}; supported: {', '.join(ALL_TARGET_MODULES)}")
+        _require(bool(self.target_modules), "target_modules must name at least one projection")

@@ -1,0 +1,201 @@
+"""The synchronous engine: requests in, one continuously batched step at a time, token deltas out.
+
+One thread owns an EngineCore (the async ``Engine`` runs it in its loop thread). A step:
+
+    scheduled = scheduler.schedule()           # which sequences, how many tokens, which slots
+    sampled = runner.run(scheduled)            # one forward for the whole mixed batch
+    scheduler.postprocess(scheduled, sampled)  # append tokens, stop checks, free finished ones
+    deltas = self._emit(scheduled)             # detokenize, stop strings, one delta per request
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters.cache import AdapterCache, AdapterState
+from adapters.format import read_peft_dir
+from server.config import EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import DEFAULT_CPU_KV_BYTES_CAP, KVCache, kv_bytes_per_token
+from server.engine.runner import ModelRunner
+from server.engine.sampler import Sampler, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import FinishReason, Sequence
+from server.model.factory import LoadedModel
+from server.model.lora_binding import LoRASlotWriter
+
+
+class EngineError(ValueError):
+    """A request the engine refuses; ``code`` is the OpenAI-style error code."""
+
+    code = "invalid_request_error"
+
+
+class UnknownAdapterError(EngineError):
+    code = "model_not_found"
+
+
+class ContextLengthError(EngineError):
+    code = "context_length_exceeded"
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float | None]
+    finish_reason: str | None  # stop, length, abort, error; None while running
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+
+class EngineCore:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.checkpoint.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.model.embed_tokens.shape[0]
+        self.kv_cache = KVCache.sized(
+            loaded.checkpoint.config, self._kv_budget(), config.kv_block_size, loaded.dtype, loaded.device
+        )
+        self.slot_writer = LoRASlotWriter(loaded.model, config.max_lora_rank)
+        read = lambda path: read_peft_dir(path, config.max_lora_rank)  # noqa: E731
+        self.adapters = AdapterCache(self.slot_writer, config.max_loras, read)
+        eos = _eos_token_ids(loaded.checkpoint)
+        self.scheduler = Scheduler(config, self.kv_cache, self.adapters, self.max_model_len, eos)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(config.seed))
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._arrivals = itertools.count()
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_bytes is not None:
+            return self.config.kv_cache_bytes
+        per_token = kv_bytes_per_token(self.loaded.checkpoint.config, self.loaded.dtype)
+        wanted = per_token * self.config.max_num_seqs * self.max_model_len
+        return min(wanted, DEFAULT_CPU_KV_BYTES_CAP) if self.loaded.device.type == "cpu" else wanted
+
+    # ---- requests ----
+    def validate(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_id: str | None) -> None:
+        """Raise EngineError for a request that cannot be served; touches no engine state."""
+        if adapter_id is not None and not self.adapters.is_registered(adapter_id):
+            raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
+        if not prompt_token_ids:
+            raise EngineError("the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise EngineError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        total = len(prompt_token_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks "
+                f"for {total} ({len(prompt_token_ids)} in the prompt + {sampling.max_tokens} max_tokens)"
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    adapter_id: str | None) -> None:  # fmt: skip
+        self.validate(prompt_token_ids, sampling, adapter_id)
+        if request_id in self._seqs:
+            raise EngineError(f"request id {request_id!r} is already running")
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.loaded.device).manual_seed(sampling.seed)
+        seq = Sequence(
+            request_id, list(prompt_token_ids), sampling, adapter_id, next(self._arrivals), generator
+        )
+        self._seqs[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        if adapter_id is not None:
+            self.adapters.prefetch(adapter_id)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> TokenDelta | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return self._delta(seq, [], [], "")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- adapters ----
+    def add_adapter(self, adapter_id: str, path: str | Path) -> None:
+        """Read and validate a peft adapter directory now, then keep it in host memory."""
+        weights = read_peft_dir(Path(path), self.config.max_lora_rank)
+        self.adapters.register(adapter_id, weights)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self.adapters.unregister(adapter_id)
+
+    # ---- the step ----
+    def step(self) -> list[TokenDelta]:
+        failed = self._fail_unloadable()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return failed
+        sampled = self.runner.run(out)
+        self.scheduler.postprocess(out, sampled.token_ids, sampled.logprobs)
+        return failed + [self._emit(item.seq, item.samples) for item in out.scheduled if item.samples]
+
+    def _emit(self, seq: Sequence, _samples: bool) -> TokenDelta:
+        detok = self._detok[seq.request_id]
+        token, logprob = seq.output_token_ids[-1], seq.output_logprobs[-1]
+        text = detok.push(token)
+        if detok.stopped and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)
+        if seq.is_finished:
+            text += detok.flush()
+        return self._delta(seq, [token], [logprob], text)
+
+    def _delta(self, seq: Sequence, tokens, logprobs, text: str, error: str | None = None) -> TokenDelta:
+        reason = seq.finish_reason.value if seq.finish_reason else None
+        if seq.is_finished:
+            self._seqs.pop(seq.request_id, None)
+            self._detok.pop(seq.request_id, None)
+        return TokenDelta(seq.request_id, tokens, text, logprobs, reason, len(seq.prompt_token_ids),
+                          len(seq.output_token_ids), error)  # fmt: skip
+
+    def _fail_unloadable(self) -> list[TokenDelta]:
+        """Waiting requests whose adapter failed to load (or vanished) end with an error."""
+        deltas = []
+        for seq in list(self.scheduler.waiting):
+            if seq.adapter_id is None:
+                continue
+            if self.adapters.is_registered(seq.adapter_id):
+                if self.adapters.state(seq.adapter_id) is not AdapterState.FAILED:
+                    continue
+                error = f"adapter {seq.adapter_id!r} failed to load: {self.adapters.error(seq.adapter_id)}"
+            else:
+                error = f"adapter {seq.adapter_id!r} was removed"
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            deltas.append(self._delta(seq, [], [], "", error))
+        return deltas
+
+    def fail_all(self, error: str) -> list[TokenDelta]:
+        """End every request with an error (after an unexpected failure of the step)."""
+        deltas = []
+        for seq in list(self._seqs.values()):
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            deltas.append(self._delta(seq, [], [], "", error))
+        return deltas
+
+
+def _eos_token_ids(checkpoint) -> frozenset[int]:
+    ids = set()
+    for source in (checkpoint.config, getattr(checkpoint, "generation_config", None), checkpoint.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

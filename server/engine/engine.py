@@ -1,0 +1,154 @@
+"""The async engine the HTTP layer calls: submit → async iterator of token deltas.
+
+The EngineCore runs in one dedicated thread (torch releases the GIL inside its kernels, so the
+event loop stays responsive). Commands (add, abort, adapter changes) reach that thread through a
+queue and are applied between steps; deltas come back through ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from server.config import EngineConfig, ModelConfig
+from server.engine.core import EngineCore, EngineError, TokenDelta
+from server.engine.sampler import SamplingParams
+from server.model.factory import load_model
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.05
+
+
+class Engine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self._commands: queue.SimpleQueue[Callable[[], list[TokenDelta] | None]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig) -> Engine:
+        return cls(EngineCore(load_model(model_config, engine_config), engine_config))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    # ---- requests ----
+    async def submit(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[TokenDelta]:
+        """Validate now (raises EngineError), then yield one delta per generated token until done.
+
+        Closing the iterator early (e.g. the client went away) aborts the request.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        self.core.validate(prompt_token_ids, sampling, adapter)
+        stream: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter))
+        return self._iterate(request_id, stream)
+
+    def _add(self, request_id: str, prompt_token_ids, sampling, adapter) -> list[TokenDelta]:
+        """In the loop thread; a refusal here (e.g. the adapter was removed meanwhile) ends the stream."""
+        try:
+            self.core.add_request(request_id, prompt_token_ids, sampling, adapter)
+            return []
+        except EngineError as exc:
+            return [TokenDelta(request_id, [], "", [], "error", len(prompt_token_ids), 0, str(exc))]
+
+    async def _iterate(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[TokenDelta]:
+        finished = False
+        try:
+            while not finished:
+                delta = await stream.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:
+                self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: _as_list(self.core.abort(request_id)))
+
+    # ---- adapters ----
+    async def load_adapter(self, adapter_id: str, path: str | Path) -> None:
+        """Read, validate and register a peft adapter directory (raises AdapterFormatError/KeyError)."""
+        await asyncio.to_thread(self.core.add_adapter, adapter_id, path)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """New requests no longer see it; running ones finish on it, then its slot is freed."""
+        self.core.remove_adapter(adapter_id)
+
+    # ---- text helpers ----
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    async def generate_text(
+        self, prompt: str | list[dict], sampling: SamplingParams, adapter: str | None = None
+    ) -> str:
+        """Complete a text prompt (or chat messages, rendered with the chat template)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else self.encode_chat(prompt)
+        return "".join([d.text async for d in await self.submit(ids, sampling, adapter)])
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    # ---- the loop thread ----
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._publish(self._apply_commands(block=not self.core.has_work))
+            if not self.core.has_work:
+                continue
+            try:
+                deltas = self.core.step()
+            except Exception:
+                log.exception("engine step failed; failing the requests in flight")
+                deltas = self.core.fail_all("internal engine error")
+            self._publish(deltas)
+
+    def _apply_commands(self, block: bool) -> list[TokenDelta]:
+        deltas: list[TokenDelta] = []
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            while True:
+                deltas.extend(self._run_command(command))
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            return deltas
+
+    def _run_command(self, command) -> list[TokenDelta]:
+        try:
+            return command() or []
+        except Exception:
+            log.exception("engine command failed")
+            return []
+
+    def _publish(self, deltas: list[TokenDelta]) -> None:
+        for delta in deltas:
+            target = self._streams.get(delta.request_id)
+            if target is not None:
+                loop, stream = target
+                loop.call_soon_threadsafe(stream.put_nowait, delta)
+
+
+def _as_list(delta: TokenDelta | None) -> list[TokenDelta]:
+    return [] if delta is None else [delta]

@@ -1,0 +1,96 @@
+"""Turns a scheduled step into one forward over the flat mixed batch, then samples.
+
+The runner alone builds the ForwardBatch (token ids, positions, KV rows, attention groups,
+LoRA segments); the model only reads it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.sampler import SampleOutput, Sampler
+from server.engine.scheduler import ScheduledSeq, SchedulerOutput
+from server.engine.sequence import Sequence
+from server.model.forward_batch import ForwardBatch, PrefillChunk
+from server.model.llama import LlamaForServing
+from server.ops.lora_torch import LoRASegments
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForServing, kv_cache: KVCache, sampler: Sampler) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sampler = sampler
+        self.device = model.embed_tokens.device
+        self.dtype = model.embed_tokens.dtype
+
+    def run(self, out: SchedulerOutput) -> SampleOutput:
+        """One forward for every scheduled sequence; tokens for those that sample, in order."""
+        batch = self.build_batch(out.scheduled)
+        logits = self.model(batch, self.kv_cache.layers)  # [B_sample, V]
+        rows = [item.seq for item in out.scheduled if item.samples]
+        return self.sampler.sample(logits, rows)
+
+    def build_batch(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        kv_rows: list[int] = []
+        token_slots: list[int] = []
+        decodes: list[tuple[int, Sequence, int]] = []  # (token index, seq, ctx_len)
+        prefills: list[PrefillChunk] = []
+        logits_index: list[int] = []
+        for item in scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            first = len(input_ids)
+            input_ids.extend(seq.token_at(i) for i in range(start, end))
+            positions.extend(range(start, end))
+            kv_rows.extend(self._kv_rows(seq.block_table, start, end))
+            token_slots.extend([item.slot] * item.num_new_tokens)
+            if item.num_new_tokens == 1:
+                decodes.append((first, seq, end))
+            else:
+                prefills.append(
+                    PrefillChunk(first, len(input_ids), self._tensor(self._kv_rows(seq.block_table, 0, end)))
+                )
+            if item.samples:
+                logits_index.append(len(input_ids) - 1)
+        return ForwardBatch(
+            input_ids=self._tensor(input_ids),
+            positions=self._tensor(positions),
+            kv_write_index=self._tensor(kv_rows),
+            **self._decode_fields(decodes),
+            prefills=tuple(prefills),
+            logits_index=self._tensor(logits_index),
+            lora=LoRASegments.build(token_slots, self.device, self.dtype),
+        )
+
+    def _decode_fields(self, decodes: list[tuple[int, Sequence, int]]) -> dict:
+        """Padded KV rows and mask for the decode group: [Bd, Lmax] and [Bd, 1, 1, Lmax]."""
+        if not decodes:
+            return {"decode_token_index": None, "decode_kv_index": None, "decode_kv_mask": None}
+        max_len = max(ctx for _, _, ctx in decodes)
+        bs = self.kv_cache.block_size
+        max_blocks = -(-max_len // bs)
+        tables = [
+            seq.block_table[:max_blocks] + [0] * (max_blocks - len(seq.block_table[:max_blocks]))
+            for _, seq, _ in decodes
+        ]
+        table = self._tensor(tables)  # [Bd, max_blocks]
+        pos = torch.arange(max_len, device=self.device)  # [Lmax]
+        kv_index = table[:, pos // bs] * bs + pos % bs  # [Bd, Lmax]
+        ctx = self._tensor([ctx for _, _, ctx in decodes])  # [Bd]
+        mask = (pos[None, :] < ctx[:, None])[:, None, None, :]  # [Bd, 1, 1, Lmax]
+        return {
+            "decode_token_index": self._tensor([i for i, _, _ in decodes]),
+            "decode_kv_index": kv_index,
+            "decode_kv_mask": mask,
+        }
+
+    def _kv_rows(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.kv_cache.block_size
+        return [block_table[i // bs] * bs + i % bs for i in range(start, end)]
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)

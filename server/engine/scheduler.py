@@ -1,0 +1,220 @@
+"""Which sequences run in the next step, and how many tokens each feeds.
+
+Policy, in order, every step:
+1. Running sequences keep going: decodes first (one token each), then unfinished prefills in
+   chunks, within ``max_num_batched_tokens``. When KV blocks run out, the newest running sequence
+   is preempted (blocks freed, recomputed later from its prompt + outputs).
+2. Waiting sequences are admitted first come, first served, while sequences, tokens and KV blocks
+   last. A waiting sequence whose adapter would exceed ``max_loras`` distinct adapters, or is not
+   resident yet (its load runs in the background), is skipped without blocking the ones behind it,
+   unless it has been skipped ``STARVATION_STEPS`` times: then nothing behind it is admitted until
+   it gets in, so running sequences drain and free an adapter slot for it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.config import EngineConfig
+from server.engine.kv_cache import KVCache
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+STARVATION_STEPS = 32
+
+
+class AdapterSlots(Protocol):
+    """What the scheduler needs of the adapter cache (adapters/cache.py implements it)."""
+
+    def try_activate(self, adapter_id: str) -> int | None:
+        """The adapter's device slot, making it resident if that can be done now; else None."""
+
+    def acquire(self, adapter_id: str) -> object:
+        """A running sequence uses it: never evict it until the lease is released."""
+
+    def lease_slot(self, lease: object) -> int:
+        """The slot the leased adapter version occupies."""
+
+    def release(self, lease: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
+    slot: int  # adapter slot, -1 for the base model
+    samples: bool  # this step feeds the last uncomputed token, so it produces the next one
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int, slot: int) -> ScheduledSeq:
+        samples = seq.num_computed_tokens + num_new_tokens == seq.num_tokens
+        return cls(seq, num_new_tokens, slot, samples)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]  # ordered by slot, so each slot's tokens are contiguous
+    num_waiting: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv_cache: KVCache,
+        slots: AdapterSlots,
+        max_model_len: int,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.kv_cache = kv_cache
+        self.slots = slots
+        self.max_model_len = max_model_len
+        self.waiting: list[Sequence] = []  # sorted by arrival_index
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        bisect.insort(self.waiting, seq, key=lambda s: s.arrival_index)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        budget = self._schedule_running(scheduled, budget)
+        self._admit_waiting(scheduled, budget)
+        scheduled.sort(key=lambda s: s.slot)
+        return SchedulerOutput(scheduled=scheduled, num_waiting=len(self.waiting))
+
+    def _schedule_running(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+        order = sorted(self.running, key=lambda s: (s.num_uncomputed_tokens > 1, s.arrival_index))
+        for seq in order:
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve_or_preempt(seq, num_new, scheduled):
+                continue
+            scheduled.append(ScheduledSeq.of(seq, num_new, self._slot(seq)))
+            budget -= num_new
+        return budget
+
+    def _reserve_or_preempt(self, seq: Sequence, num_new: int, scheduled: list[ScheduledSeq]) -> bool:
+        """Reserve KV blocks for seq, preempting the newest unscheduled running sequences if needed."""
+        taken = {s.seq for s in scheduled}
+        while not self._reserve(seq, num_new):
+            victims = [s for s in self.running if s is not seq and s not in taken]
+            if not victims:
+                self._preempt(seq)
+                return False
+            self._preempt(max(victims, key=lambda s: s.arrival_index))
+        return True
+
+    def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> None:
+        adapters = {s.adapter_id for s in self.running if s.adapter_id is not None}
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            slot = self._admissible_slot(seq, adapters)
+            if slot is None:
+                seq.num_skipped_steps += 1
+                if seq.num_skipped_steps >= STARVATION_STEPS:
+                    break  # let the running batch drain until this one fits
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve(seq, num_new):
+                break  # out of KV memory: later arrivals must not jump ahead
+            self._start(seq, adapters)
+            scheduled.append(ScheduledSeq.of(seq, num_new, slot))
+            budget -= num_new
+
+    def _admissible_slot(self, seq: Sequence, adapters: set[str]) -> int | None:
+        """The slot seq would run in, or None when it must wait (adapter limit or still loading)."""
+        if seq.adapter_id is None:
+            return -1
+        if seq.adapter_id not in adapters and len(adapters) >= self.config.max_loras:
+            return None
+        return self.slots.try_activate(seq.adapter_id)
+
+    def _start(self, seq: Sequence, adapters: set[str]) -> None:
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.status = SequenceStatus.RUNNING
+        seq.num_skipped_steps = 0
+        if seq.adapter_id is not None:
+            seq.adapter_lease = self.slots.acquire(seq.adapter_id)
+            adapters.add(seq.adapter_id)
+
+    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+        needed = self.kv_cache.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
+        if needed <= 0:
+            return True
+        if needed > self.kv_cache.allocator.num_free:
+            return False
+        seq.block_table.extend(self.kv_cache.allocator.allocate(needed))
+        return True
+
+    def _slot(self, seq: Sequence) -> int:
+        return -1 if seq.adapter_lease is None else self.slots.lease_slot(seq.adapter_lease)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's KV and queue it again; it is recomputed from prompt + outputs so far."""
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            if seq.adapter_lease is not None:
+                self.slots.release(seq.adapter_lease)
+                seq.adapter_lease = None
+        self.kv_cache.allocator.free(seq.block_table)
+        seq.block_table = []
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def postprocess(self, out: SchedulerOutput, token_ids: list[int], logprobs: list[float | None]) -> None:
+        """Advance every scheduled sequence; sampled ones get their token and stop checks."""
+        sampled = iter(zip(token_ids, logprobs, strict=True))
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if not item.samples:
+                continue
+            token, logprob = next(sampled)
+            if seq.is_finished:
+                continue
+            seq.output_token_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.sampling
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,61 @@
+"""A request's state inside the engine: tokens, KV blocks, adapter slot, sampling state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.sampler import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV blocks and an adapter reference
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # the engine could not serve it (e.g. its adapter failed to load)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter_id: str | None  # None = the bare base model
+    arrival_index: int  # FCFS order
+    generator: torch.Generator | None = None  # set when sampling.seed is given
+    adapter_lease: object | None = None  # held while running: pins this adapter version in its slot
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float | None] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in this sequence's blocks
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    num_skipped_steps: int = 0  # steps it was ready to run but left waiting (starvation guard)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to feed before the next sample (prompt + outputs after a preemption)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_at(self, index: int) -> int:
+        num_prompt = len(self.prompt_token_ids)
+        return (
+            self.prompt_token_ids[index] if index < num_prompt else self.output_token_ids[index - num_prompt]
+        )
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

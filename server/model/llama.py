@@ -1,0 +1,196 @@
+"""Our own Llama-family forward (Llama, Mistral, Qwen2): flat token batches, paged KV cache.
+
+The HF modules are not used at serving time: their per-call Python overhead dominates small
+decode steps. Weights are loaded straight from safetensors into fused projections (q|k|v and
+gate|up), frozen, each wrapped in a MultiLoRALinear. Numerics follow transformers' Llama
+(RMSNorm in fp32, rotate-half RoPE, SiLU-gated MLP) so greedy outputs match ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.model.forward_batch import ForwardBatch
+from server.model.lora_linear import MultiLoRALinear
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [num_kv_rows, H_kv, D]
+
+
+def rope_cos_sin(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, D] in fp32, as transformers computes them for this config."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    elif rope_type in ("linear", "llama3", "yarn"):
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+    else:
+        raise ValueError(f"RoPE type {rope_type!r} is not supported (default, linear, llama3, yarn are)")
+    freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D], cos/sin [T, 1, D] → rotated x (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, weights: dict[str, torch.Tensor], lora_kwargs: dict) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(weights["input_layernorm.weight"], eps)
+        self.post_attention_layernorm = RMSNorm(weights["post_attention_layernorm.weight"], eps)
+        qkv_bias = _cat_optional([weights.get(f"self_attn.{p}_proj.bias") for p in "qkv"])
+        self.qkv_proj = MultiLoRALinear(
+            torch.cat([weights[f"self_attn.{p}_proj.weight"] for p in "qkv"]),
+            qkv_bias,
+            ("q_proj", "k_proj", "v_proj"),
+            (q_size, kv_size, kv_size),
+            **lora_kwargs,
+        )
+        self.o_proj = MultiLoRALinear(
+            weights["self_attn.o_proj.weight"], weights.get("self_attn.o_proj.bias"),
+            ("o_proj",), (config.hidden_size,), **lora_kwargs,
+        )  # fmt: skip
+        inter = config.intermediate_size
+        self.gate_up_proj = MultiLoRALinear(
+            torch.cat([weights["mlp.gate_proj.weight"], weights["mlp.up_proj.weight"]]), None,
+            ("gate_proj", "up_proj"), (inter, inter), **lora_kwargs,
+        )  # fmt: skip
+        self.down_proj = MultiLoRALinear(
+            weights["mlp.down_proj.weight"], None, ("down_proj",), (config.hidden_size,), **lora_kwargs
+        )
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, hidden, residual, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch):
+        """hidden, residual [T, hidden]; cos/sin [T, 1, D] → (hidden, residual) after this layer."""
+        residual = hidden if residual is None else residual + hidden
+        qkv = self.qkv_proj(self.input_layernorm(residual), batch.lora)  # [T, (H + 2·H_kv)·D]
+        num_tokens = qkv.shape[0]
+        qk = qkv[:, : (self.num_heads + self.num_kv_heads) * self.head_dim]
+        qk = apply_rope(qk.view(num_tokens, -1, self.head_dim), cos, sin)  # [T, H + H_kv, D]
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, (self.num_heads + self.num_kv_heads) * self.head_dim :].view(num_tokens, -1, self.head_dim)
+        k_cache, v_cache = kv
+        k_cache.index_copy_(0, batch.kv_write_index, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, batch.kv_write_index, v.to(v_cache.dtype))
+        attn = self._attention(q, k_cache, v_cache, batch)  # [T, H·D]
+        residual = residual + self.o_proj(attn, batch.lora)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(residual), batch.lora)  # [T, 2·I]
+        inter = gate_up.shape[1] // 2
+        return self.down_proj(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], batch.lora), residual
+
+    def _attention(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+        """q [T, H, D] against the cached K/V of each token's sequence → [T, H·D]."""
+        out = torch.empty_like(q)
+        if batch.decode_token_index is not None:
+            qd = q.index_select(0, batch.decode_token_index).unsqueeze(2)  # [Bd, H, 1, D]
+            kd = k_cache[batch.decode_kv_index].transpose(1, 2)  # [Bd, H_kv, Lmax, D]
+            vd = v_cache[batch.decode_kv_index].transpose(1, 2)
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=batch.decode_kv_mask, scale=self.scale, enable_gqa=True
+            )  # [Bd, H, 1, D]
+            out.index_copy_(0, batch.decode_token_index, od.squeeze(2))
+        for chunk in batch.prefills:
+            start, end = chunk.token_start, chunk.token_end
+            qp = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+            kp = k_cache[chunk.kv_index].transpose(0, 1).unsqueeze(0)  # [1, H_kv, C, D]
+            vp = v_cache[chunk.kv_index].transpose(0, 1).unsqueeze(0)
+            mask = _causal_mask(end - start, chunk.kv_index.shape[0], q.device)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[start:end] = op.squeeze(0).transpose(0, 1)
+        return out.view(out.shape[0], -1)
+
+
+def _causal_mask(num_queries: int, ctx_len: int, device: torch.device) -> torch.Tensor:
+    """[L, C] bool: query i (at position C - L + i) sees keys 0..C - L + i."""
+    query_pos = torch.arange(ctx_len - num_queries, ctx_len, device=device)
+    return torch.arange(ctx_len, device=device)[None, :] <= query_pos[:, None]
+
+
+def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+
+class LlamaForServing(nn.Module):
+    """The whole causal LM: embeddings → decoder layers → norm → LM head on sampled tokens only."""
+
+    def __init__(self, config, weights: dict[str, torch.Tensor], max_positions: int, lora_kwargs: dict):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Parameter(weights.pop("model.embed_tokens.weight"), requires_grad=False)
+        lm_head = weights.pop("lm_head.weight", None)
+        self.lm_head = self.embed_tokens if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        self.norm = RMSNorm(weights.pop("model.norm.weight"), config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, _layer_weights(weights, i), lora_kwargs)
+            for i in range(config.num_hidden_layers)
+        )
+        cos, sin = rope_cos_sin(config, max_positions)
+        dtype = self.embed_tokens.dtype
+        self.register_buffer("rope_cos", cos.to(dtype), persistent=False)  # [P, D]
+        self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: KVCaches) -> torch.Tensor:
+        """One step over the flat batch → next-token logits [B_sample, V] in fp32."""
+        hidden = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
+        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.rope_sin[batch.positions].unsqueeze(1)
+        residual = None
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos, sin, kv, batch)
+        last = (residual + hidden).index_select(0, batch.logits_index)  # [B_sample, hidden]
+        return F.linear(self.norm(last), self.lm_head).float()
+
+    def lora_layers(self) -> Iterator[tuple[int, MultiLoRALinear]]:
+        """(layer index, module) for every module that holds LoRA slots."""
+        for i, layer in enumerate(self.layers):
+            for module in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                if module.has_lora_buffers:
+                    yield i, module
+
+
+def _layer_weights(weights: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Pop the tensors of layer ``index`` out of ``weights``, keyed relative to the layer."""
+    prefix = f"model.layers.{index}."
+    keys = [k for k in weights if k.startswith(prefix)]
+    return {k[len(prefix) :]: weights.pop(k) for k in keys}
+
+
+def load_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype, device) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors cast to the serving dtype on the serving device (rotary buffers dropped)."""
+    return {
+        name: tensor.to(device=device, dtype=dtype)
+        for name, tensor in named_tensors
+        if not name.endswith("rotary_emb.inv_freq")
+    }

@@ -1,0 +1,58 @@
+"""Maps peft adapter tensors onto our fused MultiLoRALinear modules and writes them into slots.
+
+Implements the ``SlotWriter`` protocol of ``adapters.cache``: the cache decides *which* slot,
+this module knows *where* each (layer, projection) tensor goes.
+"""
+
+from __future__ import annotations
+
+from adapters.format import AdapterFormatError, LoRAWeights
+from server.model.llama import LlamaForServing
+from server.model.lora_linear import MultiLoRALinear
+
+
+class LoRASlotWriter:
+    def __init__(self, model: LlamaForServing, max_lora_rank: int) -> None:
+        self.max_lora_rank = max_lora_rank
+        self.modules: dict[tuple[int, str], MultiLoRALinear] = {}
+        for layer, module in model.lora_layers():
+            for name in module.lora_names:
+                self.modules[(layer, name)] = module
+        self.num_layers = len(model.layers)
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(sorted({name for _, name in self.modules}))
+
+    def validate(self, weights: LoRAWeights) -> None:
+        """Raise AdapterFormatError unless every tensor fits a LoRA slice of this model."""
+        if weights.config.rank > self.max_lora_rank:
+            raise AdapterFormatError(f"rank {weights.config.rank} exceeds max_lora_rank={self.max_lora_rank}")
+        for (layer, proj), (lora_a, lora_b) in weights.tensors.items():
+            module = self.modules.get((layer, proj))
+            if module is None:
+                where = f"layer {layer}" if layer >= self.num_layers else f"{proj}"
+                raise AdapterFormatError(
+                    f"adapter targets {proj} in layer {layer}, which this server does not serve ({where}: "
+                    f"the model has {self.num_layers} layers, LoRA targets {', '.join(self.target_modules)})"
+                )
+            expected_a = (weights.config.rank, module.in_features)
+            expected_b = (module.slice_out_features(proj), weights.config.rank)
+            if tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
+                raise AdapterFormatError(
+                    f"layer {layer} {proj}: lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} "
+                    "do not "
+                    f"match the base model, expected {expected_a} / {expected_b}"
+                )
+
+    def write(self, slot: int, weights: LoRAWeights) -> None:
+        """Copy an adapter into ``slot`` of every LoRA module (untargeted ones are zeroed)."""
+        per_module: dict[int, dict[str, tuple]] = {id(m): {} for m in self.modules.values()}
+        for (layer, proj), pair in weights.tensors.items():
+            per_module[id(self.modules[(layer, proj)])][proj] = pair
+        for module in {id(m): m for m in self.modules.values()}.values():
+            module.set_slot(slot, per_module[id(module)], weights.config.scale)
+
+    def clear(self, slot: int) -> None:
+        for module in {id(m): m for m in self.modules.values()}.values():
+            module.clear_slot(slot)

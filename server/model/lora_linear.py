@@ -1,0 +1,112 @@
+"""MultiLoRALinear: a frozen Linear plus per-slot LoRA side paths, one slot per resident adapter.
+
+    y = x·Wᵀ + b + Σ_slot [token in slot] · (x·A_slotᵀ)·B_slotᵀ
+
+Slot buffers are allocated once (``max_loras`` slots, padded to ``max_lora_rank``), so activating an
+adapter is a copy into a slot, never an allocation. The LoRA scale (α/r, or α/√r for rsLoRA) is
+folded into B when the slot is written. A fused projection (q|k|v, gate|up) has one output slice
+per original projection; each slice has its own A and B, so peft adapters that target any subset
+of the original projections map onto it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.ops import lora_torch
+from server.ops.lora_torch import LoRASegments
+
+
+def _pick_add_lora(device: torch.device):
+    if device.type == "cuda":
+        from server.ops import lora_triton
+
+        if lora_triton.TRITON_AVAILABLE:
+            return lora_triton.add_lora
+    return lora_torch.add_lora
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen linear layer with ``max_loras`` LoRA slots over named output slices.
+
+    ``slice_names[n]`` is the original projection (``q_proj``, …) whose outputs are the columns
+    ``output_slices[n]`` of this layer. Only slices named in ``target_names`` accept adapters.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,  # [out_total, in]
+        bias: torch.Tensor | None,  # [out_total]
+        slice_names: tuple[str, ...],
+        slice_sizes: tuple[int, ...],
+        max_loras: int,
+        max_lora_rank: int,
+        target_names: tuple[str, ...],
+    ) -> None:
+        super().__init__()
+        if sum(slice_sizes) != weight.shape[0]:
+            raise ValueError(f"slice sizes {slice_sizes} do not add up to {weight.shape[0]} outputs")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.slice_names = slice_names
+        offsets = [0]
+        for size in slice_sizes:
+            offsets.append(offsets[-1] + size)
+        self.output_slices = tuple(itertools.pairwise(offsets))
+        self.lora_names = tuple(n for n in slice_names if n in target_names)
+        self.has_lora_buffers = bool(self.lora_names)
+        self.max_lora_rank = max_lora_rank
+        out_total, in_features = weight.shape
+        shape_a = (max_loras, len(slice_names), max_lora_rank, in_features) if self.lora_names else (0,)
+        shape_b = (out_total, max_loras, max_lora_rank) if self.lora_names else (0,)
+        self.register_buffer("lora_a", weight.new_zeros(shape_a), persistent=False)  # [S, N, R, in]
+        self.register_buffer("lora_b", weight.new_zeros(shape_b), persistent=False)  # [out, S, R]
+        self._add_lora = _pick_add_lora(weight.device)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def slice_out_features(self, name: str) -> int:
+        lo, hi = self.output_slices[self.slice_names.index(name)]
+        return hi - lo
+
+    def forward(self, x: torch.Tensor, lora: LoRASegments) -> torch.Tensor:
+        """x [T, in] → [T, out_total]; tokens of slot -1 get exactly the base output."""
+        y = F.linear(x, self.weight, self.bias)
+        if self.has_lora_buffers and lora.has_lora:
+            self._add_lora(y, x, self.lora_a, self.lora_b, lora, self.output_slices)
+        return y
+
+    @torch.inference_mode()
+    def set_slot(
+        self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float
+    ) -> None:
+        """Copy one adapter into ``slot``: ``weights[name] = (A [r, in], B [out_n, r])``.
+
+        Slices the adapter does not target are zeroed, so a slot never keeps a previous tenant's
+        weights. B is multiplied by ``scale`` on the way in.
+        """
+        unknown = set(weights) - set(self.lora_names)
+        if unknown:
+            raise ValueError(f"this layer has no LoRA slice for {sorted(unknown)}")
+        self.lora_a[slot].zero_()
+        self.lora_b[:, slot].zero_()
+        for n, name in enumerate(self.slice_names):
+            if name not in weights:
+                continue
+            lora_a, lora_b = weights[name]
+            rank = lora_a.shape[0]
+            lo, hi = self.output_slices[n]
+            self.lora_a[slot, n, :rank].copy_(lora_a)
+            self.lora_b[lo:hi, slot, :rank].copy_(lora_b.to(torch.float32) * scale)
+
+    @torch.inference_mode()
+    def clear_slot(self, slot: int) -> None:
+        if self.has_lora_buffers:
+            self.lora_a[slot].zero_()
+            self.lora_b[:, slot].zero_()
