@@ -34,7 +34,7 @@ _FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {  # field: (acc
     "temperature": (lambda v: v >= 0, ">= 0"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "repetition_penalty": (lambda v: v > 0, "> 0"),
-    "presence_penalty": (lambda v: abs(v) <= 3, f"in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
+    "presence_penalty": (lambda v: abs(v) <= MAX_PENALTY, f"in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
     "frequency_penalty": (lambda v: abs(v) <= MAX_PENALTY, f"in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
 }
 

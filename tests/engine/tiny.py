@@ -1,0 +1,66 @@
+"""Tiny random Llama checkpoints (real safetensors + a real byte-level tokenizer) and engine helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from server.config import EngineConfig, ModelConfig
+from server.engine.core import EngineCore
+from server.model.factory import load_model
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens (ids 0-255) plus <s>=256 (bos) and </s>=257 (eos)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def write_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random 2-layer Llama (GQA, vocab 260) saved as an HF checkpoint with tokenizer."""
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=256, eos_token_id=257, tie_word_embeddings=False,
+    )  # fmt: skip
+    fields.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    byte_level_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_core(model_dir: Path, **engine_overrides) -> EngineCore:
+    """An EngineCore on a checkpoint dir, fp32 CPU, with small engine limits unless overridden."""
+    settings = dict(max_loras=4, max_lora_rank=16, max_num_seqs=8, max_num_batched_tokens=256)
+    settings.update(engine_overrides)
+    engine_config = EngineConfig(**settings)
+    loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32", device="cpu"), engine_config)
+    return EngineCore(loaded, engine_config)
+
+
+def run_to_completion(core: EngineCore, max_steps: int = 10_000) -> dict[str, list]:
+    """Step until idle; request id → list of deltas."""
+    deltas: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not core.has_work:
+            return deltas
+        for delta in core.step():
+            deltas.setdefault(delta.request_id, []).append(delta)
+    raise AssertionError("engine did not finish")
