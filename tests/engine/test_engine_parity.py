@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 from server.engine.sampler import SamplingParams
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
-
 from tests.engine.tiny import make_core, run_to_completion
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
