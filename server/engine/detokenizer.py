@@ -28,15 +28,17 @@ class IncrementalDetokenizer:
         return self._release(final=self.stopped)
 
     def flush(self) -> str:
-        """Everything still held back, at the end of the sequence."""
+        """Everything still held back, at the end of the sequence (an incomplete character too)."""
+        if not self.stopped:
+            self.text += self._decode_new(force=True)
         return self._release(final=True)
 
-    def _decode_new(self) -> str:
+    def _decode_new(self, force: bool = False) -> str:
         ids = self.token_ids
         decode = self.tokenizer.decode
         prefix = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full = decode(ids[self._prefix_offset :], skip_special_tokens=True)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not force):
             return ""  # no new complete characters yet
         self._prefix_offset, self._read_offset = self._read_offset, len(ids)
         return full[len(prefix) :]
