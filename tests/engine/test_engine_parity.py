@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from server.engine.sampler import SamplingParams
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
-from tests.engine.tiny import make_core, run_to_completion
+from tests.engine.tiny import make_core, run_to_completion, write_tiny_llama
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = [
@@ -65,6 +65,19 @@ def test_greedy_tokens_equal_hf_generate(tiny_llama):
     results = run_to_completion(core)
     for i, prompt in enumerate(PROMPTS):
         assert tokens_of(results[f"r{i}"]) == hf_greedy(hf, prompt, 24), f"prompt {i}"
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_llama_family_architectures_match_hf(tmp_path, family):
+    model_dir = write_tiny_llama(tmp_path / family, seed=3, family=family, sliding_window=None)
+    core = make_core(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert type(hf).__name__.lower().startswith(family)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=12, **GREEDY), None)
+    results = run_to_completion(core)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        assert tokens_of(results[f"r{i}"]) == hf_greedy(hf, prompt, 12)
 
 
 ADAPTER_CASES = [

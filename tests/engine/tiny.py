@@ -6,12 +6,25 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from server.config import EngineConfig, ModelConfig
 from server.engine.core import EngineCore
 from server.model.factory import load_model
 
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
@@ -31,8 +44,11 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def write_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
-    """A random 2-layer Llama (GQA, vocab 260) saved as an HF checkpoint with tokenizer."""
+def write_tiny_llama(path: Path, seed: int = 0, family: str = "llama", **overrides) -> Path:
+    """A random 2-layer Llama-family model (GQA, vocab 260) saved as an HF checkpoint with tokenizer.
+
+    ``family`` picks the architecture: llama, mistral or qwen2 (q/k/v biases).
+    """
     torch.manual_seed(seed)
     fields = dict(
         vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -40,7 +56,12 @@ def write_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
         bos_token_id=256, eos_token_id=257, tie_word_embeddings=False,
     )  # fmt: skip
     fields.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    config_cls, model_cls = FAMILIES[family]
+    model = model_cls(config_cls(**fields)).eval()
+    with torch.no_grad():  # HF initialises biases to zero; random ones make the bias path count
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
     model.save_pretrained(path, safe_serialization=True)
     byte_level_tokenizer().save_pretrained(path)
     return path
