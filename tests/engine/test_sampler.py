@@ -110,6 +110,25 @@ def test_process_logits_matches_transformers_chain(dtype):
     assert not torch.equal(logits.float(), got), "the chain must have changed something"
 
 
+@pytest.mark.parametrize(
+    "params,kept",
+    [
+        (SamplingParams(top_p=0.75), 3),  # cumulative 0.25 == 1 - top_p exactly: that token goes (<=)
+        (SamplingParams(top_p=1e-9), 1),  # even the top token is past the cut: min_tokens_to_keep=1
+        (SamplingParams(top_k=2, top_p=1e-9), 1),
+    ],
+)
+def test_top_p_boundaries_match_transformers(params, kept):
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.1, 0.4, 0.3, 0.2]])  # [2, 4]; row 0 exact quarters
+    rows = [Row(params), Row(params)]
+    got = process_logits(logits, rows)
+    expected = torch.stack([hf_reference(logits[i], row) for i, row in enumerate(rows)])
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert int(torch.isfinite(got[0]).sum()) == kept
+    if kept == 1:
+        assert Sampler().sample(logits[1:], rows[1:]).token_ids == [1]
+
+
 def test_process_logits_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="logits"):
         process_logits(torch.zeros(3, 10), [Row(SamplingParams())] * 2)
