@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.forward_batch import ForwardBatch
-from server.model.lora_linear import MultiLoRALinear
+from server.model.lora_linear import MultiLoRALinear, base_linear
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [num_kv_rows, H_kv, D]
 
@@ -170,7 +170,7 @@ class LlamaForServing(nn.Module):
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, kv, batch)
         last = (residual + hidden).index_select(0, batch.logits_index)  # [B_sample, hidden]
-        return F.linear(self.norm(last), self.lm_head).float()
+        return base_linear(self.norm(last), self.lm_head, None).float()
 
     def lora_layers(self) -> Iterator[tuple[int, MultiLoRALinear]]:
         """(layer index, module) for every module that holds LoRA slots."""

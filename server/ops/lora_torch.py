@@ -114,14 +114,18 @@ def add_lora(
 
 
 def _add_lora_dense(y, x, lora_a, lora_b, segments, output_slices) -> None:
-    """One product against slots [0, k) for all tokens, masked to each token's own slot."""
+    """One product against slots [0, k) for all tokens, masked to each token's own slot.
+
+    Computed in transposed space (W·xᵀ rather than x·Wᵀ): MKL runs these few-row products
+    markedly faster that way on CPU, and the weights are read in their stored layout.
+    """
     k = segments.num_slots_used
     num_slices, rank = lora_a.shape[1], lora_a.shape[2]
-    shrunk = x @ lora_a[:k].reshape(k * num_slices * rank, -1).T  # [T, k*N*R]
-    shrunk = shrunk.view(-1, k, num_slices, rank) * segments.slot_onehot[:, :, None, None]
+    shrunk_t = lora_a[:k].reshape(k * num_slices * rank, -1) @ x.T  # [k*N*R, T]
+    shrunk_t = shrunk_t.view(k, num_slices, rank, -1) * segments.slot_onehot.T[:, None, None, :]
     for n, (lo, hi) in enumerate(output_slices):
-        shrunk_n = shrunk[:, :, n, :].reshape(-1, k * rank)  # [T, k*R]
-        y[:, lo:hi].addmm_(shrunk_n, lora_b[lo:hi, :k, :].reshape(hi - lo, k * rank).T)
+        shrunk_n = shrunk_t[:, n].reshape(k * rank, -1)  # [k*R, T]
+        y[:, lo:hi] += (lora_b[lo:hi, :k, :].reshape(hi - lo, k * rank) @ shrunk_n).T
 
 
 def _add_lora_segments(y, x, lora_a, lora_b, segments, output_slices) -> None:
