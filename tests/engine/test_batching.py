@@ -151,3 +151,59 @@ def test_rank_over_limit_is_refused(tiny_llama, tmp_path):
     core = make_core(tiny_llama, max_lora_rank=16)
     with pytest.raises(ValueError, match="max_lora_rank=16"):
         core.add_adapter("big", path)
+
+
+def test_cold_adapter_load_never_stalls_other_requests(tiny_llama, adapter_dirs):
+    """While an adapter is read from disk in the background, the base request keeps decoding."""
+    import threading
+
+    from adapters.cache import AdapterState
+
+    core = make_core(tiny_llama)
+    release = threading.Event()
+    real_read = core.adapters.read
+
+    def slow_read(path):
+        release.wait(timeout=30)
+        return real_read(path)
+
+    core.adapters.read = slow_read
+    core.adapters.register("cold", adapter_dirs["a1"])
+    submit(core, "cold-req", [256, 1, 2], "cold", dict(temperature=0.0), max_tokens=4)
+    submit(core, "base-req", [256, 3, 4], None, dict(temperature=0.0), max_tokens=6)
+    base_tokens = []
+    for _ in range(6):
+        base_tokens += [t for d in core.step() if d.request_id == "base-req" for t in d.token_ids]
+    assert len(base_tokens) == 6, "the base request finished while the adapter was still loading"
+    assert core.adapters.state("cold") is AdapterState.LOADING
+    release.set()
+    results = run_to_completion(core)
+    assert results["cold-req"][-1].finish_reason == "length"
+    assert core.adapters.state("cold") is AdapterState.IN_SLOT
+
+
+def test_adapter_that_fails_to_load_fails_its_requests_only(tiny_llama, tmp_path):
+    core = make_core(tiny_llama)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    core.adapters.register("broken", broken)
+    submit(core, "bad", [256, 1], "broken", dict(temperature=0.0), max_tokens=3)
+    submit(core, "good", [256, 2], None, dict(temperature=0.0), max_tokens=3)
+    results = run_to_completion(core)
+    assert results["bad"][-1].finish_reason == "error" and "safetensors" in results["bad"][-1].error
+    assert results["good"][-1].finish_reason == "length"
+
+
+def test_unloading_in_use_adapter_lets_running_request_finish(tiny_llama, adapter_dirs, outputs_alone):
+    core = new_core(tiny_llama, adapter_dirs)
+    submit(core, "a1-greedy", *REQUESTS[1][1:])
+    tokens = [t for d in core.step() for t in d.token_ids]
+    core.remove_adapter("a1")
+    assert not core.adapters.is_registered("a1")
+    with pytest.raises(UnknownAdapterError):
+        submit(core, "late", [256, 1], "a1", dict(temperature=0.0))
+    tokens += [t for d in run_to_completion(core)["a1-greedy"] for t in d.token_ids]
+    assert tokens == outputs_alone["a1-greedy"]
+    assert core.adapters.slot_usage() == 0, "the slot is freed once its last user finished"
