@@ -75,9 +75,11 @@ class MultiLoRALinear(nn.Module):
         self.max_lora_rank = max_lora_rank
         out_total, in_features = weight.shape
         shape_a = (max_loras, len(slice_names), max_lora_rank, in_features) if self.lora_names else (0,)
-        shape_b = (out_total, max_loras, max_lora_rank) if self.lora_names else (0,)
+        shape_b = (max_loras, out_total, max_lora_rank) if self.lora_names else (0, 0, 0)
         self.register_buffer("lora_a", weight.new_zeros(shape_a), persistent=False)  # [S, N, R, in]
-        self.register_buffer("lora_b", weight.new_zeros(shape_b), persistent=False)  # [out, S, R]
+        # Stored slot-major [S, out, R] (a slot's B is one contiguous block); the ops take the
+        # logical [out, S, R] view, lora_b_view.
+        self.register_buffer("lora_b", weight.new_zeros(shape_b), persistent=False)
         self._add_lora = _pick_add_lora(weight.device)
 
     @property
@@ -92,7 +94,7 @@ class MultiLoRALinear(nn.Module):
         """x [T, in] → [T, out_total]; tokens of slot -1 get exactly the base output."""
         y = base_linear(x, self.weight, self.bias)
         if self.has_lora_buffers and lora.has_lora:
-            self._add_lora(y, x, self.lora_a, self.lora_b, lora, self.output_slices)
+            self._add_lora(y, x, self.lora_a, self.lora_b.permute(1, 0, 2), lora, self.output_slices)
         return y
 
     @torch.inference_mode()
@@ -108,7 +110,7 @@ class MultiLoRALinear(nn.Module):
         if unknown:
             raise ValueError(f"this layer has no LoRA slice for {sorted(unknown)}")
         self.lora_a[slot].zero_()
-        self.lora_b[:, slot].zero_()
+        self.lora_b[slot].zero_()
         for n, name in enumerate(self.slice_names):
             if name not in weights:
                 continue
@@ -116,10 +118,10 @@ class MultiLoRALinear(nn.Module):
             rank = lora_a.shape[0]
             lo, hi = self.output_slices[n]
             self.lora_a[slot, n, :rank].copy_(lora_a)
-            self.lora_b[lo:hi, slot, :rank].copy_(lora_b.to(torch.float32) * scale)
+            self.lora_b[slot, lo:hi, :rank].copy_(lora_b.to(torch.float32) * scale)
 
     @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
         if self.has_lora_buffers:
             self.lora_a[slot].zero_()
-            self.lora_b[:, slot].zero_()
+            self.lora_b[slot].zero_()

@@ -39,44 +39,64 @@ class LoRASegments:
     seg_starts: torch.Tensor  # [G + 1] int32 on device; token offsets of the segments
     seg_slots: torch.Tensor  # [G] int32 on device; slot of each segment (-1 segments included)
     seg_bounds: tuple[tuple[int, int, int], ...]  # host copy: (start, end, slot) with slot >= 0
-    num_slots_used: int  # 1 + highest slot used this step (0 when no token has an adapter)
-    slot_onehot: torch.Tensor | None  # [T, num_slots_used] in the model dtype; None when unused
+    num_slots_used: int  # k = 1 + highest slot used this step (0 when no token has an adapter)
+    grid_len: int  # L = most tokens any slot has this step
+    grid_gather: torch.Tensor | None  # [k*L] int64: token at each (slot, i) grid cell (0 in pads)
+    grid_cells: torch.Tensor | None  # [V] int64: grid cells that hold a real LoRA token
+    grid_tokens: torch.Tensor | None  # [V] int64: the token of each of those cells
+    # grid_* are None when the grid is the token order itself (slots 0..k-1, L tokens each)
 
     @property
     def has_lora(self) -> bool:
         return self.num_slots_used > 0
 
     @property
-    def use_dense(self) -> bool:
+    def use_grid(self) -> bool:
         num_lora_tokens = sum(end - start for start, end, _ in self.seg_bounds)
         return num_lora_tokens <= DENSE_MAX_TOKENS_PER_SEGMENT * max(1, len(self.seg_bounds))
 
     @classmethod
     def build(cls, token_slots: list[int], device: torch.device, dtype: torch.dtype) -> LoRASegments:
         """Segments from a per-token slot list whose equal slots are already contiguous."""
-        starts: list[int] = []
-        slots: list[int] = []
-        for i, slot in enumerate(token_slots):
-            if i == 0 or slot != token_slots[i - 1]:
-                starts.append(i)
-                slots.append(slot)
+        starts = [i for i, slot in enumerate(token_slots) if i == 0 or slot != token_slots[i - 1]]
+        slots = [token_slots[i] for i in starts]
         ends = [*starts[1:], len(token_slots)]
         bounds = tuple((a, b, s) for a, b, s in zip(starts, ends, slots, strict=True) if s >= 0)
         if len({s for _, _, s in bounds}) != len(bounds):
             raise ValueError("tokens of one slot must be contiguous in the batch")
         num_used = 1 + max((s for _, _, s in bounds), default=-1)
-        slots_t = torch.tensor(token_slots, dtype=torch.int64, device=device)
-        onehot = None
-        if num_used:
-            onehot = (slots_t.unsqueeze(1) == torch.arange(num_used, device=device)).to(dtype)
+        grid_len = max((b - a for a, b, _ in bounds), default=0)
+        as_tensor = lambda v, dt=torch.int64: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+        grid = _grid_indices(bounds, num_used, grid_len, len(token_slots))
         return cls(
-            token_slots=slots_t,
-            seg_starts=torch.tensor([*starts, len(token_slots)], dtype=torch.int32, device=device),
-            seg_slots=torch.tensor(slots, dtype=torch.int32, device=device),
+            token_slots=as_tensor(token_slots),
+            seg_starts=as_tensor([*starts, len(token_slots)], torch.int32),
+            seg_slots=as_tensor(slots, torch.int32),
             seg_bounds=bounds,
             num_slots_used=num_used,
-            slot_onehot=onehot,
+            grid_len=grid_len,
+            grid_gather=None if grid is None else as_tensor(grid[0]),
+            grid_cells=None if grid is None else as_tensor(grid[1]),
+            grid_tokens=None if grid is None else as_tensor(grid[2]),
         )
+
+
+def _grid_indices(bounds, num_slots: int, grid_len: int, num_tokens: int):
+    """(gather [k*L], cells [V], tokens [V]) for the slot × position grid; None if it is the identity."""
+    if (
+        num_tokens == num_slots * grid_len
+        and all((a, b, s) == (s * grid_len, (s + 1) * grid_len, s) for a, b, s in bounds)
+        and len(bounds) == num_slots
+    ):
+        return None
+    gather = [0] * (num_slots * grid_len)
+    cells, tokens = [], []
+    for start, end, slot in bounds:
+        for i, token in enumerate(range(start, end)):
+            gather[slot * grid_len + i] = token
+            cells.append(slot * grid_len + i)
+            tokens.append(token)
+    return gather, cells, tokens
 
 
 def add_lora_reference(
@@ -107,30 +127,36 @@ def add_lora(
     """CPU fast path: no per-token weight gather; each used slot's weights are read once."""
     if not segments.has_lora:
         return
-    if segments.use_dense:
-        _add_lora_dense(y, x, lora_a, lora_b, segments, output_slices)
+    lora_b_slots = lora_b.permute(1, 0, 2)  # [S, out_total, R]: each slot's B rows contiguous
+    if segments.use_grid:
+        _add_lora_grid(y, x, lora_a, lora_b_slots, segments, output_slices)
     else:
-        _add_lora_segments(y, x, lora_a, lora_b, segments, output_slices)
+        _add_lora_segments(y, x, lora_a, lora_b_slots, segments, output_slices)
 
 
-def _add_lora_dense(y, x, lora_a, lora_b, segments, output_slices) -> None:
-    """One product against slots [0, k) for all tokens, masked to each token's own slot.
+def _add_lora_grid(y, x, lora_a, lora_b_slots, segments, output_slices) -> None:
+    """Decode-like steps: tokens padded into a [k slots, L] grid, one batched product per stage.
 
-    Computed in transposed space (W·xᵀ rather than x·Wᵀ): MKL runs these few-row products
-    markedly faster that way on CPU, and the weights are read in their stored layout.
+    Each used slot's A and B are read once, by batched matrix-vector-like products that MKL runs
+    far closer to memory speed than one wide masked product.
     """
-    k = segments.num_slots_used
-    num_slices, rank = lora_a.shape[1], lora_a.shape[2]
-    shrunk_t = lora_a[:k].reshape(k * num_slices * rank, -1) @ x.T  # [k*N*R, T]
-    shrunk_t = shrunk_t.view(k, num_slices, rank, -1) * segments.slot_onehot.T[:, None, None, :]
+    k, grid_len, rank = segments.num_slots_used, segments.grid_len, lora_a.shape[2]
+    x_grid = x if segments.grid_gather is None else x.index_select(0, segments.grid_gather)
+    x_grid = x_grid.view(k, grid_len, -1)  # [k, L, in]
+    shrunk = torch.bmm(x_grid, lora_a[:k].flatten(1, 2).transpose(1, 2))  # [k, L, N*R]
     for n, (lo, hi) in enumerate(output_slices):
-        shrunk_n = shrunk_t[:, n].reshape(k * rank, -1)  # [k*R, T]
-        y[:, lo:hi] += (lora_b[lo:hi, :k, :].reshape(hi - lo, k * rank) @ shrunk_n).T
+        shrunk_n = shrunk[:, :, n * rank : (n + 1) * rank]  # [k, L, R]
+        delta = torch.bmm(shrunk_n, lora_b_slots[:k, lo:hi].transpose(1, 2))  # [k, L, out_n]
+        if segments.grid_gather is None:
+            y[:, lo:hi] += delta.view(-1, hi - lo)
+        else:
+            rows = delta.view(-1, hi - lo).index_select(0, segments.grid_cells)
+            y[:, lo:hi].index_add_(0, segments.grid_tokens, rows)
 
 
-def _add_lora_segments(y, x, lora_a, lora_b, segments, output_slices) -> None:
-    """One shrink and one expand per (segment, slice): for prefill-heavy steps."""
+def _add_lora_segments(y, x, lora_a, lora_b_slots, segments, output_slices) -> None:
+    """Prefill-like steps: one shrink and one expand per (segment, slice)."""
     for start, end, slot in segments.seg_bounds:
         shrunk = torch.matmul(x[start:end], lora_a[slot].transpose(-1, -2))  # [N, L, R]
         for n, (lo, hi) in enumerate(output_slices):
-            y[start:end, lo:hi].addmm_(shrunk[n], lora_b[lo:hi, slot, :].T)
+            y[start:end, lo:hi].addmm_(shrunk[n], lora_b_slots[slot, lo:hi].T)

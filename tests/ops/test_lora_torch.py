@@ -39,17 +39,18 @@ def test_fast_path_matches_reference(segs, slices, num_slots, rank):
         assert torch.equal(got, y), "tokens without an adapter must get exactly the base output"
 
 
-def test_both_fast_strategies_agree():
+def test_both_fast_strategies_agree():  # padded grid (with gaps and pads) vs segment loop
     gen = torch.Generator().manual_seed(1)
-    segs = [(0, 9), (1, 2), (2, 7)]
-    x, y, lora_a, lora_b, token_slots = _random_case(gen, segs, ((0, 20), (20, 30)), 3, 8, 16)
+    segs = [(0, 9), (-1, 3), (2, 2), (1, 7)]
+    x, y, lora_a, lora_b, token_slots = _random_case(gen, segs, ((0, 20), (20, 30)), 4, 8, 16)
     segments = LoRASegments.build(token_slots, torch.device("cpu"), torch.float32)
     from server.ops import lora_torch
 
-    dense, looped = y.clone(), y.clone()
-    lora_torch._add_lora_dense(dense, x, lora_a, lora_b, segments, ((0, 20), (20, 30)))
-    lora_torch._add_lora_segments(looped, x, lora_a, lora_b, segments, ((0, 20), (20, 30)))
-    torch.testing.assert_close(dense, looped, rtol=1e-5, atol=1e-4)
+    grid, looped = y.clone(), y.clone()
+    lora_b_slots = lora_b.permute(1, 0, 2)
+    lora_torch._add_lora_grid(grid, x, lora_a, lora_b_slots, segments, ((0, 20), (20, 30)))
+    lora_torch._add_lora_segments(looped, x, lora_a, lora_b_slots, segments, ((0, 20), (20, 30)))
+    torch.testing.assert_close(grid, looped, rtol=1e-5, atol=1e-4)
 
 
 def test_non_contiguous_slot_runs_are_refused():
