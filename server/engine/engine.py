@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from server.config import EngineConfig, ModelConfig
@@ -49,7 +49,7 @@ class Engine:
         sampling: SamplingParams,
         adapter: str | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[TokenDelta]:
+    ) -> RequestStream:
         """Validate now (raises EngineError), then yield one delta per generated token until done.
 
         Closing the iterator early (e.g. the client went away) aborts the request.
@@ -69,17 +69,8 @@ class Engine:
         except EngineError as exc:
             return [TokenDelta(request_id, [], "", [], "error", len(prompt_token_ids), 0, str(exc))]
 
-    async def _iterate(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[TokenDelta]:
-        finished = False
-        try:
-            while not finished:
-                delta = await stream.get()
-                finished = delta.finish_reason is not None
-                yield delta
-        finally:
-            if not finished:
-                self.abort(request_id)
-            self._streams.pop(request_id, None)
+    def _iterate(self, request_id: str, stream: asyncio.Queue) -> RequestStream:
+        return RequestStream(self, request_id, stream)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(lambda: _as_list(self.core.abort(request_id)))
@@ -148,6 +139,38 @@ class Engine:
             if target is not None:
                 loop, stream = target
                 loop.call_soon_threadsafe(stream.put_nowait, delta)
+
+
+class RequestStream:
+    """Async iterator over one request's deltas; closing it early (even unstarted) aborts the request."""
+
+    def __init__(self, engine: Engine, request_id: str, stream: asyncio.Queue) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self._finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            delta = await self._stream.get()
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        if delta.finish_reason is not None:
+            self._finished = True
+            self.engine._streams.pop(self.request_id, None)
+        return delta
+
+    async def aclose(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self.engine.abort(self.request_id)
+        self.engine._streams.pop(self.request_id, None)
 
 
 def _as_list(delta: TokenDelta | None) -> list[TokenDelta]:

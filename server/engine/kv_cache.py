@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CPU_KV_BYTES_CAP = 2 << 30
+# Zeroing the cache is paid at every start, and a CPU serves few long sequences at once.
+DEFAULT_CPU_KV_BYTES_CAP = 512 << 20
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:

@@ -111,3 +111,18 @@ def test_chat_template_and_generate_text(engine):
 
     text, tokens = asyncio.run(main())
     assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_closing_an_unstarted_stream_aborts_and_forgets_it(engine):
+    async def main():
+        stream = await engine.submit(
+            [256, 4, 4], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        )
+        await stream.aclose()
+        for _ in range(100):
+            if not engine.core.has_work:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert not engine.core.has_work and not engine._streams

@@ -1,0 +1,128 @@
+"""From a validated request body to what the engine takes: prompt token ids, SamplingParams, adapter.
+
+Every refusal is an ``ApiError`` (or an ``EngineError`` from the engine's own checks later), raised
+before anything is submitted, so a refused request never costs engine work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from jinja2.exceptions import TemplateError
+
+from server.api.errors import ApiError, from_sampling_error, model_not_found
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.engine.sampler import SamplingParams
+
+# request field → predicate that is true when its value is one this server cannot honour yet
+_UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
+    "echo": bool,
+    "suffix": lambda v: v is not None,
+    "best_of": lambda v: v not in (None, 1),
+    "logit_bias": bool,
+}
+_UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
+    "top_logprobs": bool,
+    "tools": bool,
+    "logit_bias": bool,
+    "response_format": lambda v: v is not None and v.get("type", "text") != "text",
+}
+# request fields passed to SamplingParams unchanged when not None
+_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "ignore_eos",
+)  # fmt: skip
+
+
+class EngineLike(Protocol):
+    """What conversion needs of the engine (``server.engine.engine.Engine`` fits)."""
+
+    core: Any
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter: str | None  # None: the base model
+
+
+def resolve_adapter(model: str, served_model_name: str, engine: EngineLike) -> str | None:
+    """None for the base model's served name, the adapter id for a registered adapter, else 404.
+
+    An unknown name never falls back to the base model.
+    """
+    if model == served_model_name:
+        return None
+    if engine.core.adapters.is_registered(model):
+        return model
+    raise model_not_found(model)
+
+
+def completion_input(req: CompletionRequest, engine: EngineLike, served_model_name: str) -> GenerationInput:
+    """Check a /v1/completions body and turn it into engine input (ApiError when refused)."""
+    _refuse_unsupported(req, _UNSUPPORTED_COMPLETION)
+    adapter = resolve_adapter(req.model, served_model_name, engine)
+    prompt_ids = _completion_prompt_ids(req.prompt, engine)
+    sampling = _sampling(req, req.max_tokens, req.logprobs is not None, prompt_ids, engine)
+    return GenerationInput(prompt_ids, sampling, adapter)
+
+
+def chat_input(req: ChatCompletionRequest, engine: EngineLike, served_model_name: str) -> GenerationInput:
+    """Check a /v1/chat/completions body and turn it into engine input (ApiError when refused)."""
+    _refuse_unsupported(req, _UNSUPPORTED_CHAT)
+    adapter = resolve_adapter(req.model, served_model_name, engine)
+    prompt_ids = _chat_prompt_ids(req, engine)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    sampling = _sampling(req, max_tokens, bool(req.logprobs), prompt_ids, engine)
+    return GenerationInput(prompt_ids, sampling, adapter)
+
+
+def _refuse_unsupported(req: SamplingFields, unsupported: dict[str, Callable[[Any], bool]]) -> None:
+    if req.n not in (None, 1):
+        raise ApiError(400, f"n must be 1 (one choice per request is supported), got {req.n}", param="n")
+    for name, refused in unsupported.items():
+        if refused(getattr(req, name)):
+            raise ApiError(400, f"{name} is not supported by this server yet", param=name)
+
+
+def _completion_prompt_ids(prompt: str | list, engine: EngineLike) -> list[int]:
+    """Token ids of the one prompt: text is encoded, ids are taken as they are."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise ApiError(
+                400, f"one prompt per request is supported for now, got {len(prompt)}", param="prompt"
+            )
+        prompt = prompt[0]
+    return engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def _chat_prompt_ids(req: ChatCompletionRequest, engine: EngineLike) -> list[int]:
+    """The messages rendered with the model's chat template (add_generation_prompt) and tokenized."""
+    messages = [{"role": m.role, "content": m.text} for m in req.messages]
+    try:
+        return engine.encode_chat(messages)
+    except (TemplateError, ValueError) as exc:  # the template refused them, or the model has none
+        raise ApiError(
+            400, f"the chat template cannot render these messages: {exc}", param="messages"
+        ) from exc
+
+
+def _sampling(
+    req: SamplingFields, max_tokens: int | None, logprobs: bool, prompt_ids: list[int], engine: EngineLike
+) -> SamplingParams:
+    """SamplingParams from the request; max_tokens None means up to the end of the context."""
+    if max_tokens is None:  # at least 1, so an over-long prompt gets the engine's context-length error
+        max_tokens = max(1, engine.core.max_model_len - len(prompt_ids))
+    kwargs = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    if req.stop is not None:
+        kwargs["stop"] = req.stop
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+    except ValueError as exc:
+        raise from_sampling_error(exc) from exc

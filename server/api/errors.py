@@ -1,0 +1,133 @@
+"""Every failure leaves the server as an OpenAI-shaped JSON error; never as a traceback.
+
+Status codes:
+
+- 400 ``invalid_request_error``: a body that is not JSON or does not match the schema (FastAPI's
+  422 becomes 400, ``param`` names the field), a refused sampling setting (``param`` is the
+  SamplingParams field), any other ``EngineError`` (``code`` = its code, e.g.
+  ``context_length_exceeded``);
+- 404 ``model_not_found``: an unknown ``model`` (``UnknownAdapterError`` included);
+- 404/405 for unknown routes and methods, in the same shape;
+- 500 ``server_error`` with a generic message for anything unexpected (logged with its traceback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from server.api.schemas import ErrorDetail, ErrorResponse
+from server.engine.core import EngineError, UnknownAdapterError
+from server.engine.sampler import SamplingParams
+
+_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+_MAX_REPORTED_ERRORS = 3
+
+
+class ApiError(Exception):
+    """A request the API refuses, with everything its JSON error body needs."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"The model {model!r} does not exist.", param="model", code="model_not_found")
+
+
+def from_sampling_error(exc: ValueError) -> ApiError:
+    """400 for a ValueError raised by SamplingParams; ``param`` is the field its message starts with."""
+    message = str(exc)
+    first_word = message.split(" ", 1)[0]
+    return ApiError(400, message, param=first_word if first_word in _SAMPLING_FIELDS else None)
+
+
+def from_engine_error(exc: EngineError) -> ApiError:
+    if isinstance(exc, UnknownAdapterError):
+        return ApiError(404, str(exc), param="model", code=exc.code)
+    return ApiError(400, str(exc), code=None if exc.code == EngineError.code else exc.code)
+
+
+def from_validation_error(exc: RequestValidationError) -> ApiError:
+    """400 naming the first bad field; a body that is not JSON at all says so."""
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+        return ApiError(400, f"The request body is not valid JSON: {detail}".rstrip(": "))
+    if not errors:
+        return ApiError(400, "Invalid request.")
+    messages = [_describe(e) for e in errors[:_MAX_REPORTED_ERRORS]]
+    if len(errors) > _MAX_REPORTED_ERRORS:
+        messages.append(f"and {len(errors) - _MAX_REPORTED_ERRORS} more")
+    return ApiError(400, "; ".join(messages), param=_param(errors[0].get("loc", ())))
+
+
+def _param(loc: tuple) -> str | None:
+    """('body', 'messages', 0, 'content') → 'messages[0].content'; None for the body itself."""
+    parts = [p for p in loc if p != "body"] if loc and loc[0] == "body" else list(loc)
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def _describe(error: dict) -> str:
+    """One line for one pydantic error: "temperature: Input should be a valid number"."""
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    loc, param = error.get("loc", ()), _param(error.get("loc", ()))
+    if error.get("type") == "missing":
+        message = "this field is required"
+    if loc == ("body",) and error.get("type") == "model_attributes_type":
+        return "The request body must be a JSON object (sent with Content-Type: application/json)."
+    if param and isinstance(loc[-1], str) and message.startswith(f"{loc[-1]} "):
+        return param + message[len(loc[-1]) :]  # the message already names the field
+    return f"{param}: {message}" if param else message
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into an OpenAI-shaped error body."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return from_engine_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        response = ApiError(exc.status_code, str(exc.detail)).response()
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after responding, so uvicorn logs the traceback (server side only).
+        return ApiError(
+            500, "The server had an error while processing your request.", type="server_error"
+        ).response()

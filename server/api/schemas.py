@@ -1,0 +1,239 @@
+"""Request and response bodies of the OpenAI-compatible API (``/v1/completions``, ``/v1/chat/completions``).
+
+Requests are validated strictly (no string → number coercion, no bool → int) but ignore unknown
+fields, as OpenAI clients send fields this server does not know. Optional sampling fields default
+to ``None`` meaning "the engine's default", so clients that send explicit nulls work. Fields the
+server knows but cannot honour yet (``echo``, ``logit_bias``, ``tools``...) are declared so that a
+non-default value can be refused with a clear 400 (see ``server.api.convert``), never ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingFields(_Request):
+    """Sampling fields shared by both endpoints (OpenAI names, plus vLLM-style extras)."""
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # refused when non-empty
+    user: str | None = None  # accepted and ignored
+    # extras (vLLM names)
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_shape(cls, value: Any) -> Any:
+        ok = value is None or isinstance(value, str)
+        ok = ok or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+        if not ok:
+            raise ValueError("stop must be a string or a list of strings")
+        return value
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``. ``prompt``: text, token ids, or a list of them (one item for now)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # null: up to the end of the model's context
+    logprobs: int | None = Field(default=None, ge=0)  # any value: the chosen token's logprob only
+    echo: bool | None = False  # refused when true
+    suffix: str | None = None  # refused when set
+    best_of: int | None = None  # refused unless 1
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        """One clear message for every malformed prompt (instead of one error per union member)."""
+        if isinstance(value, str) or (isinstance(value, list) and _is_prompt_list(value)):
+            return value
+        raise ValueError(
+            "prompt must be a string, a list of token ids, a list of strings or a list of token-id lists"
+        )
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _is_prompt_list(items: list) -> bool:
+    return (
+        _is_token_ids(items)
+        or all(isinstance(item, str) for item in items)
+        or all(_is_token_ids(item) for item in items)
+    )
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value)
+        ):
+            return value
+        raise ValueError('content must be a string or a list of {"type": "text", "text": ...} parts')
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts are concatenated)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # null: up to the end of the model's context
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool | None = False
+    top_logprobs: int | None = None  # refused unless 0
+    tools: list[dict] | None = None  # refused when non-empty
+    response_format: dict | None = None  # refused unless {"type": "text"}
+
+
+# ---- responses ----
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs, for the chosen tokens only (``top_logprobs`` is null).
+
+    ``text_offset[i]``: the character offset in the completion text where the text released with
+    token i starts (a token that completes a held-back character shares the offset of that text).
+    """
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion, or (``stream``) one chunk: same shape, choices carry text deltas."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[dict] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loraplex"
+    root: str | None = None
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail

@@ -1,0 +1,174 @@
+"""The ``loraplex`` command.
+
+``loraplex serve`` loads the base model (the embedded SmolLM2-135M-Instruct unless ``--model``
+names another), preloads the ``--adapter NAME=PATH`` peft directories, and serves the OpenAI
+API with uvicorn on 127.0.0.1:8000. Every flag can also come from ``LORAPLEX_<FLAG>`` (e.g.
+``LORAPLEX_MAX_LORAS=16``; ``LORAPLEX_ADAPTER=a=/x,b=/y`` for several adapters); a flag given on
+the command line wins. Bad settings print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from server.config import DEFAULT_MODEL, SUPPORTED_DTYPES
+
+log = logging.getLogger("loraplex")
+ENV_PREFIX = "LORAPLEX_"
+USAGE_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # without the leading dashes
+    type: Callable[[str], object]
+    default: object
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+SERVE_OPTIONS = (
+    Option("model", str, DEFAULT_MODEL, "HF checkpoint directory, .gguf file or embedded model name"),
+    Option("host", str, "127.0.0.1", "address to bind (the server has no authentication yet)"),
+    Option("port", int, 8000, "port to bind"),
+    Option("served-model-name", str, None, "the base model's name in the API (default: --model)"),
+    Option("max-loras", int, None, "device slots for adapters, i.e. distinct adapters per step"),
+    Option("max-lora-rank", int, None, "largest adapter rank served (slots are padded to it)"),
+    Option("max-num-seqs", int, None, "sequences in the running batch"),
+    Option("max-model-len", int, None, "prompt + output tokens per request (default: the model's limit)"),
+    Option("max-num-batched-tokens", int, None, "tokens in one forward pass"),
+    Option("dtype", str, None, f"one of {', '.join(SUPPORTED_DTYPES)} (default: fp32 on CPU, bf16 on CUDA)"),
+    Option("device", str, None, "cpu or cuda[:N] (default: cuda when available)"),
+)
+ENGINE_FIELDS = ("max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-LoRA inference server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    for option in SERVE_OPTIONS:
+        shown = "" if option.default is None else f"; default {option.default}"
+        serve.add_argument(f"--{option.flag}", help=f"{option.help} (env {option.env}{shown})")
+    serve.add_argument(
+        "--adapter", action="append", metavar="NAME=PATH",
+        help="preload a peft adapter directory as model NAME; repeatable (env LORAPLEX_ADAPTER: a=/x,b=/y)",
+    )  # fmt: skip
+    serve.set_defaults(func=serve_command)
+    return parser
+
+
+def resolve_options(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, object]:
+    """Each option from its flag, else its env var, else its default, converted to its type.
+
+    Raises ValueError naming the flag or env var for a value that does not convert.
+    """
+    values: dict[str, object] = {}
+    for option in SERVE_OPTIONS:
+        raw, source = getattr(args, option.dest), f"--{option.flag}"
+        if raw is None and environ.get(option.env):
+            raw, source = environ[option.env], option.env
+        try:
+            values[option.dest] = option.default if raw is None else option.type(raw)
+        except ValueError:
+            raise ValueError(f"{source}: invalid {option.type.__name__} value {raw!r}") from None
+    adapters = args.adapter or [a for a in environ.get("LORAPLEX_ADAPTER", "").split(",") if a.strip()]
+    values["adapters"] = parse_adapters(adapters)
+    return values
+
+
+def parse_adapters(specs: Sequence[str]) -> dict[str, str]:
+    """``["name=path", ...]`` → {name: path}; ValueError for a malformed or repeated name."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.strip().partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--adapter must be NAME=PATH, got {spec!r}")
+        if name.strip() in adapters:
+            raise ValueError(f"--adapter name {name.strip()!r} is given twice")
+        adapters[name.strip()] = path.strip()
+    return adapters
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``loraplex`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Load everything, serve until interrupted, shut the engine down; 2 for a bad setting."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options = resolve_options(args, dict(os.environ))
+        engine, served_name = _start_engine(options)
+    except ValueError as exc:
+        print(f"loraplex serve: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        return _run_server(engine, served_name, options)
+    finally:
+        engine.shutdown()
+
+
+def _start_engine(options: dict[str, object]):
+    """Validate the configs, load the model and preload adapters; ValueError for a bad setting."""
+    from server.config import EngineConfig, ModelConfig  # heavy imports only once the flags parse
+    from server.engine.engine import Engine
+
+    model_config = ModelConfig(model=options["model"], dtype=options["dtype"], device=options["device"])
+    engine_kwargs = {name: options[name] for name in ENGINE_FIELDS if options[name] is not None}
+    engine_config = EngineConfig(**engine_kwargs)
+    served_name = options["served_model_name"] or options["model"]
+    adapters: dict[str, str] = options["adapters"]
+    if served_name in adapters:
+        raise ValueError(f"--adapter name {served_name!r} is the base model's served name")
+    engine = Engine.from_config(model_config, engine_config)
+    try:
+        for name, path in adapters.items():
+            _load_adapter(engine, name, path)
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine, served_name
+
+
+def _load_adapter(engine, name: str, path: str) -> None:
+    try:
+        asyncio.run(engine.load_adapter(name, path))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"adapter {name!r} from {path}: {exc}") from exc
+    log.info("loaded adapter %r from %s", name, path)
+
+
+def _run_server(engine, served_name: str, options: dict[str, object]) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    app = create_app(engine, served_name, adapter_ids=options["adapters"])
+    host, port = options["host"], options["port"]
+    log.warning(
+        "serving %r single-tenant WITHOUT authentication on http://%s:%s: anyone who can reach this "
+        "address can use it%s", served_name, host, port,
+        "" if host in ("127.0.0.1", "localhost", "::1") else " (it is not a loopback address)",
+    )  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
