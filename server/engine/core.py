@@ -76,6 +76,7 @@ class EngineCore:
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
+        self.last_step_was_idle = False
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_bytes is not None:
@@ -141,6 +142,7 @@ class EngineCore:
     def step(self) -> list[TokenDelta]:
         failed = self._fail_unloadable()
         out = self.scheduler.schedule()
+        self.last_step_was_idle = out.is_empty  # e.g. every waiting request's adapter is loading
         if out.is_empty:
             return failed
         sampled = self.runner.run(out)

@@ -21,7 +21,7 @@ from server.engine.sampler import SamplingParams
 from server.model.factory import load_model
 
 log = logging.getLogger(__name__)
-_IDLE_WAIT_S = 0.05
+_IDLE_WAIT_S = 0.05  # the loop waits this long for commands when it has nothing to run
 
 
 class Engine:
@@ -106,7 +106,8 @@ class Engine:
     # ---- the loop thread ----
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            self._publish(self._apply_commands(block=not self.core.has_work))
+            idle = not self.core.has_work or self.core.last_step_was_idle
+            self._publish(self._apply_commands(block=idle))
             if not self.core.has_work:
                 continue
             try:
