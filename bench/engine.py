@@ -86,6 +86,7 @@ class Result:
     e2e_tps: float
     step_ms: float  # one decode step (all B sequences)
     spread: float  # (max - min) / median of decode tok/s
+    noise: float  # cores other processes kept busy during this system's timed runs (median)
     tokens: list[list[int]]
 
 
@@ -221,52 +222,69 @@ def run_hf(model, tokenizer, prompts, new_tokens: int, adapter_names=None) -> Ru
     return Run(end - clock.first, end - start, tokens)
 
 
-def median_result(fn: Callable[[], Run], repeats: int, batch: int, new_tokens: int) -> Result:
-    """One warm-up run, then the median of ``repeats`` timed runs."""
-    fn()
-    runs = [fn() for _ in range(repeats)]
+def summarize(runs: list[Run], noise: list[float], batch: int, new_tokens: int) -> Result:
+    """Medians of the timed runs of one system."""
     decode = [batch * (new_tokens - 1) / r.decode_s for r in runs]
     e2e = [batch * new_tokens / r.total_s for r in runs]
     mid = statistics.median(decode)
     step_ms = statistics.median(r.decode_s for r in runs) / (new_tokens - 1) * 1e3
-    return Result(mid, statistics.median(e2e), step_ms, (max(decode) - min(decode)) / mid, runs[-1].tokens)
+    spread = (max(decode) - min(decode)) / mid
+    return Result(mid, statistics.median(e2e), step_ms, spread, statistics.median(noise), runs[-1].tokens)
 
 
-def engine_results(core: EngineCore, prompts, args) -> dict[str, Result]:
+def time_interleaved(systems: dict[str, Callable[[], Run]], args) -> dict[str, Result]:
+    """One warm-up run of each system, then ``repeats`` rounds that run every system once.
+
+    Interleaving spreads a burst of load from other processes over all systems instead of
+    skewing one of them; each system's runs also record how busy the other processes were.
+    """
+    for fn in systems.values():
+        fn()
+    runs: dict[str, list[Run]] = {name: [] for name in systems}
+    noise: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(args.repeats):
+        for name, fn in systems.items():
+            since = cpu_snapshot()
+            runs[name].append(fn())
+            noise[name].append(other_load(since))
+    return {name: summarize(runs[name], noise[name], args.batch, args.new_tokens) for name in systems}
+
+
+def engine_systems(core: EngineCore, prompts, args) -> dict[str, Callable[[], Run]]:
+    """Our engine, base only and over N distinct adapters (registered here, from peft dirs)."""
     paths = adapter_dirs(core.loaded.checkpoint.path, args.num_adapters, args.rank)
     for i, path in enumerate(paths):
         core.add_adapter(f"adapter{i}", path)
     mixed = [f"adapter{i % args.num_adapters}" for i in range(args.batch)]
-
-    def timed(adapters):
-        return median_result(lambda: run_engine(core, prompts, adapters, args.new_tokens), args.repeats,
-                             args.batch, args.new_tokens)  # fmt: skip
-
+    base = [None] * args.batch
     return {
-        "loraplex, base only": timed([None] * args.batch),
-        f"loraplex, {args.num_adapters} adapters mixed": timed(mixed),
+        "loraplex, base only": lambda: run_engine(core, prompts, base, args.new_tokens),
+        f"loraplex, {args.num_adapters} adapters mixed": lambda: run_engine(
+            core, prompts, mixed, args.new_tokens
+        ),
     }
 
 
-def hf_results(core: EngineCore, prompts, args) -> dict[str, Result]:
-    """HF generate on the base model, then peft's mixed-batch generate over the same adapters."""
+def hf_systems(core: EngineCore, prompts, args) -> dict[str, Callable[[], Run]]:
+    """Bare HF generate, and peft's mixed-batch generate over the same adapters (a second copy)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base_dir, tok = core.loaded.checkpoint.path, core.tokenizer
     paths = adapter_dirs(base_dir, args.num_adapters, args.rank)
     names = [f"adapter{i % args.num_adapters}" for i in range(args.batch)]
-    timing = (args.repeats, args.batch, args.new_tokens)
     hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    rows = {"HF generate, base": median_result(lambda: run_hf(hf, tok, prompts, args.new_tokens), *timing)}
-    peft_model = PeftModel.from_pretrained(hf, paths[0], adapter_name="adapter0")  # wraps hf in place
+    peft_base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(peft_base, paths[0], adapter_name="adapter0")  # wraps in place
     for i, path in enumerate(paths[1:], start=1):
         peft_model.load_adapter(path, adapter_name=f"adapter{i}")
     peft_model.eval()
-    rows[f"HF + peft, {args.num_adapters} adapters mixed"] = median_result(
-        lambda: run_hf(peft_model, tok, prompts, args.new_tokens, adapter_names=names), *timing
-    )
-    return rows
+    return {
+        "HF generate, base": lambda: run_hf(hf, tok, prompts, args.new_tokens),
+        f"HF + peft, {args.num_adapters} adapters mixed": lambda: run_hf(
+            peft_model, tok, prompts, args.new_tokens, adapter_names=names
+        ),
+    }
 
 
 # ---- bandwidth ----
@@ -399,9 +417,11 @@ def top_ops(core: EngineCore, prompts, adapters, new_tokens: int, rows: int = 15
 
 def print_profile(core: EngineCore, prompts, args) -> None:
     mixed = [f"adapter{i % args.num_adapters}" for i in range(args.batch)]
+    start = cpu_snapshot()
     base = split_decode_step(core, prompts, [None] * args.batch, args.new_tokens)
     lora = split_decode_step(core, prompts, mixed, args.new_tokens)
-    print("\nOne decode step by code path (mean over the decode steps of one batch, ms):\n")
+    print("\nOne decode step by code path (mean over the decode steps of one batch, ms; other processes "
+          f"kept {other_load(start):.2f} cores busy meanwhile):\n")  # fmt: skip
     print("| code path | base only ms | mixed ms | mixed % of step |\n| --- | ---: | ---: | ---: |")
     order = (*SPLIT_ORDER[:4], OTHER_OPS, FORWARD, *SPLIT_ORDER[4:], GLUE, STEP)
     for label in order:
@@ -461,11 +481,13 @@ def print_header(args, prompts, others: float) -> None:
 
 
 def print_table(rows: dict[str, Result]) -> None:
-    print("| system | decode tok/s | end-to-end tok/s | decode step ms | spread |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| system | decode tok/s | end-to-end tok/s | decode step ms | spread | other load |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
-        print(f"| {name} | {r.decode_tps:.1f} | {r.e2e_tps:.1f} | {r.step_ms:.1f} | {100 * r.spread:.0f}% |")
-    print("(spread: (max - min) / median of decode tok/s over the timed runs)")
+        print(f"| {name} | {r.decode_tps:.1f} | {r.e2e_tps:.1f} | {r.step_ms:.1f} | {100 * r.spread:.0f}% "
+              f"| {r.noise:.2f} |")  # fmt: skip
+    print("(spread: (max - min) / median of decode tok/s over the timed runs; other load: cores that other "
+          "processes kept busy during them, median; systems run interleaved, round by round)")  # fmt: skip
 
 
 def print_checks(rows: dict[str, Result]) -> None:
@@ -513,9 +535,10 @@ def main() -> None:
     start = cpu_snapshot()
     core = build_engine(args)
     prompts = chat_prompts(core.tokenizer, args.batch)
-    rows = engine_results(core, prompts, args)
+    systems = engine_systems(core, prompts, args)
     if not args.skip_hf:
-        rows.update(hf_results(core, prompts, args))
+        systems.update(hf_systems(core, prompts, args))
+    rows = time_interleaved(systems, args)
     print_header(args, prompts, other_load(start))
     print_table(rows)
     print_checks(rows)
