@@ -5,7 +5,8 @@ Run:  .venv/bin/python bench/engine.py          (the issue's setting: smollm2-13
                                                  projections, 32 new tokens, median of 3 repeats)
       .venv/bin/python bench/engine.py --profile   (adds a per-code-path split of one decode step)
 
-Four systems generate for the SAME chat prompts (one per request, 20-40 tokens, all different):
+Four systems generate for the SAME chat prompts (one question per request, all different; 35-48
+tokens for SmolLM2, whose chat template adds a default system prompt):
   1. loraplex, base model only: B requests through EngineCore, stepped synchronously;
   2. loraplex, B requests over N distinct adapters, round-robin (request i -> adapter i mod N);
   3. HF transformers ``model.generate`` on the left-padded batch, greedy;
@@ -15,13 +16,18 @@ Every request generates exactly --new-tokens tokens (EOS ignored; HF: min_new_to
 
 Decode tok/s = B * (new_tokens - 1) / (time from the moment every request has its first token to the
 end); end-to-end tok/s = B * new_tokens / (time from submitting the batch to the end), prefill
-included. Figures are medians over --repeats runs after one warm-up run, timed with perf_counter.
-The spread (max-min over median of decode tok/s) is printed to show noise.
+included. Figures are medians over --repeats runs after one warm-up run of each system, timed with
+perf_counter; the systems run interleaved, round by round, so a burst of load from other processes
+does not land on one of them. The spread (max-min over median of decode tok/s) and the cores other
+processes kept busy meanwhile are printed to show noise.
 
 Memory-bandwidth floor: a decode step reads every base weight once (a tied LM head counted once)
 plus, for each distinct adapter in the batch, its A and B slot buffers, which are padded to
---max-lora-rank. Bytes per step / measured step time = achieved GB/s, printed next to a STREAM-like
-copy bandwidth of a 256 MiB tensor measured in the same run. No timing here is asserted on.
+--max-lora-rank. Bytes per step / measured step time = achieved GB/s, printed next to STREAM-like
+copy and read bandwidths of a 256 MiB tensor measured in the same run. No timing here is asserted on.
+
+--profile adds a split of one decode step (base only and mixed) by code path, from thin timing
+wrappers around the engine's own functions, and torch.profiler's top aten ops of the mixed steps.
 """
 
 from __future__ import annotations
@@ -107,6 +113,8 @@ def parse_args() -> argparse.Namespace:
     args.max_lora_rank = args.max_lora_rank or args.rank
     if args.new_tokens < 2 or args.batch < 1 or args.num_adapters < 1 or args.repeats < 1:
         p.error("need --new-tokens >= 2 and --batch, --num-adapters, --repeats >= 1")
+    if args.max_lora_rank < args.rank:
+        p.error("--max-lora-rank must be >= --rank (the engine refuses adapters above it)")
     return args
 
 
