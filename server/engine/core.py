@@ -5,7 +5,7 @@ One thread owns an EngineCore (the async ``Engine`` runs it in its loop thread).
     scheduled = scheduler.schedule()           # which sequences, how many tokens, which slots
     sampled = runner.run(scheduled)            # one forward for the whole mixed batch
     scheduler.postprocess(scheduled, sampled)  # append tokens, stop checks, free finished ones
-    deltas = self._emit(scheduled)             # detokenize, stop strings, one delta per request
+    deltas = [self._emit(s) for s in sampled]  # detokenize, stop strings, one delta per request
 """
 
 from __future__ import annotations
@@ -147,9 +147,9 @@ class EngineCore:
             return failed
         sampled = self.runner.run(out)
         self.scheduler.postprocess(out, sampled.token_ids, sampled.logprobs)
-        return failed + [self._emit(item.seq, item.samples) for item in out.scheduled if item.samples]
+        return failed + [self._emit(item.seq) for item in out.scheduled if item.samples]
 
-    def _emit(self, seq: Sequence, _samples: bool) -> TokenDelta:
+    def _emit(self, seq: Sequence) -> TokenDelta:
         detok = self._detok[seq.request_id]
         token, logprob = seq.output_token_ids[-1], seq.output_logprobs[-1]
         text = detok.push(token)

@@ -59,7 +59,7 @@ class Engine:
         stream: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter))
-        return self._iterate(request_id, stream)
+        return RequestStream(self, request_id, stream)
 
     def _add(self, request_id: str, prompt_token_ids, sampling, adapter) -> list[TokenDelta]:
         """In the loop thread; a refusal here (e.g. the adapter was removed meanwhile) ends the stream."""
@@ -68,9 +68,6 @@ class Engine:
             return []
         except EngineError as exc:
             return [TokenDelta(request_id, [], "", [], "error", len(prompt_token_ids), 0, str(exc))]
-
-    def _iterate(self, request_id: str, stream: asyncio.Queue) -> RequestStream:
-        return RequestStream(self, request_id, stream)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(lambda: _as_list(self.core.abort(request_id)))

@@ -20,6 +20,14 @@ def engine(tiny_llama):
     eng.shutdown()
 
 
+async def wait_idle(engine, timeout_s: float = 2.0) -> None:
+    """Give the engine loop time to apply an abort."""
+    for _ in range(int(timeout_s / 0.02)):
+        if not engine.core.has_work:
+            return
+        await asyncio.sleep(0.02)
+
+
 async def collect(stream):
     return [d async for d in stream]
 
@@ -60,10 +68,7 @@ def test_closing_the_stream_aborts_and_frees_kv(engine):
         async for _ in stream:
             break
         await stream.aclose()
-        for _ in range(100):
-            if not engine.core.has_work:
-                break
-            await asyncio.sleep(0.02)
+        await wait_idle(engine)
 
     asyncio.run(main())
     allocator = engine.core.kv_cache.allocator
@@ -119,10 +124,7 @@ def test_closing_an_unstarted_stream_aborts_and_forgets_it(engine):
             [256, 4, 4], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
         )
         await stream.aclose()
-        for _ in range(100):
-            if not engine.core.has_work:
-                break
-            await asyncio.sleep(0.02)
+        await wait_idle(engine)
 
     asyncio.run(main())
     assert not engine.core.has_work and not engine._streams
