@@ -24,8 +24,30 @@ _KEY = re.compile(
 _REFUSED_CONFIG_FLAGS = ("use_dora", "modules_to_save", "auto_map", "layers_to_transform")
 
 
+MAX_NAME_LENGTH = 64
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
 class AdapterFormatError(ValueError):
     """The adapter is not one we can serve; the message names the problem."""
+
+
+def validate_name(name: object, what: str = "adapter name") -> str:
+    """Return ``name`` if it is 1–64 chars of ``[A-Za-z0-9._-]`` not starting with a dot.
+
+    Names (adapters and tenants) are only ever database keys, never joined into paths; the
+    rule still excludes ``.``/``..``, slashes and control characters so a log line or a URL
+    built from one is unambiguous.
+    """
+    if not isinstance(name, str) or not name:
+        raise AdapterFormatError(f"{what} must be a non-empty string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise AdapterFormatError(f"{what} is longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME.match(name):
+        raise AdapterFormatError(
+            f"{what} {name!r} may only contain letters, digits, '.', '_' and '-', and may not start with '.'"
+        )
+    return name
 
 
 @dataclass(frozen=True)
