@@ -25,7 +25,7 @@ _REFUSED_CONFIG_FLAGS = ("use_dora", "modules_to_save", "auto_map", "layers_to_t
 
 
 MAX_NAME_LENGTH = 64
-_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class AdapterFormatError(ValueError):
@@ -43,7 +43,7 @@ def validate_name(name: object, what: str = "adapter name") -> str:
         raise AdapterFormatError(f"{what} must be a non-empty string")
     if len(name) > MAX_NAME_LENGTH:
         raise AdapterFormatError(f"{what} is longer than {MAX_NAME_LENGTH} characters")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise AdapterFormatError(
             f"{what} {name!r} may only contain letters, digits, '.', '_' and '-', and may not start with '.'"
         )
