@@ -57,6 +57,8 @@ class EngineConfig:
     - ``kv_cache_bytes``: KV-cache budget (None: enough for ``max_num_seqs`` full-length
       sequences, capped at 2 GiB on CPU). ``kv_block_size``: tokens per paged block.
     - ``target_modules``: projections that get a LoRA side path (adapters may use a subset).
+    - ``max_cpu_adapters_bytes``: host-memory tier for adapters not in a slot; least recently
+      used copies beyond it are dropped and read from disk again when needed.
     """
 
     max_loras: int = 8
@@ -68,8 +70,13 @@ class EngineConfig:
     kv_block_size: int = 16
     target_modules: tuple[str, ...] = field(default=ALL_TARGET_MODULES)
     seed: int = 0
+    max_cpu_adapters_bytes: int = 2 * 1024**3
 
     def __post_init__(self) -> None:
+        _require(
+            self.max_cpu_adapters_bytes >= 0,
+            f"max_cpu_adapters_bytes must be >= 0, got {self.max_cpu_adapters_bytes}",
+        )
         _require(1 <= self.max_loras <= 256, f"max_loras must be in [1, 256], got {self.max_loras}")
         _require(
             1 <= self.max_lora_rank <= 512, f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}"

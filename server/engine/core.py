@@ -69,7 +69,13 @@ class EngineCore:
         )
         self.slot_writer = LoRASlotWriter(loaded.model, config.max_lora_rank)
         read = lambda path: read_peft_dir(path, config.max_lora_rank)  # noqa: E731
-        self.adapters = AdapterCache(self.slot_writer, config.max_loras, read)
+        self.adapters = AdapterCache(
+            self.slot_writer,
+            config.max_loras,
+            read,
+            max_host_bytes=config.max_cpu_adapters_bytes,
+            pin_host_memory=loaded.device.type == "cuda",
+        )
         eos = _eos_token_ids(loaded.checkpoint)
         self.scheduler = Scheduler(config, self.kv_cache, self.adapters, self.max_model_len, eos)
         self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(config.seed))
@@ -131,9 +137,9 @@ class EngineCore:
 
     # ---- adapters ----
     def add_adapter(self, adapter_id: str, path: str | Path) -> None:
-        """Read and validate a peft adapter directory now, then keep it in host memory."""
+        """Read and validate a peft adapter directory now; it stays readable from ``path`` later."""
         weights = read_peft_dir(Path(path), self.config.max_lora_rank)
-        self.adapters.register(adapter_id, weights)
+        self.adapters.register(adapter_id, Path(path), weights)
 
     def remove_adapter(self, adapter_id: str) -> None:
         self.adapters.unregister(adapter_id)
