@@ -5,6 +5,10 @@ names another), preloads the ``--adapter NAME=PATH`` peft directories, and serve
 API with uvicorn on 127.0.0.1:8000. Every flag can also come from ``LORAPLEX_<FLAG>`` (e.g.
 ``LORAPLEX_MAX_LORAS=16``; ``LORAPLEX_ADAPTER=a=/x,b=/y`` for several adapters); a flag given on
 the command line wins. Bad settings print one line and exit with status 2.
+
+``loraplex keys add --tenant T [--role user|admin] [--label TEXT]`` appends a new API key's hash to
+the keys file (``--keys-file``, else ``LORAPLEX_KEYS_FILE``) and prints the key, once, alone on
+stdout (so ``KEY=$(loraplex keys add ...)`` works); ``loraplex keys list`` shows its entries.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from server.config import DEFAULT_MODEL, SUPPORTED_DTYPES
 
@@ -53,6 +58,7 @@ SERVE_OPTIONS = (
     Option("dtype", str, None, f"one of {', '.join(SUPPORTED_DTYPES)} (default: fp32 on CPU, bf16 on CUDA)"),
     Option("device", str, None, "cpu or cuda[:N] (default: cuda when available)"),
 )
+KEYS_FILE = Option("keys-file", Path, None, "JSON file of API key hashes")
 ENGINE_FIELDS = ("max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens")
 
 
@@ -68,7 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="preload a peft adapter directory as model NAME; repeatable (env LORAPLEX_ADAPTER: a=/x,b=/y)",
     )  # fmt: skip
     serve.set_defaults(func=serve_command)
+    _add_keys_parser(commands)
     return parser
+
+
+def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="create and list API keys (the file stores only hashes)")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="create a key for a tenant and print it, once, on stdout")
+    add.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    add.add_argument("--role", default="user", help="user (own tenant) or admin (all tenants); default user")
+    add.add_argument("--label", help="a note shown by `keys list`, e.g. who holds the key")
+    add.set_defaults(func=keys_add_command)
+    listing = actions.add_parser("list", help="show tenant, role, label and hash prefix of every key")
+    listing.set_defaults(func=keys_list_command)
+    for action in (add, listing):
+        action.add_argument(f"--{KEYS_FILE.flag}", help=f"{KEYS_FILE.help} (env {KEYS_FILE.env})")
 
 
 def resolve_options(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, object]:
@@ -122,6 +143,49 @@ def serve_command(args: argparse.Namespace) -> int:
         return _run_server(engine, served_name, options)
     finally:
         engine.shutdown()
+
+
+def keys_add_command(args: argparse.Namespace) -> int:
+    """Print a new key alone on stdout and where its hash went on stderr; 2 for a bad setting."""
+    try:
+        from adapters.tenants import add_key  # imports torch (via adapters.format): only when needed
+
+        path = keys_file_path(args, dict(os.environ))
+        key = add_key(path, args.tenant, args.role, args.label)
+    except (ValueError, OSError) as exc:
+        print(f"loraplex keys add: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    print(key)
+    print(
+        f"loraplex keys add: stored the hash of a new {args.role} key for tenant {args.tenant!r} in {path}; "
+        "the key above is shown only this once", file=sys.stderr,
+    )  # fmt: skip
+    return 0
+
+
+def keys_list_command(args: argparse.Namespace) -> int:
+    """A header, then one line per key: tenant, role, first 8 hex chars of its hash, label (or -)."""
+    try:
+        from adapters.tenants import KeyRing
+
+        ring = KeyRing.load(keys_file_path(args, dict(os.environ)))
+    except ValueError as exc:
+        print(f"loraplex keys list: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    rows = [("TENANT", "ROLE", "SHA256", "LABEL")]  # the label last: it is free text
+    rows += [(e.principal.tenant, e.principal.role, e.sha256[:8], e.label or "-") for e in ring.entries]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3]]))
+    return 0
+
+
+def keys_file_path(args: argparse.Namespace, environ: dict[str, str]) -> Path:
+    """``--keys-file``, else ``LORAPLEX_KEYS_FILE``; ValueError if neither is given."""
+    raw = args.keys_file or environ.get(KEYS_FILE.env)
+    if not raw:
+        raise ValueError(f"no keys file: pass --{KEYS_FILE.flag} PATH or set {KEYS_FILE.env}")
+    return KEYS_FILE.type(raw)
 
 
 def _start_engine(options: dict[str, object]):

@@ -1,11 +1,17 @@
-"""``loraplex serve`` settings: flags, LORAPLEX_* env vars, and exit status 2 for bad ones."""
+"""``loraplex serve`` flags and LORAPLEX_* env vars (exit 2 for bad ones), and ``loraplex keys``."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from server.cli import build_parser, main, parse_adapters, resolve_options
 from server.config import DEFAULT_MODEL
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def options(argv: list[str], environ: dict[str, str] | None = None) -> dict:
@@ -62,3 +68,75 @@ def test_serve_requires_a_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+
+
+def test_keys_add_prints_only_the_key_and_list_shows_hashes(tmp_path, capsys, monkeypatch):
+    from adapters.tenants import KeyRing, Principal
+
+    keys_file = tmp_path / "keys.json"
+    assert main(["keys", "add", "--tenant", "acme", "--keys-file", str(keys_file), "--label", "ci bot"]) == 0
+    out, err = capsys.readouterr()
+    key = out.strip()
+    assert out == key + "\n" and key.startswith("lpx-")
+    assert str(keys_file) in err and "once" in err and key not in err
+    monkeypatch.setenv("LORAPLEX_KEYS_FILE", str(keys_file))
+    assert main(["keys", "add", "--tenant", "ops", "--role", "admin"]) == 0
+    admin_key = capsys.readouterr().out.strip()
+    ring = KeyRing.load(keys_file)
+    assert ring.authenticate(key) == Principal("acme", "user")
+    assert ring.authenticate(admin_key) == Principal("ops", "admin")
+    assert main(["keys", "list"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split(maxsplit=3) for line in out.splitlines()]
+    assert lines == [
+        ["TENANT", "ROLE", "SHA256", "LABEL"],
+        ["acme", "user", ring.entries[0].sha256[:8], "ci bot"],
+        ["ops", "admin", ring.entries[1].sha256[:8], "-"],
+    ]
+    assert key not in out and admin_key not in out and ring.entries[0].sha256 not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["keys", "add", "--tenant", "acme"], "LORAPLEX_KEYS_FILE"),
+        (["keys", "list"], "--keys-file"),
+        (["keys", "add", "--tenant", "a/b", "--keys-file", "{file}"], "tenant 'a/b'"),
+        (["keys", "add", "--tenant", "acme", "--role", "root", "--keys-file", "{file}"], "role"),
+        (["keys", "list", "--keys-file", "{file}"], "cannot be read"),
+        (["keys", "add", "--tenant", "acme", "--keys-file", "{dir}/no/such/dir/keys.json"], "No such file"),
+    ],
+)
+def test_bad_keys_settings_exit_with_status_2_and_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LORAPLEX_KEYS_FILE", raising=False)
+    argv = [arg.format(file=tmp_path / "keys.json", dir=tmp_path) for arg in argv]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "keys.json").exists()
+
+
+def test_keys_requires_an_action():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["keys"])
+    assert exit_info.value.code == 2
+
+
+def test_keys_add_output_can_be_captured_by_a_shell(tmp_path):
+    keys_file = tmp_path / "keys.json"
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "keys",
+        "add",
+        "--tenant",
+        "acme",
+        "--keys-file",
+        str(keys_file),
+    ]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.removesuffix("\n")
+    assert key.startswith("lpx-") and "\n" not in key
+    assert key.encode() not in keys_file.read_bytes()
