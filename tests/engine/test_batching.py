@@ -193,7 +193,7 @@ def test_adapter_that_fails_to_load_fails_its_requests_only(tiny_llama, tmp_path
     core = make_core(tiny_llama)
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     core.adapters.register("broken", broken)
     submit(core, "bad", [256, 1], "broken", dict(temperature=0.0), max_tokens=3)

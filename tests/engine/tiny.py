@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -76,12 +77,17 @@ def make_core(model_dir: Path, **engine_overrides) -> EngineCore:
     return EngineCore(loaded, engine_config)
 
 
-def run_to_completion(core: EngineCore, max_steps: int = 10_000) -> dict[str, list]:
-    """Step until idle; request id → list of deltas."""
+def run_to_completion(core: EngineCore, max_steps: int = 10_000, timeout_s: float = 60) -> dict[str, list]:
+    """Step until idle; request id → list of deltas. Idle steps (adapters loading) wait a little."""
     deltas: dict[str, list] = {}
+    deadline = time.monotonic() + timeout_s
     for _ in range(max_steps):
         if not core.has_work:
             return deltas
         for delta in core.step():
             deltas.setdefault(delta.request_id, []).append(delta)
+        if core.last_step_was_idle:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
     raise AssertionError("engine did not finish")
