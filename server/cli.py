@@ -14,7 +14,7 @@ stdout (so ``KEY=$(loraplex keys add ...)`` works); ``loraplex keys list`` shows
 from __future__ import annotations
 
 import argparse
-import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -47,7 +47,7 @@ class Option:
 
 SERVE_OPTIONS = (
     Option("model", str, DEFAULT_MODEL, "HF checkpoint directory, .gguf file or embedded model name"),
-    Option("host", str, "127.0.0.1", "address to bind (the server has no authentication yet)"),
+    Option("host", str, "127.0.0.1", "address to bind (without --keys-file, keep it a loopback address)"),
     Option("port", int, 8000, "port to bind"),
     Option("served-model-name", str, None, "the base model's name in the API (default: --model)"),
     Option("max-loras", int, None, "device slots for adapters, i.e. distinct adapters per step"),
@@ -57,9 +57,21 @@ SERVE_OPTIONS = (
     Option("max-num-batched-tokens", int, None, "tokens in one forward pass"),
     Option("dtype", str, None, f"one of {', '.join(SUPPORTED_DTYPES)} (default: fp32 on CPU, bf16 on CUDA)"),
     Option("device", str, None, "cpu or cuda[:N] (default: cuda when available)"),
+    Option(
+        "data-dir",
+        Path,
+        None,
+        "adapter store: metadata DB + uploads (default: $XDG_DATA_HOME/loraplex)",
+    ),
+    Option("keys-file", Path, None, "JSON file of API key hashes; without it: single-tenant, no auth"),
+    Option("adapter-roots", str, "", "comma-separated directories admins may register adapters from"),
+    Option("max-cpu-adapters-bytes", int, None, "host-memory budget for adapters not in a slot"),
 )
-KEYS_FILE = Option("keys-file", Path, None, "JSON file of API key hashes")
-ENGINE_FIELDS = ("max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens")
+KEYS_FILE = SERVE_OPTIONS[-3]
+ENGINE_FIELDS = (
+    "max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
+    "max_cpu_adapters_bytes",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,12 +147,12 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = resolve_options(args, dict(os.environ))
-        engine, served_name = _start_engine(options)
+        engine, served_name, registry, keyring = _start_engine(options)
     except ValueError as exc:
         print(f"loraplex serve: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     try:
-        return _run_server(engine, served_name, options)
+        return _run_server(engine, served_name, registry, keyring, options)
     finally:
         engine.shutdown()
 
@@ -188,6 +200,60 @@ def keys_file_path(args: argparse.Namespace, environ: dict[str, str]) -> Path:
     return KEYS_FILE.type(raw)
 
 
+def default_data_dir(environ: dict[str, str]) -> Path:
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "loraplex"
+
+
+def _open_registry(engine, options: dict[str, object]):
+    """The adapter registry on --data-dir, attached to the engine, with --adapter dirs registered."""
+    from adapters.registry import AdapterRegistry
+    from adapters.store import SQLiteAdapterStore
+
+    adapters: dict[str, str] = options["adapters"]
+    roots = [Path(r).expanduser().resolve() for r in str(options["adapter_roots"]).split(",") if r.strip()]
+    roots += [Path(p).expanduser().resolve().parent for p in adapters.values()]  # named by the operator
+    data_dir = options["data_dir"] or default_data_dir(dict(os.environ))
+    store = SQLiteAdapterStore(Path(data_dir).expanduser(), allowed_roots=roots)
+    registry = AdapterRegistry(
+        store, engine.core.config.max_lora_rank, check=engine.core.slot_writer.validate
+    )
+    registry.attach(engine.core.adapters)
+    log.info("adapter store in %s: %d adapters", data_dir, len(registry))
+    for name, path in adapters.items():
+        _register_cli_adapter(registry, name, path)
+    return registry
+
+
+def _register_cli_adapter(registry, spec_name: str, path: str) -> None:
+    """``--adapter [TENANT/]NAME=PATH``: served in place; a restart with the same files adds no version."""
+    from adapters.registry import UnknownAdapterError
+
+    tenant, _, name = spec_name.rpartition("/")
+    tenant = tenant or "default"
+    directory = Path(path).expanduser().resolve()
+    try:
+        current = registry.resolve(tenant, name)
+        if current.path == directory and current.sha256 == _sha256(directory / "adapter_model.safetensors"):
+            log.info("adapter %s/%s v%d already registered from %s", tenant, name, current.version, directory)
+            return
+    except (UnknownAdapterError, OSError):
+        pass
+    try:
+        record = registry.register_local(tenant, name, directory)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"adapter {spec_name!r} from {path}: {exc}") from exc
+    log.info("registered adapter %s/%s v%d from %s", tenant, name, record.version, directory)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _start_engine(options: dict[str, object]):
     """Validate the configs, load the model and preload adapters; ValueError for a bad setting."""
     from server.config import EngineConfig, ModelConfig  # heavy imports only once the flags parse
@@ -200,36 +266,35 @@ def _start_engine(options: dict[str, object]):
     adapters: dict[str, str] = options["adapters"]
     if served_name in adapters:
         raise ValueError(f"--adapter name {served_name!r} is the base model's served name")
+    keyring = None
+    if options["keys_file"] is not None:
+        from adapters.tenants import KeyRing
+
+        keyring = KeyRing.load(options["keys_file"])
     engine = Engine.from_config(model_config, engine_config)
     try:
-        for name, path in adapters.items():
-            _load_adapter(engine, name, path)
+        registry = _open_registry(engine, options)
     except BaseException:
         engine.shutdown()
         raise
-    return engine, served_name
+    return engine, served_name, registry, keyring
 
 
-def _load_adapter(engine, name: str, path: str) -> None:
-    try:
-        asyncio.run(engine.load_adapter(name, path))
-    except (OSError, KeyError, ValueError) as exc:
-        raise ValueError(f"adapter {name!r} from {path}: {exc}") from exc
-    log.info("loaded adapter %r from %s", name, path)
-
-
-def _run_server(engine, served_name: str, options: dict[str, object]) -> int:
+def _run_server(engine, served_name: str, registry, keyring, options: dict[str, object]) -> int:
     import uvicorn
 
     from server.api.app import create_app
 
-    app = create_app(engine, served_name, adapter_ids=options["adapters"])
+    app = create_app(engine, served_name, registry, keyring)
     host, port = options["host"], options["port"]
-    log.warning(
-        "serving %r single-tenant WITHOUT authentication on http://%s:%s: anyone who can reach this "
-        "address can use it%s", served_name, host, port,
-        "" if host in ("127.0.0.1", "localhost", "::1") else " (it is not a loopback address)",
-    )  # fmt: skip
+    if keyring is None:
+        log.warning(
+            "serving %r single-tenant WITHOUT authentication on http://%s:%s: anyone who can reach this "
+            "address can use it%s", served_name, host, port,
+            "" if host in ("127.0.0.1", "localhost", "::1") else " (it is not a loopback address)",
+        )  # fmt: skip
+    else:
+        log.info("serving %r on http://%s:%s with %d API keys", served_name, host, port, len(keyring))
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     return 0
 

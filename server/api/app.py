@@ -1,21 +1,25 @@
 """The HTTP app: health probes, the model list, and the OpenAI-compatible generation endpoints.
 
-Single tenant, no authentication yet: whoever can reach the socket can use every model. Route
-handlers only wire things together: request → engine input is ``server.api.convert``, engine
-output → OpenAI bodies is ``server.api.output``, failures → error bodies is ``server.api.errors``.
+Callers are authenticated by ``server.api.auth`` (single-tenant without a keys file); adapter
+administration lives in ``server.api.admin``. Route handlers only wire things together: request →
+engine input is ``server.api.convert``, engine output → OpenAI bodies is ``server.api.output``,
+failures → error bodies is ``server.api.errors``.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api import convert
+from adapters.registry import AdapterRegistry
+from adapters.tenants import KeyRing, Principal
+from server.api import admin, convert
+from server.api.auth import Authenticator, caller
 from server.api.errors import ApiError, install_error_handlers
 from server.api.output import (
     ChatFormatter,
@@ -33,21 +37,27 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before t
 router = APIRouter()
 
 
+Caller = Annotated[Principal, Depends(caller)]
+
+
 @dataclass
 class AppState:
     engine: Engine
     served_model_name: str
-    adapter_ids: list[str] = field(default_factory=list)  # adapters this app knows, listed by /v1/models
+    registry: AdapterRegistry | None
+    auth: Authenticator
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def create_app(engine: Engine, served_model_name: str, adapter_ids: Iterable[str] = ()) -> FastAPI:
-    """The app serving ``engine``: ``model`` = ``served_model_name`` is the base model, a registered
-    adapter id selects that adapter; ``adapter_ids`` (already loaded) are listed by /v1/models."""
+def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry | None = None,
+               keyring: KeyRing | None = None) -> FastAPI:  # fmt: skip
+    """The app serving ``engine``: ``model`` = ``served_model_name`` is the base model; any other
+    ``model`` names an adapter of ``registry`` in the caller's tenant. ``keyring`` None: single-tenant."""
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA inference server")
-    app.state.loraplex = AppState(engine, served_model_name, list(adapter_ids))
+    app.state.loraplex = AppState(engine, served_model_name, registry, Authenticator(keyring))
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin.router)
     return app
 
 
@@ -72,20 +82,22 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> ModelList:
-    """The base model first, then the adapters that are still registered."""
+async def list_models(request: Request, principal: Caller) -> ModelList:
+    """The base model first, then the adapters the caller may use (admins: every tenant's)."""
     state = _state(request)
     cards = [ModelCard(id=state.served_model_name, created=state.created, root=state.served_model_name)]
-    for adapter_id in state.adapter_ids:
-        if state.engine.core.adapters.is_registered(adapter_id):
-            cards.append(ModelCard(id=adapter_id, created=state.created, parent=state.served_model_name))
+    if state.registry is not None:
+        for record in state.registry.list(None if principal.is_admin else principal.tenant):
+            info = admin.adapter_info(state.registry, record, principal)
+            cards.append(ModelCard(id=info.id, created=info.created, parent=state.served_model_name))
     return ModelList(data=cards)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
+async def completions(body: CompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
-    generation_input = convert.completion_input(body, state.engine, state.served_model_name)
+    adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
+    generation_input = convert.completion_input(body, state.engine, adapter)
     formatter = CompletionFormatter(
         f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
     )
@@ -93,9 +105,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
-    generation_input = convert.chat_input(body, state.engine, state.served_model_name)
+    adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
+    generation_input = convert.chat_input(body, state.engine, adapter)
     formatter = ChatFormatter(
         f"chatcmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
     )

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from jinja2.exceptions import TemplateError
 
+from adapters.registry import AdapterRegistry, UnknownAdapterError
+from adapters.tenants import Principal, UnknownName, parse_model_name
 from server.api.errors import ApiError, from_sampling_error, model_not_found
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.engine.sampler import SamplingParams
@@ -52,31 +54,34 @@ class GenerationInput:
     adapter: str | None  # None: the base model
 
 
-def resolve_adapter(model: str, served_model_name: str, engine: EngineLike) -> str | None:
-    """None for the base model's served name, the adapter id for a registered adapter, else 404.
+def resolve_adapter(model: str, served_model_name: str, registry: AdapterRegistry | None,
+                    principal: Principal) -> str | None:  # fmt: skip
+    """None for the base model's served name, else the engine id of the newest version of the
+    adapter ``model`` names in the caller's tenant (admins: ``tenant/name`` too), else 404.
 
-    An unknown name never falls back to the base model.
+    An unknown name never falls back to the base model; another tenant's adapter looks unknown.
     """
     if model == served_model_name:
         return None
-    if engine.core.adapters.is_registered(model):
-        return model
-    raise model_not_found(model)
+    try:
+        if registry is None:
+            raise UnknownAdapterError(model)
+        return registry.resolve(*parse_model_name(principal, model)).adapter_id
+    except (UnknownName, UnknownAdapterError):
+        raise model_not_found(model) from None
 
 
-def completion_input(req: CompletionRequest, engine: EngineLike, served_model_name: str) -> GenerationInput:
+def completion_input(req: CompletionRequest, engine: EngineLike, adapter: str | None) -> GenerationInput:
     """Check a /v1/completions body and turn it into engine input (ApiError when refused)."""
     _refuse_unsupported(req, _UNSUPPORTED_COMPLETION)
-    adapter = resolve_adapter(req.model, served_model_name, engine)
     prompt_ids = _completion_prompt_ids(req.prompt, engine)
     sampling = _sampling(req, req.max_tokens, req.logprobs is not None, prompt_ids, engine)
     return GenerationInput(prompt_ids, sampling, adapter)
 
 
-def chat_input(req: ChatCompletionRequest, engine: EngineLike, served_model_name: str) -> GenerationInput:
+def chat_input(req: ChatCompletionRequest, engine: EngineLike, adapter: str | None) -> GenerationInput:
     """Check a /v1/chat/completions body and turn it into engine input (ApiError when refused)."""
     _refuse_unsupported(req, _UNSUPPORTED_CHAT)
-    adapter = resolve_adapter(req.model, served_model_name, engine)
     prompt_ids = _chat_prompt_ids(req, engine)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     sampling = _sampling(req, max_tokens, bool(req.logprobs), prompt_ids, engine)

@@ -6,7 +6,10 @@ Status codes:
   422 becomes 400, ``param`` names the field), a refused sampling setting (``param`` is the
   SamplingParams field), any other ``EngineError`` (``code`` = its code, e.g.
   ``context_length_exceeded``);
-- 404 ``model_not_found``: an unknown ``model`` (``UnknownAdapterError`` included);
+- 401 ``invalid_api_key`` / 403 ``permission_denied`` (server.api.auth);
+- 404 ``model_not_found``: an unknown ``model`` or adapter (another tenant's looks the same);
+- 409 ``too_many_pinned``; 413 ``adapter_too_large`` or an oversized body;
+- 422 ``invalid_adapter``: an upload that is not a servable peft adapter, with the reason;
 - 404/405 for unknown routes and methods, in the same shape;
 - 500 ``server_error`` with a generic message for anything unexpected (logged with its traceback).
 """
@@ -20,6 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from adapters.cache import PinError
+from adapters.format import AdapterFormatError
+from adapters.registry import AdapterTooLargeError
 from server.api.schemas import ErrorDetail, ErrorResponse
 from server.engine.core import EngineError, UnknownAdapterError
 from server.engine.sampler import SamplingParams
@@ -39,20 +45,33 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=detail).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model {model!r} does not exist.", param="model", code="model_not_found")
+
+
+def from_adapter_error(exc: Exception) -> ApiError:
+    """413 for an oversized upload, 422 for an adapter we cannot serve, 400 for a refused path/name."""
+    if isinstance(exc, AdapterTooLargeError):
+        return ApiError(413, str(exc), param="files", code="adapter_too_large")
+    if isinstance(exc, AdapterFormatError):
+        return ApiError(422, str(exc), param="files", code="invalid_adapter")
+    if isinstance(exc, PinError):
+        return ApiError(409, str(exc), code="too_many_pinned")
+    return ApiError(400, str(exc), code="invalid_adapter_source")
 
 
 def from_sampling_error(exc: ValueError) -> ApiError:

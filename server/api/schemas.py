@@ -237,3 +237,53 @@ class ErrorResponse(BaseModel):
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
 
     error: ErrorDetail
+
+
+class AdapterInfo(BaseModel):
+    """One adapter version as the admin routes show it."""
+
+    id: str  # what to put in a request's ``model`` field
+    object: Literal["adapter"] = "adapter"
+    name: str
+    tenant: str
+    version: int
+    sha256: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    base_model_name_or_path: str | None
+    size_bytes: int
+    created: int
+    source: Literal["upload", "local"]
+    tier: str | None  # on_disk, loading, in_host, in_slot, failed; None when not served
+    pinned: bool
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+    versions: list[int]
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's ``POST /v1/load_lora_adapter`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's ``POST /v1/unload_lora_adapter`` body (``lora_int_id`` is accepted and ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_int_id: int | None = None

@@ -79,6 +79,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     command = [
         sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
         "--served-model-name", BASE_MODEL, "--adapter", f"{ADAPTER}={adapter_dir}",
+        "--data-dir", str(root / "data"),
         "--max-lora-rank", "16", "--max-num-seqs", "1", "--dtype", "float32", "--device", "cpu",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}

@@ -1,0 +1,167 @@
+"""Adapter administration routes: upload, list, get, delete, pin/unpin, and vLLM's load/unload.
+
+Every route acts within the caller's tenant. Admins may name another tenant with ``?tenant=``
+(or a form field ``tenant`` on upload); a user who names another tenant gets 403. Another tenant's
+adapter looks exactly like an unknown one (404). Pins and vLLM's load/unload (local paths inside
+``--adapter-roots``) are admin-only. Slow work (validating, hashing, fsync) runs off the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request, UploadFile
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from adapters.format import AdapterFormatError, validate_name
+from adapters.registry import AdapterRegistry, UnknownAdapterError
+from adapters.store import AdapterRecord, StoreError
+from adapters.tenants import Principal
+from server.api.auth import admin, caller
+from server.api.errors import ApiError, from_adapter_error, model_not_found
+from server.api.schemas import (
+    AdapterDeleted,
+    AdapterInfo,
+    AdapterList,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+)
+
+router = APIRouter()
+Caller = Annotated[Principal, Depends(caller)]
+Admin = Annotated[Principal, Depends(admin)]
+_ADAPTER_ERRORS = (AdapterFormatError, StoreError, ValueError)
+
+
+def _registry(request: Request) -> AdapterRegistry:
+    return request.app.state.loraplex.registry
+
+
+def acting_tenant(principal: Principal, tenant: str | None) -> str:
+    """The tenant a request acts in: the caller's own, or for admins the one they name."""
+    if tenant is None or tenant == principal.tenant:
+        return principal.tenant
+    if not principal.is_admin:
+        message = "Only admins may act for another tenant."
+        raise ApiError(403, message, param="tenant", code="permission_denied")
+    try:
+        return validate_name(tenant, "tenant")
+    except AdapterFormatError as exc:
+        raise ApiError(400, str(exc), param="tenant") from exc
+
+
+def adapter_info(registry: AdapterRegistry, record: AdapterRecord, principal: Principal) -> AdapterInfo:
+    status = registry.status(record)
+    model_id = record.name if record.tenant == principal.tenant else f"{record.tenant}/{record.name}"
+    return AdapterInfo(
+        id=model_id, name=record.name, tenant=record.tenant, version=record.version, sha256=record.sha256,
+        rank=record.rank, alpha=record.alpha, use_rslora=record.use_rslora,
+        target_modules=list(record.target_modules), base_model_name_or_path=record.base_model_name_or_path,
+        size_bytes=record.size_bytes, created=int(record.created_at), source=record.source,
+        tier=None if status is None else status.state.value, pinned=bool(status and status.is_pinned),
+    )  # fmt: skip
+
+
+def _find(registry: AdapterRegistry, tenant: str, name: str) -> AdapterRecord:
+    try:
+        return registry.resolve(tenant, name)
+    except UnknownAdapterError:
+        raise model_not_found(name) from None
+
+
+async def _call(function, *args):
+    """Run a registry write off the event loop; its refusals become 4xx errors."""
+    try:
+        return await run_in_threadpool(function, *args)
+    except (UnknownAdapterError, KeyError) as exc:
+        raise model_not_found(str(args[-1])) from exc
+    except _ADAPTER_ERRORS as exc:
+        raise from_adapter_error(exc) from exc
+
+
+@router.post("/v1/adapters", status_code=201)
+async def upload_adapter(
+    request: Request, principal: Caller, name: Annotated[str, Form()],
+    files: Annotated[list[UploadFile], Form()], tenant: Annotated[str | None, Form()] = None,
+) -> AdapterInfo:  # fmt: skip
+    """Store ``adapter_config.json`` + ``adapter_model.safetensors`` as the next version of ``name``."""
+    target = acting_tenant(principal, tenant)
+    by_name = {upload.filename or "": upload.file for upload in files}
+    if len(by_name) != len(files):
+        raise ApiError(422, "the same file name was sent twice", param="files", code="invalid_adapter")
+    registry = _registry(request)
+    record = await _call(registry.upload, target, name, by_name)
+    return adapter_info(registry, record, principal)
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request, principal: Caller, tenant: str | None = None) -> AdapterList:
+    """The caller's adapters (admins: every tenant's, unless ``?tenant=`` narrows it)."""
+    registry = _registry(request)
+    scope = acting_tenant(principal, tenant) if tenant or not principal.is_admin else None
+    return AdapterList(data=[adapter_info(registry, r, principal) for r in registry.list(scope)])
+
+
+@router.get("/v1/adapters/{name}")
+async def get_adapter(
+    request: Request, principal: Caller, name: str, tenant: str | None = None
+) -> AdapterInfo:
+    registry = _registry(request)
+    return adapter_info(registry, _find(registry, acting_tenant(principal, tenant), name), principal)
+
+
+@router.delete("/v1/adapters/{name}")
+async def delete_adapter(
+    request: Request, principal: Caller, name: str, tenant: str | None = None
+) -> AdapterDeleted:
+    """Delete every version; requests already running finish on theirs."""
+    target = acting_tenant(principal, tenant)
+    removed = await _call(_registry(request).delete, target, name)
+    return AdapterDeleted(id=name, versions=[r.version for r in removed])
+
+
+@router.post("/v1/adapters/{name}/pin")
+async def pin_adapter(
+    request: Request, principal: Admin, name: str, tenant: str | None = None
+) -> AdapterInfo:
+    """Keep the adapter in a device slot and in host memory until unpinned."""
+    return await _set_pin(request, principal, name, tenant, pinned=True)
+
+
+@router.post("/v1/adapters/{name}/unpin")
+async def unpin_adapter(
+    request: Request, principal: Admin, name: str, tenant: str | None = None
+) -> AdapterInfo:
+    return await _set_pin(request, principal, name, tenant, pinned=False)
+
+
+async def _set_pin(request: Request, principal: Principal, name: str, tenant: str | None, pinned: bool):
+    registry = _registry(request)
+    record = _find(registry, acting_tenant(principal, tenant), name)
+    cache = registry.cache
+    await _call(cache.pin if pinned else cache.unpin, record.adapter_id)
+    return adapter_info(registry, record, principal)
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(request: Request, principal: Admin, body: LoadLoRAAdapterRequest) -> str:
+    """vLLM-compatible: serve a local peft directory (inside --adapter-roots) as ``lora_name``."""
+    registry = _registry(request)
+    try:
+        registry.resolve(principal.tenant, body.lora_name)
+        exists = True
+    except UnknownAdapterError:
+        exists = False
+    if exists and not body.load_inplace:
+        message = f"The lora adapter '{body.lora_name}' has already been loaded."
+        raise ApiError(400, message, param="lora_name")
+    await _call(registry.register_local, principal.tenant, body.lora_name, body.lora_path)
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(request: Request, principal: Admin, body: UnloadLoRAAdapterRequest) -> str:
+    """vLLM-compatible: stop serving ``lora_name`` (a local directory's files are left alone)."""
+    await _call(_registry(request).delete, principal.tenant, body.lora_name)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
