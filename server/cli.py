@@ -66,8 +66,10 @@ SERVE_OPTIONS = (
     Option("keys-file", Path, None, "JSON file of API key hashes; without it: single-tenant, no auth"),
     Option("adapter-roots", str, "", "comma-separated directories admins may register adapters from"),
     Option("max-cpu-adapters-bytes", int, None, "host-memory budget for adapters not in a slot"),
+    Option("max-queue", int, 256, "requests that may wait beyond the running batch; more get 429"),
+    Option("drain-timeout", float, 30.0, "seconds in-flight requests may finish after SIGTERM"),
 )
-KEYS_FILE = SERVE_OPTIONS[-3]
+KEYS_FILE = next(option for option in SERVE_OPTIONS if option.flag == "keys-file")
 ENGINE_FIELDS = (
     "max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
     "max_cpu_adapters_bytes",
@@ -284,8 +286,9 @@ def _run_server(engine, served_name: str, registry, keyring, options: dict[str, 
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.shutdown import DrainingServer
 
-    app = create_app(engine, served_name, registry, keyring)
+    app = create_app(engine, served_name, registry, keyring, max_queue=options["max_queue"])
     host, port = options["host"], options["port"]
     if keyring is None:
         log.warning(
@@ -295,7 +298,8 @@ def _run_server(engine, served_name: str, registry, keyring, options: dict[str, 
         )  # fmt: skip
     else:
         log.info("serving %r on http://%s:%s with %d API keys", served_name, host, port, len(keyring))
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.loraplex, options["drain_timeout"]).run()
     return 0
 
 

@@ -16,11 +16,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from adapters.format import FormatLimits
 from adapters.registry import AdapterRegistry
 from adapters.tenants import KeyRing, Principal
 from server.api import admin, convert
 from server.api.auth import Authenticator, caller
-from server.api.errors import ApiError, install_error_handlers
+from server.api.errors import install_error_handlers
+from server.api.limits import DEFAULT_MAX_BODY_BYTES, UPLOAD_OVERHEAD_BYTES, BodySizeLimit, admit
 from server.api.output import (
     ChatFormatter,
     ClientDisconnected,
@@ -33,6 +35,7 @@ from server.api.output import (
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 from server.engine.engine import Engine
 
+DEFAULT_MAX_QUEUE = 256
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the response"
 router = APIRouter()
 
@@ -46,15 +49,21 @@ class AppState:
     served_model_name: str
     registry: AdapterRegistry | None
     auth: Authenticator
+    max_queue: int  # requests that may wait beyond the running batch before new ones get 429
+    draining: bool = False  # set by the first SIGTERM (server.api.shutdown)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry | None = None,
-               keyring: KeyRing | None = None) -> FastAPI:  # fmt: skip
+               keyring: KeyRing | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:  # fmt: skip
     """The app serving ``engine``: ``model`` = ``served_model_name`` is the base model; any other
     ``model`` names an adapter of ``registry`` in the caller's tenant. ``keyring`` None: single-tenant."""
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA inference server")
-    app.state.loraplex = AppState(engine, served_model_name, registry, Authenticator(keyring))
+    app.state.loraplex = AppState(engine, served_model_name, registry, Authenticator(keyring), max_queue)
+    max_adapter_bytes = registry.limits.max_weights_bytes if registry else FormatLimits().max_weights_bytes
+    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes,
+                       max_upload_bytes=max_adapter_bytes + UPLOAD_OVERHEAD_BYTES)  # fmt: skip
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin.router)
@@ -74,8 +83,12 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: 200 when requests can be served (the model is loaded before the app exists)."""
-    running = _state(request).engine.is_running
+    """Readiness: 200 when requests can be served (the model is loaded before the app exists);
+    503 while draining for shutdown or when the engine loop stopped."""
+    state = _state(request)
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    running = state.engine.is_running
     return JSONResponse(
         {"status": "ready" if running else "unavailable"}, status_code=200 if running else 503
     )
@@ -96,6 +109,7 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
+    admit(state.engine, state.draining, state.max_queue)
     adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
     generation_input = convert.completion_input(body, state.engine, adapter)
     formatter = CompletionFormatter(
@@ -107,6 +121,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Call
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
+    admit(state.engine, state.draining, state.max_queue)
     adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
     generation_input = convert.chat_input(body, state.engine, adapter)
     formatter = ChatFormatter(
@@ -120,8 +135,6 @@ async def _generate(
 ) -> Response:
     """Submit (EngineError → 4xx), then stream SSE chunks or return one body with usage."""
     engine = _state(request).engine
-    if not engine.is_running:
-        raise ApiError(503, "The engine is not running.", type="server_error")
     stream = await engine.submit(
         inputs.prompt_token_ids, inputs.sampling, inputs.adapter, formatter.request_id
     )

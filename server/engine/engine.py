@@ -72,6 +72,15 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._commands.put(lambda: _as_list(self.core.abort(request_id)))
 
+    def fail_all(self, error: str) -> None:
+        """End every request in flight with ``error`` (e.g. the drain timeout ran out at shutdown)."""
+        self._commands.put(lambda: self.core.fail_all(error))
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not finished yet: running, waiting, or about to be added."""
+        return len(self._streams)
+
     # ---- adapters ----
     async def load_adapter(self, adapter_id: str, path: str | Path) -> None:
         """Read, validate and register a peft adapter directory (raises AdapterFormatError/KeyError)."""

@@ -20,7 +20,8 @@ class StubEngine:
 
     def __init__(self, deltas: list[TokenDelta], running: bool = True, encode_error: Exception | None = None):
         self.deltas, self.running, self.encode_error = deltas, running, encode_error
-        self.core = SimpleNamespace(adapters=SimpleNamespace(is_registered=lambda _: False), max_model_len=64)
+        self.core = SimpleNamespace(max_model_len=64, config=SimpleNamespace(max_num_seqs=4))
+        self.num_unfinished = 0
         self.tokenizer = SimpleNamespace(decode=lambda ids: "".join(chr(ord("a") + i) for i in ids))
         self.aborted: list[str] = []
 
