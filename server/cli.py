@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", action="append", metavar="NAME=PATH",
         help="preload a peft adapter directory as model NAME; repeatable (env LORAPLEX_ADAPTER: a=/x,b=/y)",
     )  # fmt: skip
+    serve.add_argument(
+        "--config", metavar="FILE",
+        help="TOML or JSON file whose keys are flag names (max-loras = 16); flags and env vars win "
+        "(env LORAPLEX_CONFIG)",
+    )  # fmt: skip
     serve.set_defaults(func=serve_command)
     _add_keys_parser(commands)
     return parser
@@ -106,21 +112,55 @@ def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
         action.add_argument(f"--{KEYS_FILE.flag}", help=f"{KEYS_FILE.help} (env {KEYS_FILE.env})")
 
 
-def resolve_options(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, object]:
-    """Each option from its flag, else its env var, else its default, converted to its type.
+def load_config_file(path: str | None) -> dict[str, object]:
+    """A TOML (.toml) or JSON file of option values keyed by flag name (dashes or underscores).
 
-    Raises ValueError naming the flag or env var for a value that does not convert.
+    ValueError for a file that does not parse, a key that is not a serve flag, or a bad value type.
     """
+    if not path:
+        return {}
+    try:
+        text = Path(path).read_text()
+        if path.endswith(".toml"):
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: must hold a table/object of flag = value")
+    known = {option.flag for option in SERVE_OPTIONS} | {"adapter"}
+    values = {str(key).replace("_", "-"): value for key, value in raw.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)}")
+    return values
+
+
+def resolve_options(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, object]:
+    """Each option from its flag, else its env var, else the --config file, else its default.
+
+    Raises ValueError naming the flag, env var or file key for a value that does not convert.
+    """
+    config = load_config_file(getattr(args, "config", None) or environ.get("LORAPLEX_CONFIG"))
     values: dict[str, object] = {}
     for option in SERVE_OPTIONS:
         raw, source = getattr(args, option.dest), f"--{option.flag}"
         if raw is None and environ.get(option.env):
             raw, source = environ[option.env], option.env
+        if raw is None and option.flag in config:
+            raw, source = config[option.flag], f"config key {option.flag}"
+            raw = None if raw is None else str(raw)
         try:
             values[option.dest] = option.default if raw is None else option.type(raw)
         except ValueError:
             raise ValueError(f"{source}: invalid {option.type.__name__} value {raw!r}") from None
     adapters = args.adapter or [a for a in environ.get("LORAPLEX_ADAPTER", "").split(",") if a.strip()]
+    if not adapters and "adapter" in config:
+        configured = config["adapter"]
+        adapters = [f"{k}={v}" for k, v in configured.items()] if isinstance(configured, dict) else configured
     values["adapters"] = parse_adapters(adapters)
     return values
 

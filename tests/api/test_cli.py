@@ -44,6 +44,34 @@ def test_malformed_adapter_specs_are_refused(specs):
         parse_adapters(specs)
 
 
+def test_config_file_keys_apply_and_env_and_flags_win(tmp_path):
+    toml = tmp_path / "loraplex.toml"
+    toml.write_text('max-loras = 16\nmax_queue = 5\ndata-dir = "/srv/data"\n[adapter]\nbot = "/a/bot"\n')
+    resolved = options(["--config", str(toml)])
+    assert (resolved["max_loras"], resolved["max_queue"], resolved["data_dir"]) == (16, 5, Path("/srv/data"))
+    assert resolved["adapters"] == {"bot": "/a/bot"}
+    assert options(["--config", str(toml)], {"LORAPLEX_MAX_LORAS": "4"})["max_loras"] == 4
+    assert options(["--config", str(toml), "--max-loras", "2"])["max_loras"] == 2
+    as_json = tmp_path / "loraplex.json"
+    as_json.write_text('{"port": 9100}')
+    assert options([], {"LORAPLEX_CONFIG": str(as_json)})["port"] == 9100
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("max-lora = 16", "unknown keys max-lora"),
+        ("port = ", "--config"),
+        ('port = "eighty"', "config key port"),
+    ],
+)
+def test_bad_config_files_are_refused_with_the_key(tmp_path, content, message):
+    toml = tmp_path / "bad.toml"
+    toml.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        options(["--config", str(toml)])
+
+
 def test_a_bad_env_value_names_the_env_var():
     with pytest.raises(ValueError, match="LORAPLEX_PORT"):
         options([], {"LORAPLEX_PORT": "eighty"})
