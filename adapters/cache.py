@@ -139,6 +139,12 @@ class AdapterCache:
             return AdapterStatus(adapter_id, entry.state, entry.slot, entry.is_pinned, entry.refcount,
                                  host_bytes, error)  # fmt: skip
 
+    def host_weights(self, adapter_id: str) -> LoRAWeights | None:
+        """The adapter's host copy when it is in host memory (or a slot), else None."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            return None if entry is None or entry.is_retired else entry.weights
+
     def host_bytes(self) -> int:
         """Bytes of adapter weights held in host memory (slot-resident adapters included)."""
         return self._host_bytes

@@ -59,6 +59,10 @@ class EngineConfig:
     - ``target_modules``: projections that get a LoRA side path (adapters may use a subset).
     - ``max_cpu_adapters_bytes``: host-memory tier for adapters not in a slot; least recently
       used copies beyond it are dropped and read from disk again when needed.
+    - ``merge_policy``: ``auto`` serves hot adapters from merged copies (W + s·B·A) chosen by
+      traffic, ``off`` only when an operator asks. ``max_merged_copies`` / ``max_merged_bytes``
+      bound them; an adapter is merged when its share of scheduled tokens stays ≥ ``merge_share``
+      and unmerged when it stays < ``unmerge_share`` (see server/engine/merging.py).
     """
 
     max_loras: int = 8
@@ -71,8 +75,25 @@ class EngineConfig:
     target_modules: tuple[str, ...] = field(default=ALL_TARGET_MODULES)
     seed: int = 0
     max_cpu_adapters_bytes: int = 2 * 1024**3
+    merge_policy: str = "auto"
+    max_merged_copies: int = 1
+    max_merged_bytes: int | None = None
+    merge_share: float = 0.5
+    unmerge_share: float = 0.2
 
     def __post_init__(self) -> None:
+        _require(
+            self.merge_policy in ("auto", "off"),
+            f"merge_policy must be auto or off, got {self.merge_policy!r}",
+        )
+        _require(
+            0 <= self.max_merged_copies <= 64,
+            f"max_merged_copies must be in [0, 64], got {self.max_merged_copies}",
+        )
+        _require(
+            0 < self.unmerge_share < self.merge_share <= 1,
+            f"need 0 < unmerge_share ({self.unmerge_share}) < merge_share ({self.merge_share}) <= 1",
+        )
         _require(
             self.max_cpu_adapters_bytes >= 0,
             f"max_cpu_adapters_bytes must be >= 0, got {self.max_cpu_adapters_bytes}",

@@ -11,6 +11,10 @@ One thread owns an EngineCore (the async ``Engine`` runs it in its loop thread).
 from __future__ import annotations
 
 import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +25,15 @@ from adapters.format import read_peft_dir
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import DEFAULT_CPU_KV_BYTES_CAP, KVCache, kv_bytes_per_token
+from server.engine.merging import MergeManager, MergePolicyConfig
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler, SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
 from server.model.factory import LoadedModel
 from server.model.lora_binding import LoRASlotWriter
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(ValueError):
@@ -57,6 +64,45 @@ class TokenDelta:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's queues for metrics (``EngineCore.stats``)."""
+
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float  # used KV blocks / all KV blocks, in [0, 1]
+    running_adapter_ids: tuple[str, ...]  # distinct adapters of the running sequences, sorted
+    waiting_adapter_ids: tuple[str, ...]  # distinct adapters of the waiting sequences, sorted
+    max_loras: int
+    num_preemptions: int  # since start
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one non-empty step did, as the ``EngineCore.on_step`` observer sees it."""
+
+    num_seqs: int
+    num_tokens: int  # tokens fed to the forward: prefill chunks + one per decode
+    num_prompt_tokens: int  # whole prompts of requests whose first prefill chunk ran (once per request)
+    num_generated_tokens: int  # tokens sampled
+    num_adapters: int  # distinct adapters in the batch (the base model not counted)
+    duration_s: float  # schedule + forward + sampling + detokenization
+
+    @classmethod
+    def of(cls, out: SchedulerOutput, duration_s: float) -> StepStats:
+        """Read after ``postprocess``: a first chunk is one whose computed tokens are exactly this step's."""
+        items = out.scheduled
+        first = [i.seq for i in items if i.seq.num_computed_tokens == i.num_new_tokens]
+        return cls(
+            num_seqs=len(items),
+            num_tokens=sum(i.num_new_tokens for i in items),
+            num_prompt_tokens=sum(len(seq.prompt_token_ids) for seq in first if not seq.num_preemptions),
+            num_generated_tokens=sum(i.samples for i in items),
+            num_adapters=len({i.seq.adapter_id for i in items} - {None}),
+            duration_s=duration_s,
+        )
+
+
 class EngineCore:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.config = config
@@ -77,12 +123,20 @@ class EngineCore:
             pin_host_memory=loaded.device.type == "cuda",
         )
         eos = _eos_token_ids(loaded.checkpoint)
-        self.scheduler = Scheduler(config, self.kv_cache, self.adapters, self.max_model_len, eos)
+        self.merges = MergeManager(
+            _merge_policy_config(config),
+            self.slot_writer.merged_weights,
+            self.adapters.host_weights,
+            self.adapters.is_registered,
+        )
+        self.scheduler = Scheduler(config, self.kv_cache, self.adapters, self.max_model_len, eos, self.merges)
         self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(config.seed))
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
         self.last_step_was_idle = False
+        # Called in the engine thread after every non-empty step (metrics); must be quick.
+        self.on_step: Callable[[StepStats], None] | None = None
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_bytes is not None:
@@ -143,17 +197,54 @@ class EngineCore:
 
     def remove_adapter(self, adapter_id: str) -> None:
         self.adapters.unregister(adapter_id)
+        self.merges.poll()  # its merged copy, if any, takes no new requests from now on
 
     # ---- the step ----
     def step(self) -> list[TokenDelta]:
+        started_s = time.perf_counter()
         failed = self._fail_unloadable()
         out = self.scheduler.schedule()
         self.last_step_was_idle = out.is_empty  # e.g. every waiting request's adapter is loading
         if out.is_empty:
+            self.merges.poll()
             return failed
-        sampled = self.runner.run(out)
+        sampled = self.runner.run(out, self.merges)
         self.scheduler.postprocess(out, sampled.token_ids, sampled.logprobs)
-        return failed + [self._emit(item.seq) for item in out.scheduled if item.samples]
+        self._observe_traffic(out)
+        deltas = failed + [self._emit(item.seq) for item in out.scheduled if item.samples]
+        self._observe_step(out, time.perf_counter() - started_s)
+        return deltas
+
+    def _observe_traffic(self, out: SchedulerOutput) -> None:
+        """Feed the merge policy: tokens per (route, adapter) this step, requests per adapter."""
+        tokens: Counter = Counter()
+        for item in out.scheduled:
+            tokens["merged" if item.copy >= 0 else "side", item.seq.adapter_id] += item.num_new_tokens
+        queued = Counter(s.adapter_id for s in (*self.scheduler.running, *self.scheduler.waiting))
+        self.merges.after_step(tokens, queued)
+
+    def _observe_step(self, out: SchedulerOutput, duration_s: float) -> None:
+        """Tell ``on_step`` what the step did; a failing observer is logged and never fails the step."""
+        if self.on_step is None:
+            return
+        try:
+            self.on_step(StepStats.of(out, duration_s))
+        except Exception:
+            log.exception("the step observer failed")
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics, safe to call from any thread: the queues are copied (``list`` of a
+        list is atomic under the GIL), so it may straddle a step but never raises or blocks it."""
+        waiting, running = list(self.scheduler.waiting), list(self.scheduler.running)
+        return EngineStats(
+            num_waiting=len(waiting),
+            num_running=len(running),
+            kv_cache_usage=self.kv_cache.allocator.usage,
+            running_adapter_ids=_adapter_ids(running),
+            waiting_adapter_ids=_adapter_ids(waiting),
+            max_loras=self.config.max_loras,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
 
     def _emit(self, seq: Sequence) -> TokenDelta:
         detok = self._detok[seq.request_id]
@@ -196,6 +287,18 @@ class EngineCore:
             self.scheduler.finish(seq, FinishReason.ERROR)
             deltas.append(self._delta(seq, [], [], "", error))
         return deltas
+
+
+def _merge_policy_config(config: EngineConfig) -> MergePolicyConfig:
+    return MergePolicyConfig(
+        enabled=config.merge_policy == "auto", max_merged_copies=config.max_merged_copies,
+        max_merged_bytes=config.max_merged_bytes, merge_share=config.merge_share,
+        unmerge_share=config.unmerge_share,
+    )  # fmt: skip
+
+
+def _adapter_ids(seqs: list[Sequence]) -> tuple[str, ...]:
+    return tuple(sorted({seq.adapter_id for seq in seqs if seq.adapter_id is not None}))
 
 
 def _eos_token_ids(checkpoint) -> frozenset[int]:

@@ -6,6 +6,10 @@ LoRA segments); the model only reads it.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from typing import Protocol
+
 import torch
 
 from server.engine.kv_cache import KVCache
@@ -17,6 +21,11 @@ from server.model.llama import LlamaForServing
 from server.ops.lora_torch import LoRASegments
 
 
+class MergedWeights(Protocol):
+    def applied(self, copy: int) -> contextlib.AbstractContextManager:
+        """Inside: the model computes with merged copy ``copy``'s weights (-1: the base weights)."""
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForServing, kv_cache: KVCache, sampler: Sampler) -> None:
         self.model = model
@@ -25,12 +34,25 @@ class ModelRunner:
         self.device = model.embed_tokens.device
         self.dtype = model.embed_tokens.dtype
 
-    def run(self, out: SchedulerOutput) -> SampleOutput:
-        """One forward for every scheduled sequence; tokens for those that sample, in order."""
-        batch = self.build_batch(out.scheduled)
+    def run(self, out: SchedulerOutput, copies: MergedWeights | None = None) -> SampleOutput:
+        """Tokens for the scheduled sequences that sample, in order.
+
+        One forward for the side-path batch (base model + LoRA slots) and one per merged copy in
+        the step, with that copy's weights applied (``out.scheduled`` is sorted by copy).
+        """
+        token_ids: list[int] = []
+        logprobs: list[float | None] = []
+        for copy, group in itertools.groupby(out.scheduled, key=lambda item: item.copy):
+            with copies.applied(copy) if copies is not None else contextlib.nullcontext():
+                sampled = self._forward_and_sample(list(group))
+            token_ids += sampled.token_ids
+            logprobs += sampled.logprobs
+        return SampleOutput(token_ids, logprobs)
+
+    def _forward_and_sample(self, scheduled: list[ScheduledSeq]) -> SampleOutput:
+        batch = self.build_batch(scheduled)
         logits = self.model(batch, self.kv_cache.layers)  # [B_sample, V]
-        rows = [item.seq for item in out.scheduled if item.samples]
-        return self.sampler.sample(logits, rows)
+        return self.sampler.sample(logits, [item.seq for item in scheduled if item.samples])
 
     def build_batch(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
         input_ids: list[int] = []

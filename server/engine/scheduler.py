@@ -9,6 +9,11 @@ Policy, in order, every step:
    resident yet (its load runs in the background), is skipped without blocking the ones behind it,
    unless it has been skipped ``STARVATION_STEPS`` times: then nothing behind it is admitted until
    it gets in, so running sequences drain and free an adapter slot for it.
+3. A sequence admitted while its adapter has a ready merged copy runs on that copy (it needs no
+   slot and does not count toward ``max_loras``) until it finishes or is preempted.
+
+The output is sorted by (merged copy, slot): the engine runs one forward per merged copy and one
+for the side-path batch, each over a contiguous run of the list.
 """
 
 from __future__ import annotations
@@ -39,17 +44,36 @@ class AdapterSlots(Protocol):
     def release(self, lease: object) -> None: ...
 
 
+class MergedCopies(Protocol):
+    """What the scheduler needs of the merged copies (server/engine/merging.py implements it)."""
+
+    def route(self, adapter_id: str | None) -> object | None:
+        """A lease on a ready merged copy of this adapter, or None (side path)."""
+
+    def release(self, copy: object) -> None: ...
+
+
+class NoMergedCopies:
+    def route(self, adapter_id: str | None) -> None:
+        return None
+
+    def release(self, copy: object) -> None:
+        raise AssertionError("no merged copy was handed out")
+
+
 @dataclass(frozen=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
-    slot: int  # adapter slot, -1 for the base model
+    slot: int  # adapter slot, -1 for the base model or a merged copy
     samples: bool  # this step feeds the last uncomputed token, so it produces the next one
+    copy: int = -1  # index of the merged copy it runs on, -1 for none
 
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int, slot: int) -> ScheduledSeq:
         samples = seq.num_computed_tokens + num_new_tokens == seq.num_tokens
-        return cls(seq, num_new_tokens, slot, samples)
+        copy = -1 if seq.merged_copy is None else seq.merged_copy.index
+        return cls(seq, num_new_tokens, slot, samples, copy)
 
 
 @dataclass(frozen=True)
@@ -70,8 +94,10 @@ class Scheduler:
         slots: AdapterSlots,
         max_model_len: int,
         eos_token_ids: frozenset[int],
+        merged: MergedCopies | None = None,
     ) -> None:
         self.config = config
+        self.merged = merged or NoMergedCopies()
         self.eos_token_ids = eos_token_ids
         self.kv_cache = kv_cache
         self.slots = slots
@@ -92,7 +118,7 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         budget = self._schedule_running(scheduled, budget)
         self._admit_waiting(scheduled, budget)
-        scheduled.sort(key=lambda s: s.slot)
+        scheduled.sort(key=lambda s: (s.copy, s.slot))
         return SchedulerOutput(scheduled=scheduled, num_waiting=len(self.waiting))
 
     def _schedule_running(self, scheduled: list[ScheduledSeq], budget: int) -> int:
@@ -119,7 +145,7 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> None:
-        adapters = {s.adapter_id for s in self.running if s.adapter_id is not None}
+        adapters = {s.adapter_id for s in self.running if s.adapter_lease is not None}
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -131,14 +157,19 @@ class Scheduler:
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._reserve(seq, num_new):
+                self._drop_copy(seq)
                 break  # out of KV memory: later arrivals must not jump ahead
             self._start(seq, adapters)
             scheduled.append(ScheduledSeq.of(seq, num_new, slot))
             budget -= num_new
 
     def _admissible_slot(self, seq: Sequence, adapters: set[str]) -> int | None:
-        """The slot seq would run in, or None when it must wait (adapter limit or still loading)."""
+        """The slot seq would run in (-1: none needed), or None when it must wait (adapter limit or
+        still loading). A ready merged copy of its adapter is leased here."""
         if seq.adapter_id is None:
+            return -1
+        seq.merged_copy = self.merged.route(seq.adapter_id)
+        if seq.merged_copy is not None:
             return -1
         if seq.adapter_id not in adapters and len(adapters) >= self.config.max_loras:
             return None
@@ -149,7 +180,7 @@ class Scheduler:
         self.running.append(seq)
         seq.status = SequenceStatus.RUNNING
         seq.num_skipped_steps = 0
-        if seq.adapter_id is not None:
+        if seq.adapter_id is not None and seq.merged_copy is None:
             seq.adapter_lease = self.slots.acquire(seq.adapter_id)
             adapters.add(seq.adapter_id)
 
@@ -161,6 +192,11 @@ class Scheduler:
             return False
         seq.block_table.extend(self.kv_cache.allocator.allocate(needed))
         return True
+
+    def _drop_copy(self, seq: Sequence) -> None:
+        if seq.merged_copy is not None:
+            self.merged.release(seq.merged_copy)
+            seq.merged_copy = None
 
     def _slot(self, seq: Sequence) -> int:
         return -1 if seq.adapter_lease is None else self.slots.lease_slot(seq.adapter_lease)
@@ -180,6 +216,7 @@ class Scheduler:
             if seq.adapter_lease is not None:
                 self.slots.release(seq.adapter_lease)
                 seq.adapter_lease = None
+            self._drop_copy(seq)
         self.kv_cache.allocator.free(seq.block_table)
         seq.block_table = []
 

@@ -32,6 +32,7 @@ class Sequence:
     arrival_index: int  # FCFS order
     generator: torch.Generator | None = None  # set when sampling.seed is given
     adapter_lease: object | None = None  # held while running: pins this adapter version in its slot
+    merged_copy: object | None = None  # held while running on a merged copy of its adapter (no slot)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float | None] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in this sequence's blocks

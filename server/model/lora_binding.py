@@ -6,7 +6,10 @@ this module knows *where* each (layer, projection) tensor goes.
 
 from __future__ import annotations
 
+import torch
+
 from adapters.format import AdapterFormatError, LoRAWeights
+from adapters.merge import merged_weight
 from server.model.llama import LlamaForServing
 from server.model.lora_linear import MultiLoRALinear
 
@@ -52,6 +55,19 @@ class LoRASlotWriter:
             per_module[id(self.modules[(layer, proj)])][proj] = pair
         for module in {id(m): m for m in self.modules.values()}.values():
             module.set_slot(slot, per_module[id(module)], weights.config.scale)
+
+    def merged_weights(self, weights: LoRAWeights) -> dict[MultiLoRALinear, torch.Tensor]:
+        """A merged copy W + s·B·A of every module the adapter touches (others keep the base weight).
+
+        A fused module (q|k|v, gate|up) is copied whole even when the adapter targets one slice.
+        """
+        per_module: dict[MultiLoRALinear, list] = {}
+        for (layer, proj), (lora_a, lora_b) in weights.tensors.items():
+            module = self.modules[(layer, proj)]
+            bounds = module.output_slices[module.slice_names.index(proj)]
+            per_module.setdefault(module, []).append((bounds, lora_a, lora_b))
+        with torch.inference_mode():
+            return {m: merged_weight(m.weight, d, weights.config.scale) for m, d in per_module.items()}
 
     def clear(self, slot: int) -> None:
         for module in {id(m): m for m in self.modules.values()}.values():

@@ -81,6 +81,9 @@ class MultiLoRALinear(nn.Module):
         # logical [out, S, R] view, lora_b_view.
         self.register_buffer("lora_b", weight.new_zeros(shape_b), persistent=False)
         self._add_lora = _pick_add_lora(weight.device)
+        # A merged copy (W + s·B·A) to use instead of ``weight`` for the current forward; set and
+        # cleared by the engine around the forward of a merged copy's batch.
+        self.active_weight: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -92,7 +95,8 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRASegments) -> torch.Tensor:
         """x [T, in] → [T, out_total]; tokens of slot -1 get exactly the base output."""
-        y = base_linear(x, self.weight, self.bias)
+        weight = self.weight if self.active_weight is None else self.active_weight
+        y = base_linear(x, weight, self.bias)
         if self.has_lora_buffers and lora.has_lora:
             self._add_lora(y, x, self.lora_a, self.lora_b.permute(1, 0, 2), lora, self.output_slices)
         return y

@@ -70,7 +70,9 @@ def write_tiny_llama(path: Path, seed: int = 0, family: str = "llama", **overrid
 
 def make_core(model_dir: Path, **engine_overrides) -> EngineCore:
     """An EngineCore on a checkpoint dir, fp32 CPU, with small engine limits unless overridden."""
-    settings = dict(max_loras=4, max_lora_rank=16, max_num_seqs=8, max_num_batched_tokens=256)
+    settings = dict(
+        max_loras=4, max_lora_rank=16, max_num_seqs=8, max_num_batched_tokens=256, merge_policy="off"
+    )
     settings.update(engine_overrides)
     engine_config = EngineConfig(**settings)
     loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32", device="cpu"), engine_config)
