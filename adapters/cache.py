@@ -198,8 +198,6 @@ class AdapterCache:
                 self._touch_host(entry)
                 return entry.slot
             if entry.state is not AdapterState.IN_HOST:
-                if entry.state is AdapterState.ON_DISK:
-                    self.stats.lookups[Tier.DISK] += 1
                 self._ensure_loading(entry)
                 return None
             return self._activate(entry)
@@ -252,6 +250,7 @@ class AdapterCache:
 
     def _ensure_loading(self, entry: _Entry) -> None:
         if entry.state is AdapterState.ON_DISK and entry.source is not None:
+            self.stats.lookups[Tier.DISK] += 1  # a miss in both tiers: first use, prefetch or pin
             self._move(entry, Transition.LOAD_START)
             entry.load_started_s = time.perf_counter()
             entry.load = self._pool.submit(self._read_validated, entry.source)

@@ -8,6 +8,8 @@ adapter looks exactly like an unknown one (404). Pins and vLLM's load/unload (lo
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request, UploadFile
@@ -27,8 +29,11 @@ from server.api.schemas import (
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
 )
+from server.engine.merging import CopyState, MergeManager
 
 router = APIRouter()
+_MERGE_POLL_S = 0.02
+_LOAD_TIMEOUT_S = 60.0
 Caller = Annotated[Principal, Depends(caller)]
 Admin = Annotated[Principal, Depends(admin)]
 _ADAPTER_ERRORS = (AdapterFormatError, StoreError, ValueError)
@@ -36,6 +41,14 @@ _ADAPTER_ERRORS = (AdapterFormatError, StoreError, ValueError)
 
 def _registry(request: Request) -> AdapterRegistry:
     return request.app.state.loraplex.registry
+
+
+def _merges(request: Request) -> MergeManager:
+    return request.app.state.loraplex.engine.core.merges
+
+
+def _info(request: Request, record: AdapterRecord, principal: Principal) -> AdapterInfo:
+    return adapter_info(_registry(request), record, principal, _merges(request))
 
 
 def acting_tenant(principal: Principal, tenant: str | None) -> str:
@@ -51,8 +64,10 @@ def acting_tenant(principal: Principal, tenant: str | None) -> str:
         raise ApiError(400, str(exc), param="tenant") from exc
 
 
-def adapter_info(registry: AdapterRegistry, record: AdapterRecord, principal: Principal) -> AdapterInfo:
+def adapter_info(registry: AdapterRegistry, record: AdapterRecord, principal: Principal,
+                 merges: MergeManager | None = None) -> AdapterInfo:  # fmt: skip
     status = registry.status(record)
+    merged = merges is not None and merges.is_merged(record.adapter_id)
     model_id = record.name if record.tenant == principal.tenant else f"{record.tenant}/{record.name}"
     return AdapterInfo(
         id=model_id, name=record.name, tenant=record.tenant, version=record.version, sha256=record.sha256,
@@ -60,6 +75,7 @@ def adapter_info(registry: AdapterRegistry, record: AdapterRecord, principal: Pr
         target_modules=list(record.target_modules), base_model_name_or_path=record.base_model_name_or_path,
         size_bytes=record.size_bytes, created=int(record.created_at), source=record.source,
         tier=None if status is None else status.state.value, pinned=bool(status and status.is_pinned),
+        merged=merged,
     )  # fmt: skip
 
 
@@ -90,9 +106,8 @@ async def upload_adapter(
     by_name = {upload.filename or "": upload.file for upload in files}
     if len(by_name) != len(files):
         raise ApiError(422, "the same file name was sent twice", param="files", code="invalid_adapter")
-    registry = _registry(request)
-    record = await _call(registry.upload, target, name, by_name)
-    return adapter_info(registry, record, principal)
+    record = await _call(_registry(request).upload, target, name, by_name)
+    return _info(request, record, principal)
 
 
 @router.get("/v1/adapters")
@@ -100,15 +115,14 @@ async def list_adapters(request: Request, principal: Caller, tenant: str | None 
     """The caller's adapters (admins: every tenant's, unless ``?tenant=`` narrows it)."""
     registry = _registry(request)
     scope = acting_tenant(principal, tenant) if tenant or not principal.is_admin else None
-    return AdapterList(data=[adapter_info(registry, r, principal) for r in registry.list(scope)])
+    return AdapterList(data=[_info(request, r, principal) for r in registry.list(scope)])
 
 
 @router.get("/v1/adapters/{name}")
 async def get_adapter(
     request: Request, principal: Caller, name: str, tenant: str | None = None
 ) -> AdapterInfo:
-    registry = _registry(request)
-    return adapter_info(registry, _find(registry, acting_tenant(principal, tenant), name), principal)
+    return _info(request, _find(_registry(request), acting_tenant(principal, tenant), name), principal)
 
 
 @router.delete("/v1/adapters/{name}")
@@ -141,7 +155,61 @@ async def _set_pin(request: Request, principal: Principal, name: str, tenant: st
     record = _find(registry, acting_tenant(principal, tenant), name)
     cache = registry.cache
     await _call(cache.pin if pinned else cache.unpin, record.adapter_id)
-    return adapter_info(registry, record, principal)
+    return _info(request, record, principal)
+
+
+@router.post("/v1/adapters/{name}/merge")
+async def merge_adapter(
+    request: Request, principal: Admin, name: str, tenant: str | None = None
+) -> AdapterInfo:
+    """Serve the adapter from a merged copy until unmerged (the traffic policy will not drop it)."""
+    registry = _registry(request)
+    record = _find(registry, acting_tenant(principal, tenant), name)
+    await _in_host_memory(registry, record)
+    engine = request.app.state.loraplex.engine
+    try:
+        copy = await engine.call(lambda: engine.core.merges.merge(record.adapter_id))
+    except ValueError as exc:
+        raise ApiError(409, str(exc), code="cannot_merge") from exc
+    deadline = time.monotonic() + _LOAD_TIMEOUT_S
+    while copy.state is CopyState.BUILDING:  # builds off the engine thread; poll picks it up
+        if time.monotonic() > deadline:
+            raise ApiError(503, "the merged copy is still being built; retry", type="server_error")
+        await asyncio.sleep(_MERGE_POLL_S)
+        await engine.call(engine.core.merges.poll)
+    if copy.state is not CopyState.READY:
+        raise ApiError(
+            409, f"adapter {name!r} could not be merged (over the memory budget?)", code="cannot_merge"
+        )
+    return _info(request, record, principal)
+
+
+@router.post("/v1/adapters/{name}/unmerge")
+async def unmerge_adapter(
+    request: Request, principal: Admin, name: str, tenant: str | None = None
+) -> AdapterInfo:
+    """Back to the side path for new requests; running ones finish on the copy, then it is freed."""
+    record = _find(_registry(request), acting_tenant(principal, tenant), name)
+    engine = request.app.state.loraplex.engine
+    try:
+        await engine.call(lambda: engine.core.merges.unmerge(record.adapter_id))
+    except KeyError as exc:
+        raise ApiError(409, f"adapter {name!r} is not merged", code="not_merged") from exc
+    return _info(request, record, principal)
+
+
+async def _in_host_memory(registry: AdapterRegistry, record: AdapterRecord) -> None:
+    """Start the adapter's disk read if needed and wait until its weights are in host memory."""
+    cache = registry.cache
+    cache.prefetch(record.adapter_id)
+    deadline = time.monotonic() + _LOAD_TIMEOUT_S
+    while cache.host_weights(record.adapter_id) is None:
+        status = cache.status(record.adapter_id)
+        if status.error is not None:
+            raise ApiError(422, f"adapter failed to load: {status.error}", code="invalid_adapter")
+        if time.monotonic() > deadline:
+            raise ApiError(503, "the adapter is still loading; retry", type="server_error")
+        await asyncio.sleep(_MERGE_POLL_S)
 
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from adapters.format import FormatLimits
 from adapters.registry import AdapterRegistry
 from adapters.tenants import KeyRing, Principal
+from server import metrics
 from server.api import admin, convert
 from server.api.auth import Authenticator, caller
 from server.api.errors import install_error_handlers
@@ -67,6 +68,7 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin.router)
+    metrics.install(app, engine)
     return app
 
 
@@ -101,7 +103,7 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
     cards = [ModelCard(id=state.served_model_name, created=state.created, root=state.served_model_name)]
     if state.registry is not None:
         for record in state.registry.list(None if principal.is_admin else principal.tenant):
-            info = admin.adapter_info(state.registry, record, principal)
+            info = admin.adapter_info(state.registry, record, principal, state.engine.core.merges)
             cards.append(ModelCard(id=info.id, created=info.created, parent=state.served_model_name))
     return ModelList(data=cards)
 
@@ -135,15 +137,16 @@ async def _generate(
 ) -> Response:
     """Submit (EngineError → 4xx), then stream SSE chunks or return one body with usage."""
     engine = _state(request).engine
+    observer = metrics.request_observer(request)
     stream = await engine.submit(
         inputs.prompt_token_ids, inputs.sampling, inputs.adapter, formatter.request_id
     )
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = sse_events(stream, formatter, include_usage)
+        events = sse_events(stream, formatter, include_usage, observer)
         return EventStreamResponse(events, on_close=lambda: engine.abort(formatter.request_id))
     try:
-        generation = await collect(stream, request)
+        generation = await collect(stream, request, observer)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if generation.failed:

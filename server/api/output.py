@@ -3,7 +3,8 @@
 One ``Formatter`` per endpoint knows that endpoint's shapes; ``collect`` and ``sse_events`` drive
 the engine stream (the async generator ``Engine.submit`` returns) and are shared. Whatever way a
 response ends (finished, client gone, server error), the engine stream is closed, which aborts a
-request that is still running.
+request that is still running. An optional ``GenerationObserver`` (``server.metrics`` has one)
+sees every delta as the response path consumes it, for latency metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -28,6 +29,16 @@ from server.engine.core import TokenDelta
 log = logging.getLogger(__name__)
 _MIN_LOGPROB = -9999.0  # stands in for -inf, which JSON cannot carry
 _DONE = "data: [DONE]\n\n"
+
+
+class GenerationObserver(Protocol):
+    """Timing hooks of one generation, called on the event loop by ``collect`` / ``sse_events``."""
+
+    def on_delta(self, delta: TokenDelta) -> None:
+        """A delta reached the response path (streamed: just before its chunk is sent)."""
+
+    def on_end(self) -> None:
+        """The response path let go of the stream, however it ended; called once, after every delta."""
 
 
 class ClientDisconnected(Exception):
@@ -182,13 +193,16 @@ class ChatFormatter(Formatter):
 
 
 # ---- non-streaming ----
-async def collect(stream: AsyncGenerator[TokenDelta, None], request: Request) -> Generation:
+async def collect(stream: AsyncGenerator[TokenDelta, None], request: Request,
+                  observer: GenerationObserver | None = None) -> Generation:  # fmt: skip
     """All of a request's deltas; raises ClientDisconnected (after aborting) if the client goes first."""
     generation = Generation()
 
     async def consume() -> None:
         async for delta in stream:
             generation.add(delta)
+            if observer is not None:
+                observer.on_delta(delta)
 
     consumer = asyncio.ensure_future(consume())
     watcher = asyncio.ensure_future(_until_disconnected(request.receive))
@@ -203,6 +217,8 @@ async def collect(stream: AsyncGenerator[TokenDelta, None], request: Request) ->
             task.cancel()  # a consumer cancelled mid-stream closes the stream, which aborts the request
         await asyncio.gather(consumer, watcher, return_exceptions=True)
         await stream.aclose()
+        if observer is not None:
+            observer.on_end()
 
 
 async def _until_disconnected(receive: Receive) -> None:
@@ -216,14 +232,17 @@ def _sse(payload: dict) -> str:
 
 
 async def sse_events(
-    stream: AsyncGenerator[TokenDelta, None], formatter: Formatter, include_usage: bool
+    stream: AsyncGenerator[TokenDelta, None],
+    formatter: Formatter,
+    include_usage: bool,
+    observer: GenerationObserver | None = None,
 ) -> AsyncGenerator[str, None]:
     """``data: {chunk}`` events, one per delta with news, the last with finish_reason, then (when
     ``include_usage``) a usage-only chunk, then ``data: [DONE]``. A generation that fails sends an
     error event (OpenAI error body) instead of the rest, then ``[DONE]``."""
     try:
         try:
-            async for event in _chunks(stream, formatter, include_usage):
+            async for event in _chunks(stream, formatter, include_usage, observer):
                 yield _sse(event)
         except Exception:
             log.exception("streaming response %s failed", formatter.request_id)
@@ -231,15 +250,20 @@ async def sse_events(
         yield _DONE
     finally:
         await stream.aclose()  # aborts the request if it is still running (client went away)
+        if observer is not None:
+            observer.on_end()
 
 
 async def _chunks(
-    stream: AsyncIterator[TokenDelta], formatter: Formatter, include_usage: bool
-) -> AsyncIterator[dict]:
+    stream: AsyncIterator[TokenDelta], formatter: Formatter, include_usage: bool,
+    observer: GenerationObserver | None,
+) -> AsyncIterator[dict]:  # fmt: skip
     total = Generation()
     if (first := formatter.first_chunk()) is not None:
         yield first
     async for delta in stream:
+        if observer is not None:
+            observer.on_delta(delta)
         piece = Generation()
         piece.add(delta)
         base_offset = len(total.text)

@@ -258,6 +258,7 @@ class AdapterInfo(BaseModel):
     source: Literal["upload", "local"]
     tier: str | None  # on_disk, loading, in_host, in_slot, failed; None when not served
     pinned: bool
+    merged: bool  # new requests run on a merged copy W + s·B·A (server/engine/merging.py)
 
 
 class AdapterList(BaseModel):

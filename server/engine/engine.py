@@ -72,6 +72,26 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._commands.put(lambda: _as_list(self.core.abort(request_id)))
 
+    async def call(self, function: Callable[[], object]) -> object:
+        """Run ``function()`` in the engine thread between two steps; return its result or raise."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(outcome: object, failed: bool) -> None:
+            if not future.done():
+                (future.set_exception if failed else future.set_result)(outcome)
+
+        def command() -> list[TokenDelta]:
+            try:
+                outcome, failed = function(), False
+            except Exception as exc:  # handed back to the caller, never kills the loop
+                outcome, failed = exc, True
+            loop.call_soon_threadsafe(settle, outcome, failed)
+            return []
+
+        self._commands.put(command)
+        return await future
+
     def fail_all(self, error: str) -> None:
         """End every request in flight with ``error`` (e.g. the drain timeout ran out at shutdown)."""
         self._commands.put(lambda: self.core.fail_all(error))

@@ -86,6 +86,7 @@ class MergeStats:
     num_merges: int = 0
     num_unmerges: int = 0
     build_seconds: deque = field(default_factory=lambda: deque(maxlen=256))
+    build_seconds_sum: float = 0.0
     tokens_merged: int = 0
     tokens_side_path: int = 0
 
@@ -221,6 +222,7 @@ class MergeManager:
             copy.build_seconds = time.perf_counter() - copy.build_started_s
             self.stats.num_merges += 1
             self.stats.build_seconds.append(copy.build_seconds)
+            self.stats.build_seconds_sum += copy.build_seconds
 
     def _drain(self, copy: MergedCopy) -> None:
         if copy.state is CopyState.BUILDING:
@@ -243,6 +245,8 @@ class MergeManager:
             _return_freed_memory_to_os()
 
     def _forget(self, copy: MergedCopy) -> None:
+        """Drop a copy that never served (cancelled or over budget)."""
+        copy.state, copy.weights = CopyState.DRAINING, {}
         self.copies.pop(copy.adapter_id, None)
         self._by_index.pop(copy.index, None)
 

@@ -174,3 +174,18 @@ def test_vllm_load_and_unload_lora_adapter(api):
     error_of(api.complete("admin", "third"), 404, "model_not_found")
     assert (api.roots / "third" / "adapter_model.safetensors").exists(), "a local directory is never deleted"
     error_of(api.call("admin", "POST", "/v1/unload_lora_adapter", json={"lora_name": "third"}), 404)
+
+
+def test_admin_merge_and_unmerge_keep_the_outputs(api):
+    assert api.upload("acme", "hotbot", "second").status_code == 201
+    side_path = text_of(api.complete("acme", "hotbot"))
+    error_of(api.call("acme", "POST", "/v1/adapters/hotbot/merge"), 403, "permission_denied")
+    merged = api.call("admin", "POST", "/v1/adapters/hotbot/merge", params={"tenant": "acme"})
+    assert merged.status_code == 200, merged.text
+    assert merged.json()["merged"] is True
+    assert api.call("acme", "GET", "/v1/adapters/hotbot").json()["merged"] is True
+    assert text_of(api.complete("acme", "hotbot")) == side_path
+    unmerged = api.call("admin", "POST", "/v1/adapters/hotbot/unmerge", params={"tenant": "acme"})
+    assert unmerged.status_code == 200 and unmerged.json()["merged"] is False
+    error_of(api.call("admin", "POST", "/v1/adapters/hotbot/unmerge", params={"tenant": "acme"}), 409)
+    assert text_of(api.complete("acme", "hotbot")) == side_path

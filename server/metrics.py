@@ -1,0 +1,309 @@
+"""Every Prometheus metric of the server, in one place: ``install(app, engine)`` wires them.
+
+Names follow ``loraplex_<area>_<what>_<unit>`` with small fixed label sets; adapter ids are never
+label values, except on ``vllm:lora_requests_info`` (vLLM's own gauge, kept for its dashboards:
+one series whose labels name the adapters running and waiting now). Each app has its own
+``CollectorRegistry``, so several apps in one process never collide.
+
+Where the numbers come from:
+- an ASGI middleware: HTTP requests by route template (unknown paths: "other") and status;
+- the request path (``request_observer`` → ``output.collect`` / ``output.sse_events``): time to
+  first token, inter-token latency and end-to-end latency of generation requests;
+- the engine thread: ``EngineCore.on_step`` after every step (tokens, adapters per step, step
+  time) and ``AdapterCache.on_transition``: at ``load_done`` the cache, holding its lock, has
+  just appended that load's duration to ``stats.load_seconds``, so the hook observes exactly it;
+- at scrape time, ``EngineCollector`` reads ``EngineCore.stats()`` and the cache (gauges, and the
+  counters the cache keeps itself), so they are never stale.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as CountOf
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters.cache import AdapterCache, AdapterState, Tier, Transition
+from server.engine.core import EngineCore, EngineStats, StepStats, TokenDelta
+from server.engine.engine import Engine
+from server.engine.merging import MergeManager
+
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
+)  # fmt: skip
+ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)  # max_loras is at most 256
+TOKEN_BUCKETS = tuple(2**i for i in range(15))  # 1 … 16384 tokens per step
+TIERS = {
+    AdapterState.ON_DISK: "disk",
+    AdapterState.LOADING: "loading",
+    AdapterState.IN_HOST: "host",
+    AdapterState.IN_SLOT: "slot",
+    AdapterState.FAILED: "failed",
+}
+OTHER_ENDPOINT = "other"
+LORA_INFO = "vllm:lora_requests_info"
+
+
+class ServerMetrics:
+    """The metrics of one app; the registry also holds an ``EngineCollector`` for ``engine``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "loraplex_http_requests", "HTTP requests by route template and status code.",
+            ["endpoint", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.e2e_latency = self._latency("request_e2e_latency", "Arrival to last token, finished requests.")
+        self.ttft = self._latency("request_time_to_first_token", "Arrival to the first generated token.")
+        self.itl = self._latency("request_inter_token_latency", "Time between a request's token deltas.")
+        self.prompt_tokens = self._counter("engine_prompt_tokens", "Prompt tokens, once per request.")
+        self.generated_tokens = self._counter("engine_generated_tokens", "Tokens generated.")
+        self.step_adapters = self._histogram(
+            "engine_step_adapters", "Distinct adapters in one engine step.", ADAPTER_BUCKETS
+        )
+        self.step_tokens = self._histogram(
+            "engine_step_tokens", "Tokens fed to one engine step.", TOKEN_BUCKETS
+        )
+        self.step_duration = self._latency("engine_step_duration", "Wall time of one non-empty engine step.")
+        self.adapter_load_latency = self._latency("adapter_cache_load_duration", "Disk → host adapter loads.")
+        self.registry.register(EngineCollector(engine.core))
+
+    def _counter(self, name: str, doc: str) -> Counter:
+        return Counter(f"loraplex_{name}", doc, registry=self.registry)
+
+    def _histogram(self, name: str, doc: str, buckets: Iterable[float]) -> Histogram:
+        return Histogram(f"loraplex_{name}", doc, buckets=tuple(buckets), registry=self.registry)
+
+    def _latency(self, name: str, doc: str) -> Histogram:
+        return self._histogram(f"{name}_seconds", doc, LATENCY_BUCKETS_S)
+
+    def request_timer(self) -> RequestTimer:
+        """A GenerationObserver for one request arriving now."""
+        return RequestTimer(self)
+
+    def observe_step(self, step: StepStats) -> None:
+        """``EngineCore.on_step``: runs in the engine thread after every non-empty step."""
+        self.prompt_tokens.inc(step.num_prompt_tokens)
+        self.generated_tokens.inc(step.num_generated_tokens)
+        self.step_adapters.observe(step.num_adapters)
+        self.step_tokens.observe(step.num_tokens)
+        self.step_duration.observe(step.duration_s)
+
+    def watch(self, core: EngineCore) -> None:
+        """Hook into the engine's step and the adapter cache's transitions, keeping hooks already set.
+
+        Nothing else of the engine is read before a scrape, so apps on stub engines still work.
+        """
+        core.on_step = _chained(getattr(core, "on_step", None), self.observe_step)
+        cache = getattr(core, "adapters", None)
+        if cache is None:
+            return
+
+        def on_transition(transition: Transition) -> None:
+            if transition is Transition.LOAD_DONE:  # the cache holds its lock: [-1] is this load
+                self.adapter_load_latency.observe(cache.stats.load_seconds[-1])
+
+        cache.on_transition = _chained(getattr(cache, "on_transition", None), on_transition)
+
+
+class RequestTimer:
+    """A ``GenerationObserver`` timing one request from its creation (the request's arrival).
+
+    TTFT: arrival → first delta with tokens. ITL: between consecutive deltas with tokens (one
+    observation per delta; the engine sends one token per delta). E2E: arrival → end of the
+    response path, observed once and only for requests that finished (stop or length).
+    """
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+        self._arrival_s = time.perf_counter()
+        self._last_token_s: float | None = None
+        self._finished = self._ended = False
+
+    def on_delta(self, delta: TokenDelta) -> None:
+        now = time.perf_counter()
+        if delta.token_ids:
+            if self._last_token_s is None:
+                self._metrics.ttft.observe(now - self._arrival_s)
+            else:
+                self._metrics.itl.observe(now - self._last_token_s)
+            self._last_token_s = now
+        self._finished = delta.finish_reason in ("stop", "length")
+
+    def on_end(self) -> None:
+        if not self._ended and self._finished:
+            self._metrics.e2e_latency.observe(time.perf_counter() - self._arrival_s)
+        self._ended = True
+
+
+class EngineCollector(Collector):
+    """Engine and adapter-cache state, read when Prometheus scrapes (any thread)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[Metric]:
+        yield from engine_families(self.core.stats())
+        yield from cache_families(self.core.adapters)
+        yield from merge_families(self.core.merges)
+
+
+def merge_families(merges: MergeManager) -> Iterator[Metric]:
+    """Merged copies now, merge/unmerge events, build time, tokens served merged vs side path."""
+    stats = merges.stats
+    yield GaugeMetricFamily(
+        "loraplex_merge_copies", "Merged copies serving new requests.", len(merges.copies)
+    )
+    yield GaugeMetricFamily("loraplex_merge_bytes", "Bytes held by merged copies.", merges.bytes_held())
+    events = CounterMetricFamily("loraplex_merge_events", "Merges and unmerges.", labels=["event"])
+    events.add_metric(["merge"], stats.num_merges)
+    events.add_metric(["unmerge"], stats.num_unmerges)
+    yield events
+    yield SummaryMetricFamily(
+        "loraplex_merge_build_duration_seconds", "Time to build a merged copy.",
+        count_value=stats.num_merges, sum_value=stats.build_seconds_sum,
+    )  # fmt: skip
+    tokens = CounterMetricFamily("loraplex_merge_tokens", "Tokens computed, by path.", labels=["path"])
+    tokens.add_metric(["merged"], stats.tokens_merged)
+    tokens.add_metric(["side"], stats.tokens_side_path)
+    yield tokens
+
+
+def engine_families(stats: EngineStats) -> Iterator[Metric]:
+    """Queue gauges, KV usage, preemptions, and vLLM's LoRA info gauge (one series, value = now)."""
+    yield GaugeMetricFamily("loraplex_scheduler_waiting_requests", "Requests waiting.", stats.num_waiting)
+    yield GaugeMetricFamily("loraplex_scheduler_running_requests", "Running batch size.", stats.num_running)
+    yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "KV blocks in use, 0..1.", stats.kv_cache_usage)
+    yield CounterMetricFamily(
+        "loraplex_scheduler_preemptions", "Sequences preempted for KV memory.", stats.num_preemptions
+    )
+    info = GaugeMetricFamily(
+        LORA_INFO, "Running and waiting LoRA adapters (vLLM-compatible).",
+        labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )  # fmt: skip
+    labels = [",".join(stats.running_adapter_ids), ",".join(stats.waiting_adapter_ids), str(stats.max_loras)]
+    info.add_metric(labels, time.time())
+    yield info
+
+
+def cache_families(cache: AdapterCache) -> Iterator[Metric]:
+    """Adapters per tier, hits/misses per tier, evictions per tier, loads, host bytes."""
+    tiers = GaugeMetricFamily(
+        "loraplex_adapter_cache_adapters", "Registered adapters by tier.", labels=["tier"]
+    )
+    for tier, count in adapters_per_tier(cache).items():
+        tiers.add_metric([tier], count)
+    yield tiers
+    stats = cache.stats
+    yield _by_tier("loraplex_adapter_cache_hits", "Lookups served from a slot or host memory.",
+                   {"slot": stats.lookups[Tier.SLOT], "host": stats.lookups[Tier.HOST]})  # fmt: skip
+    yield _by_tier("loraplex_adapter_cache_misses", "Lookups that had to read from disk.",
+                   {"disk": stats.lookups[Tier.DISK]})  # fmt: skip
+    evictions = {
+        "slot": stats.transitions[Transition.EVICT_SLOT],
+        "host": stats.transitions[Transition.EVICT_HOST],
+    }
+    yield _by_tier("loraplex_adapter_cache_evictions", "Adapters evicted, by tier left.", evictions)
+    yield CounterMetricFamily("loraplex_adapter_cache_loads", "Adapter loads from disk.", stats.num_loads)
+    yield CounterMetricFamily(
+        "loraplex_adapter_cache_load_failures",
+        "Adapter loads that failed.",
+        stats.transitions[Transition.LOAD_FAIL],
+    )
+    yield GaugeMetricFamily(
+        "loraplex_adapter_cache_host_bytes", "Adapter bytes in host memory.", cache.host_bytes()
+    )
+
+
+def adapters_per_tier(cache: AdapterCache) -> dict[str, int]:
+    """Registered adapters by tier name, every tier present (adapters removed meanwhile skipped)."""
+    counts = CountOf({tier: 0 for tier in TIERS.values()})
+    for adapter_id in cache.registered_ids():
+        try:
+            counts[TIERS[cache.status(adapter_id).state]] += 1
+        except KeyError:
+            continue
+    return dict(counts)
+
+
+def _by_tier(name: str, doc: str, values: dict[str, float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=["tier"])
+    for tier, value in values.items():
+        family.add_metric([tier], value)
+    return family
+
+
+def _chained(previous: Callable[[Any], None] | None, hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    if previous is None:
+        return hook
+
+    def both(arg: Any) -> None:
+        previous(arg)
+        hook(arg)
+
+    return both
+
+
+class RequestCounter:
+    """ASGI middleware: counts each HTTP request by route template and the status it was sent with.
+
+    The template is the ``path`` of the route the router picked (``scope["route"]``; none of our
+    routers has a prefix), ``OTHER_ENDPOINT`` when none matched: never the raw URL, so the label
+    set stays bounded. A request that raises before its response started counts as 500.
+    """
+
+    def __init__(self, app: ASGIApp, counter: Counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", None) or OTHER_ENDPOINT
+            self.counter.labels(endpoint, str(status)).inc()
+
+
+def install(app: FastAPI, engine: Engine) -> ServerMetrics:
+    """Count ``app``'s requests, serve ``GET /metrics``, hook into ``engine``; call before serving.
+
+    The returned metrics are also ``app.state.loraplex_metrics`` (see ``request_observer``); a
+    second call on the same app changes nothing and returns them again.
+    """
+    installed: ServerMetrics | None = getattr(app.state, "loraplex_metrics", None)
+    if installed is not None:
+        return installed
+    metrics = ServerMetrics(engine)
+    app.add_middleware(RequestCounter, counter=metrics.http_requests)
+
+    def exposition() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route("/metrics", exposition, methods=["GET"], include_in_schema=False)
+    metrics.watch(engine.core)
+    app.state.loraplex_metrics = metrics
+    return metrics
+
+
+def request_observer(request: Request) -> RequestTimer | None:
+    """A timer for the generation ``request`` starts, None when the app has no metrics installed."""
+    metrics: ServerMetrics | None = getattr(request.app.state, "loraplex_metrics", None)
+    return None if metrics is None else metrics.request_timer()
