@@ -1,0 +1,216 @@
+"""``AsyncClient``: the asyncio twin of ``Client`` (same methods, awaited; streams are async iterators)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+import httpx
+from pydantic import BaseModel
+
+from loraplex_client._base import (
+    ADAPTERS_PATH,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT_S,
+    Message,
+    Prompt,
+    RetryPolicy,
+    Settings,
+    adapter_path,
+    chat_body,
+    completion_body,
+    retry_after_s,
+    tenant_params,
+)
+from loraplex_client.errors import error_from_response, transport_error
+from loraplex_client.streaming import AsyncStream
+from loraplex_client.types import (
+    Adapter,
+    AdapterDeleted,
+    AdapterList,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    Model,
+    ModelList,
+)
+from loraplex_client.upload import MultipartBody, progress_bar
+
+ResponseT = TypeVar("ResponseT", bound=BaseModel)
+STREAM_HEADERS = {"Accept": "text/event-stream"}
+
+
+class AsyncClient:
+    """An asyncio client of one loraplex server, with the arguments and methods of ``Client``.
+
+    Methods are coroutines; ``stream=True`` returns an ``AsyncStream`` to ``async for`` over.
+    ``sleep`` is awaited between attempts; ``http_client`` is an ``httpx.AsyncClient``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = Settings.resolve(base_url, api_key, timeout)
+        self.retry = RetryPolicy(max_retries)
+        self._sleep = sleep
+        self._owns_http = http_client is None
+        self._http = (
+            http_client if http_client is not None else httpx.AsyncClient(timeout=self.settings.timeout)
+        )
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.base_url
+
+    async def aclose(self) -> None:
+        """Close the connection pool (not an ``http_client`` passed in)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # ---- transport ----
+    def _build(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> httpx.Request:
+        """One request to ``path`` with our headers (plus ``headers``) and timeout."""
+        return self._http.build_request(
+            method, self.settings.url(path), headers=self.settings.headers(headers),
+            timeout=self.settings.timeout, **kwargs,
+        )  # fmt: skip
+
+    async def _send(self, build: Callable[[], httpx.Request], stream: bool = False) -> httpx.Response:
+        """Send ``build()`` with retries; the response (not yet read when ``stream``) or a typed error."""
+        for attempt in itertools.count():
+            try:
+                response = await self._http.send(build(), stream=stream)
+            except httpx.TransportError as exc:
+                delay = self.retry.after_error(attempt, exc)
+                if delay is None:
+                    raise transport_error(exc) from exc
+            else:
+                delay = self.retry.after_response(attempt, response)
+                if delay is None:
+                    return await self._checked(response)
+                await response.aclose()
+            await self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _checked(response: httpx.Response) -> httpx.Response:
+        if response.is_success:
+            return response
+        try:
+            await response.aread()
+        except httpx.TransportError as exc:
+            raise transport_error(exc) from exc
+        finally:
+            await response.aclose()
+        raise error_from_response(response, retry_after_s(response))
+
+    async def _call(self, response_type: type[ResponseT], method: str, path: str, **kwargs: Any) -> ResponseT:
+        response = await self._send(lambda: self._build(method, path, **kwargs))
+        return response_type.model_validate(response.json())
+
+    # ---- generation ----
+    @overload
+    async def completions(
+        self, model: str, prompt: Prompt, *, stream: Literal[False] = False, **sampling: Any
+    ) -> Completion: ...
+    @overload
+    async def completions(
+        self, model: str, prompt: Prompt, *, stream: Literal[True], **sampling: Any
+    ) -> AsyncStream[CompletionChunk]: ...
+    async def completions(
+        self, model: str, prompt: Prompt, *, stream: bool = False, **sampling: Any
+    ) -> Completion | AsyncStream[CompletionChunk]:
+        """``POST /v1/completions``; ``sampling``: any request field (max_tokens, temperature...)."""
+        body = completion_body(model, prompt, stream, sampling)
+        if stream:
+            return await self._stream("/v1/completions", body, CompletionChunk)
+        return await self._call(Completion, "POST", "/v1/completions", json=body)
+
+    @overload
+    async def chat(
+        self, model: str, messages: Sequence[Message], *, stream: Literal[False] = False, **sampling: Any
+    ) -> ChatCompletion: ...
+    @overload
+    async def chat(
+        self, model: str, messages: Sequence[Message], *, stream: Literal[True], **sampling: Any
+    ) -> AsyncStream[ChatCompletionChunk]: ...
+    async def chat(
+        self, model: str, messages: Sequence[Message], *, stream: bool = False, **sampling: Any
+    ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
+        """``POST /v1/chat/completions`` with ``messages`` as ``{"role", "content"}`` mappings."""
+        body = chat_body(model, messages, stream, sampling)
+        if stream:
+            return await self._stream("/v1/chat/completions", body, ChatCompletionChunk)
+        return await self._call(ChatCompletion, "POST", "/v1/chat/completions", json=body)
+
+    async def _stream(self, path: str, body: dict, chunk_type: type[ResponseT]) -> AsyncStream[ResponseT]:
+        response = await self._send(lambda: self._build("POST", path, STREAM_HEADERS, json=body), stream=True)
+        return AsyncStream(response, chunk_type)
+
+    async def models(self) -> list[Model]:
+        """The base model first, then the adapters this key may use."""
+        return (await self._call(ModelList, "GET", "/v1/models")).data
+
+    # ---- adapter administration ----
+    async def upload(
+        self, name: str, path: str | Path, *, tenant: str | None = None, progress: bool = True
+    ) -> Adapter:
+        """Upload a peft adapter directory as the next version of ``name`` (tqdm bar on stderr)."""
+        body = MultipartBody.for_adapter(name, path, tenant)
+        with progress_bar(body.content_length, name, progress) as bar:
+
+            def build() -> httpx.Request:
+                bar.reset(total=body.content_length)
+                return self._build("POST", ADAPTERS_PATH, body.headers, content=body.aiter_bytes(bar.update))
+
+            return Adapter.model_validate((await self._send(build)).json())
+
+    async def list_adapters(self, tenant: str | None = None) -> list[Adapter]:
+        """This tenant's adapters (an admin key without ``tenant``: every tenant's)."""
+        return (await self._call(AdapterList, "GET", ADAPTERS_PATH, params=tenant_params(tenant))).data
+
+    async def get_adapter(self, name: str, *, tenant: str | None = None) -> Adapter:
+        return await self._call(Adapter, "GET", adapter_path(name), params=tenant_params(tenant))
+
+    async def delete_adapter(self, name: str, *, tenant: str | None = None) -> AdapterDeleted:
+        """Delete every version of ``name``; requests already running finish on theirs."""
+        return await self._call(AdapterDeleted, "DELETE", adapter_path(name), params=tenant_params(tenant))
+
+    async def pin(self, name: str, *, tenant: str | None = None) -> Adapter:
+        """Keep the adapter resident in a device slot until unpinned (admin keys only)."""
+        return await self._action(name, "pin", tenant)
+
+    async def unpin(self, name: str, *, tenant: str | None = None) -> Adapter:
+        return await self._action(name, "unpin", tenant)
+
+    async def merge(self, name: str, *, tenant: str | None = None) -> Adapter:
+        """Serve the adapter from a merged copy of the base weights (admin keys only)."""
+        return await self._action(name, "merge", tenant)
+
+    async def unmerge(self, name: str, *, tenant: str | None = None) -> Adapter:
+        return await self._action(name, "unmerge", tenant)
+
+    async def _action(self, name: str, action: str, tenant: str | None) -> Adapter:
+        return await self._call(Adapter, "POST", adapter_path(name, action), params=tenant_params(tenant))
