@@ -67,13 +67,24 @@ SERVE_OPTIONS = (
     Option("keys-file", Path, None, "JSON file of API key hashes; without it: single-tenant, no auth"),
     Option("adapter-roots", str, "", "comma-separated directories admins may register adapters from"),
     Option("max-cpu-adapters-bytes", int, None, "host-memory budget for adapters not in a slot"),
+    Option(
+        "merge-policy",
+        str,
+        None,
+        "auto: serve hot adapters from merged copies by traffic; off (default auto)",
+    ),
+    Option("max-merged-copies", int, None, "merged copies at once (default 1)"),
+    Option("max-merged-bytes", int, None, "memory budget for merged copies (default: no limit)"),
+    Option("merge-share", float, None, "share of scheduled tokens that makes an adapter hot (default 0.5)"),
+    Option("unmerge-share", float, None, "share below which a merged adapter goes cold (default 0.2)"),
     Option("max-queue", int, 256, "requests that may wait beyond the running batch; more get 429"),
     Option("drain-timeout", float, 30.0, "seconds in-flight requests may finish after SIGTERM"),
 )
 KEYS_FILE = next(option for option in SERVE_OPTIONS if option.flag == "keys-file")
 ENGINE_FIELDS = (
     "max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
-    "max_cpu_adapters_bytes",
+    "max_cpu_adapters_bytes", "merge_policy", "max_merged_copies", "max_merged_bytes", "merge_share",
+    "unmerge_share",
 )  # fmt: skip
 
 

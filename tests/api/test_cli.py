@@ -81,6 +81,8 @@ def test_a_bad_env_value_names_the_env_var():
     ("argv", "message"),
     [
         (["--max-loras", "0"], "max_loras"),
+        (["--merge-policy", "sometimes"], "merge_policy"),
+        (["--merge-share", "0.1"], "unmerge_share"),
         (["--dtype", "float64"], "dtype"),
         (["--model", "/no/such/checkpoint"], "/no/such/checkpoint"),
         (["--port", "x"], "--port"),
