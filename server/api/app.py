@@ -31,6 +31,7 @@ from server.api.output import (
     EventStreamResponse,
     Formatter,
     collect,
+    merge_streams,
     sse_events,
 )
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
@@ -127,7 +128,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
     generation_input = convert.chat_input(body, state.engine, adapter)
     formatter = ChatFormatter(
-        f"chatcmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
+        f"chatcmpl-{uuid.uuid4().hex}",
+        body.model,
+        state.engine.tokenizer,
+        generation_input.sampling.logprobs,
     )
     return await _generate(request, body, generation_input, formatter)
 
@@ -138,17 +142,26 @@ async def _generate(
     """Submit (EngineError → 4xx), then stream SSE chunks or return one body with usage."""
     engine = _state(request).engine
     observer = metrics.request_observer(request)
-    stream = await engine.submit(
-        inputs.prompt_token_ids, inputs.sampling, inputs.adapter, formatter.request_id
-    )
+    n = len(inputs.choices)
+    ids = [formatter.request_id] if n == 1 else [f"{formatter.request_id}-{i}" for i in range(n)]
+    streams = []
+    try:
+        for request_id, sampling in zip(ids, inputs.choices, strict=True):
+            streams.append(await engine.submit(inputs.prompt_token_ids, sampling, inputs.adapter, request_id))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        raise
+    merged = merge_streams(streams)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = sse_events(stream, formatter, include_usage, observer)
-        return EventStreamResponse(events, on_close=lambda: engine.abort(formatter.request_id))
+        events = sse_events(merged, formatter, include_usage, observer, n)
+        return EventStreamResponse(events, on_close=lambda: [engine.abort(i) for i in ids])
     try:
-        generation = await collect(stream, request, observer)
+        choices = await collect(merged, request, observer, n)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    if generation.failed:
-        raise generation.failure()
-    return JSONResponse(formatter.response(generation))
+    failed = next((g for g in choices if g.failed), None)
+    if failed is not None:
+        raise failed.failure()
+    return JSONResponse(formatter.response(choices))

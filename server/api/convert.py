@@ -6,6 +6,7 @@ before anything is submitted, so a refused request never costs engine work.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,11 +48,18 @@ class EngineLike(Protocol):
     def encode_chat(self, messages: list[dict]) -> list[int]: ...
 
 
+MAX_CHOICES = 16
+
+
 @dataclass(frozen=True)
 class GenerationInput:
     prompt_token_ids: list[int]
-    sampling: SamplingParams
+    choices: list[SamplingParams]  # one per choice (``n``); a given seed becomes seed + index
     adapter: str | None  # None: the base model
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.choices[0]
 
 
 def resolve_adapter(model: str, served_model_name: str, registry: AdapterRegistry | None,
@@ -76,7 +84,7 @@ def completion_input(req: CompletionRequest, engine: EngineLike, adapter: str | 
     _refuse_unsupported(req, _UNSUPPORTED_COMPLETION)
     prompt_ids = _completion_prompt_ids(req.prompt, engine)
     sampling = _sampling(req, req.max_tokens, req.logprobs is not None, prompt_ids, engine)
-    return GenerationInput(prompt_ids, sampling, adapter)
+    return GenerationInput(prompt_ids, _choices(sampling, req.n or 1), adapter)
 
 
 def chat_input(req: ChatCompletionRequest, engine: EngineLike, adapter: str | None) -> GenerationInput:
@@ -85,12 +93,19 @@ def chat_input(req: ChatCompletionRequest, engine: EngineLike, adapter: str | No
     prompt_ids = _chat_prompt_ids(req, engine)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     sampling = _sampling(req, max_tokens, bool(req.logprobs), prompt_ids, engine)
-    return GenerationInput(prompt_ids, sampling, adapter)
+    return GenerationInput(prompt_ids, _choices(sampling, req.n or 1), adapter)
+
+
+def _choices(sampling: SamplingParams, n: int) -> list[SamplingParams]:
+    """``n`` independent samples: each choice draws from its own seed (seed + index) when seeded."""
+    if sampling.seed is None:
+        return [sampling] * n
+    return [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(n)]
 
 
 def _refuse_unsupported(req: SamplingFields, unsupported: dict[str, Callable[[Any], bool]]) -> None:
-    if req.n not in (None, 1):
-        raise ApiError(400, f"n must be 1 (one choice per request is supported), got {req.n}", param="n")
+    if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be in [1, {MAX_CHOICES}], got {req.n}", param="n")
     for name, refused in unsupported.items():
         if refused(getattr(req, name)):
             raise ApiError(400, f"{name} is not supported by this server yet", param=name)

@@ -77,6 +77,15 @@ class Generation:
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, total_tokens=total
         )
 
+    @staticmethod
+    def total_usage(choices: list[Generation]) -> schemas.Usage:
+        """The prompt counted once, the completions of every choice added up."""
+        prompt = choices[0].prompt_tokens if choices else 0
+        completion = sum(g.completion_tokens for g in choices)
+        return schemas.Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
     def failure(self) -> ApiError:
         """The error a generation that ended with abort/error is reported as."""
         if self.finish_reason == "abort":
@@ -99,17 +108,18 @@ class Formatter:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def first_chunk(self) -> dict | None:
+    def first_chunk(self, num_choices: int = 1) -> dict | None:
         return None
 
-    def chunk(self, piece: Generation, base_offset: int = 0) -> dict:
-        """One streamed chunk; ``base_offset``: characters of the completion sent before ``piece``."""
+    def chunk(self, piece: Generation, base_offset: int = 0, index: int = 0) -> dict:
+        """One streamed chunk of choice ``index``; ``base_offset``: characters of it sent before."""
         raise NotImplementedError
 
-    def usage_chunk(self, generation: Generation) -> dict:
+    def usage_chunk(self, choices: list[Generation]) -> dict:
         raise NotImplementedError
 
-    def response(self, generation: Generation) -> dict:
+    def response(self, choices: list[Generation]) -> dict:
+        """The whole body: one choice per generation, in order, and the usage of them all."""
         raise NotImplementedError
 
 
@@ -130,21 +140,24 @@ class CompletionFormatter(Formatter):
             id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
         ).model_dump()
 
-    def chunk(self, piece: Generation, base_offset: int = 0) -> dict:
+    def chunk(self, piece: Generation, base_offset: int = 0, index: int = 0) -> dict:
         logprobs = self._logprobs(piece, base_offset)
         choice = schemas.CompletionChoice(
-            text=piece.text, logprobs=logprobs, finish_reason=piece.finish_reason
+            index=index, text=piece.text, logprobs=logprobs, finish_reason=piece.finish_reason
         )
         return self._body([choice], None)
 
-    def usage_chunk(self, generation: Generation) -> dict:
-        return self._body([], generation.usage())
+    def usage_chunk(self, choices: list[Generation]) -> dict:
+        return self._body([], Generation.total_usage(choices))
 
-    def response(self, generation: Generation) -> dict:
-        choice = schemas.CompletionChoice(
-            text=generation.text, logprobs=self._logprobs(generation), finish_reason=generation.finish_reason
-        )
-        return self._body([choice], generation.usage())
+    def response(self, choices: list[Generation]) -> dict:
+        body = [
+            schemas.CompletionChoice(
+                index=i, text=g.text, logprobs=self._logprobs(g), finish_reason=g.finish_reason
+            )
+            for i, g in enumerate(choices)
+        ]
+        return self._body(body, Generation.total_usage(choices))
 
 
 class ChatFormatter(Formatter):
@@ -166,41 +179,46 @@ class ChatFormatter(Formatter):
             id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
         ).model_dump()
 
-    def first_chunk(self) -> dict:
+    def first_chunk(self, num_choices: int = 1) -> dict:
         delta = schemas.ChatDelta(role="assistant", content="")
-        return self._chunk([schemas.ChatChunkChoice(delta=delta)])
+        return self._chunk([schemas.ChatChunkChoice(index=i, delta=delta) for i in range(num_choices)])
 
-    def chunk(self, piece: Generation, base_offset: int = 0) -> dict:
+    def chunk(self, piece: Generation, base_offset: int = 0, index: int = 0) -> dict:
         delta = schemas.ChatDelta(content=piece.text or None)
         choice = schemas.ChatChunkChoice(
-            delta=delta, logprobs=self._logprobs(piece), finish_reason=piece.finish_reason
+            index=index, delta=delta, logprobs=self._logprobs(piece), finish_reason=piece.finish_reason
         )
         return self._chunk([choice])
 
-    def usage_chunk(self, generation: Generation) -> dict:
-        return self._chunk([], generation.usage())
+    def usage_chunk(self, choices: list[Generation]) -> dict:
+        return self._chunk([], Generation.total_usage(choices))
 
-    def response(self, generation: Generation) -> dict:
-        choice = schemas.ChatChoice(
-            message=schemas.AssistantMessage(content=generation.text),
-            logprobs=self._logprobs(generation),
-            finish_reason=generation.finish_reason,
-        )
+    def response(self, choices: list[Generation]) -> dict:
+        body = [
+            schemas.ChatChoice(
+                index=i, message=schemas.AssistantMessage(content=g.text), logprobs=self._logprobs(g),
+                finish_reason=g.finish_reason,
+            )
+            for i, g in enumerate(choices)
+        ]  # fmt: skip
         return schemas.ChatCompletionResponse(
-            id=self.request_id, created=self.created, model=self.model, choices=[choice],
-            usage=generation.usage(),
+            id=self.request_id, created=self.created, model=self.model, choices=body,
+            usage=Generation.total_usage(choices),
         ).model_dump()  # fmt: skip
 
 
 # ---- non-streaming ----
-async def collect(stream: AsyncGenerator[TokenDelta, None], request: Request,
-                  observer: GenerationObserver | None = None) -> Generation:  # fmt: skip
-    """All of a request's deltas; raises ClientDisconnected (after aborting) if the client goes first."""
-    generation = Generation()
+async def collect(
+    stream: AsyncGenerator[tuple[int, TokenDelta], None], request: Request,
+    observer: GenerationObserver | None = None, num_choices: int = 1,
+) -> list[Generation]:  # fmt: skip
+    """Every choice's deltas (``stream`` yields (choice index, delta), see ``merge_streams``);
+    raises ClientDisconnected (after aborting) if the client goes first."""
+    generation = [Generation() for _ in range(num_choices)]
 
     async def consume() -> None:
-        async for delta in stream:
-            generation.add(delta)
+        async for index, delta in stream:
+            generation[index].add(delta)
             if observer is not None:
                 observer.on_delta(delta)
 
@@ -221,6 +239,36 @@ async def collect(stream: AsyncGenerator[TokenDelta, None], request: Request,
             observer.on_end()
 
 
+async def merge_streams(streams: list) -> AsyncGenerator[tuple[int, TokenDelta], None]:
+    """(choice index, delta) from several engine streams as they come; closing it closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for delta in stream:
+                await queue.put((index, delta))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, delta = await queue.get()
+            if delta is None:
+                remaining -= 1
+            else:
+                yield index, delta
+        for task in tasks:
+            task.result()  # re-raise what a pump raised
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
 async def _until_disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -232,17 +280,18 @@ def _sse(payload: dict) -> str:
 
 
 async def sse_events(
-    stream: AsyncGenerator[TokenDelta, None],
+    stream: AsyncGenerator[tuple[int, TokenDelta], None],
     formatter: Formatter,
     include_usage: bool,
     observer: GenerationObserver | None = None,
+    num_choices: int = 1,
 ) -> AsyncGenerator[str, None]:
     """``data: {chunk}`` events, one per delta with news, the last with finish_reason, then (when
     ``include_usage``) a usage-only chunk, then ``data: [DONE]``. A generation that fails sends an
     error event (OpenAI error body) instead of the rest, then ``[DONE]``."""
     try:
         try:
-            async for event in _chunks(stream, formatter, include_usage, observer):
+            async for event in _chunks(stream, formatter, include_usage, observer, num_choices):
                 yield _sse(event)
         except Exception:
             log.exception("streaming response %s failed", formatter.request_id)
@@ -255,16 +304,16 @@ async def sse_events(
 
 
 async def _chunks(
-    stream: AsyncIterator[TokenDelta], formatter: Formatter, include_usage: bool,
-    observer: GenerationObserver | None,
+    stream: AsyncIterator[tuple[int, TokenDelta]], formatter: Formatter, include_usage: bool,
+    observer: GenerationObserver | None, num_choices: int,
 ) -> AsyncIterator[dict]:  # fmt: skip
-    total = Generation()
-    if (first := formatter.first_chunk()) is not None:
+    totals = [Generation() for _ in range(num_choices)]
+    if (first := formatter.first_chunk(num_choices)) is not None:
         yield first
-    async for delta in stream:
+    async for index, delta in stream:
         if observer is not None:
             observer.on_delta(delta)
-        piece = Generation()
+        piece, total = Generation(), totals[index]
         piece.add(delta)
         base_offset = len(total.text)
         total.add(delta)
@@ -272,9 +321,9 @@ async def _chunks(
             yield total.failure().body()
             return
         if delta.text or delta.finish_reason or (formatter.want_logprobs and delta.token_ids):
-            yield formatter.chunk(piece, base_offset)
+            yield formatter.chunk(piece, base_offset, index)
     if include_usage:
-        yield formatter.usage_chunk(total)
+        yield formatter.usage_chunk(totals)
 
 
 class EventStreamResponse(StreamingResponse):

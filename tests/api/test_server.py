@@ -160,7 +160,8 @@ BAD_REQUESTS = {
     "temperature -1": ({"prompt": "x", "temperature": -1}, 400, "temperature", None),
     "top_p 0": ({"prompt": "x", "top_p": 0}, 400, "top_p", None),
     "max_tokens 0": ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
-    "n 2": ({"prompt": "x", "n": 2}, 400, "n", None),
+    "n 17": ({"prompt": "x", "n": 17}, 400, "n", None),
+    "n 0": ({"prompt": "x", "n": 0}, 400, "n", None),
     "temperature as a string": ({"prompt": "x", "temperature": "hot"}, 400, "temperature", None),
     "missing prompt": ({}, 400, "prompt", None),
     "two prompts": ({"prompt": ["a", "b"]}, 400, "prompt", None),
@@ -223,6 +224,42 @@ def test_still_healthy_after_bad_requests(client):
         assert client.post("/v1/completions", json={"model": BASE_MODEL, **body}).status_code >= 400
     assert client.get("/health").status_code == 200
     assert complete(client, prompt="ok", max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_n_choices_are_independent_samples_with_summed_usage(client):
+    body = complete(client, prompt="Hello", max_tokens=6, n=3, temperature=1.0, seed=7, ignore_eos=True)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in body["choices"]]
+    assert len(set(texts)) > 1, "seeded choices draw from seed + index, so they differ"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 18, "total_tokens": 23}
+    again = complete(client, prompt="Hello", max_tokens=6, n=3, temperature=1.0, seed=7, ignore_eos=True)
+    assert [c["text"] for c in again["choices"]] == texts
+    single = complete(client, prompt="Hello", max_tokens=6, temperature=1.0, seed=8, ignore_eos=True)
+    assert single["choices"][0]["text"] == texts[1], "choice 1 is what seed 8 gives alone"
+
+
+def test_streamed_n_choices_carry_their_index_and_equal_the_whole_response(client):
+    body = {"model": BASE_MODEL, "prompt": "Hi", "max_tokens": 5, "n": 2, "seed": 3, "temperature": 1.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    events = sse_events(client, "/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    texts = {0: "", 1: ""}
+    for event in events[:-2]:
+        for choice in event["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert events[-2]["usage"]["completion_tokens"] == 10
+    whole = complete(
+        client, **{k: v for k, v in body.items() if k not in ("stream", "stream_options", "model")}
+    )
+    assert [texts[0], texts[1]] == [c["text"] for c in whole["choices"]]
+
+
+def test_chat_n_choices(client):
+    body = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 2,
+            "seed": 1, "temperature": 1.0}  # fmt: skip
+    response = client.post("/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in response["choices"]] == [0, 1]
+    assert all(c["message"]["role"] == "assistant" for c in response["choices"])
 
 
 # ---- client disconnects abort the generation ----
