@@ -145,12 +145,12 @@ def main() -> None:
     loaded = load_model(ModelConfig(model=args.model, dtype="float32", device="cpu"), EngineConfig())
     prompts = chat_prompts(loaded.checkpoint.tokenizer, args.batch)
     since = cpu_snapshot()
-    a, b = part_a(args, loaded, prompts), part_b(args, loaded, prompts)
     print(f"$ {shlex.join(['.venv/bin/python', *sys.argv])}")
     print(f"machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"other processes kept {other_load(since):.2f} cores busy")  # fmt: skip
     print(f"setting: {args.model} fp32, batch {args.batch}, rank {args.rank} on all 7 projections, "
           f"{args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
+    a = part_a(args, loaded, prompts)
     base = statistics.median(a["base"])
     print("\n(a) all traffic on one adapter: decode tok/s")
     for name, samples in a.items():
@@ -159,6 +159,8 @@ def main() -> None:
         print(f"  {name:10s} {median:7.1f} tok/s   {median / base:5.2f}x base   runs {runs}")
     print(f"\n(b) {args.hot_share:.0%} of {args.num_requests} requests on one adapter, the rest over "
           f"{NUM_MINORITY} others (closed loop, batch {args.batch})")  # fmt: skip
+    sys.stdout.flush()
+    b = part_b(args, loaded, prompts)
     off = statistics.median(r[0] for r in b["off"])
     for policy, runs in b.items():
         tok_s = statistics.median(r[0] for r in runs)
@@ -166,6 +168,7 @@ def main() -> None:
         merged = statistics.median(r[2] for r in runs)
         print(f"  merge-policy {policy:4s} {tok_s:7.1f} tok/s  {tok_s / off:5.2f}x off   "
               f"minority p99 ITL {itl:6.1f} ms   tokens served merged {merged:.0f}")  # fmt: skip
+    print(f"other processes kept {other_load(since):.2f} cores busy during the whole run")
 
 
 if __name__ == "__main__":
