@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -36,7 +36,7 @@ _MERGE_POLL_S = 0.02
 _LOAD_TIMEOUT_S = 60.0
 Caller = Annotated[Principal, Depends(caller)]
 Admin = Annotated[Principal, Depends(admin)]
-_ADAPTER_ERRORS = (AdapterFormatError, StoreError, ValueError)
+_ADAPTER_ERRORS = (AdapterFormatError, StoreError, ValueError, OSError)
 
 
 def _registry(request: Request) -> AdapterRegistry:
@@ -99,7 +99,7 @@ async def _call(function, *args):
 @router.post("/v1/adapters", status_code=201)
 async def upload_adapter(
     request: Request, principal: Caller, name: Annotated[str, Form()],
-    files: Annotated[list[UploadFile], Form()], tenant: Annotated[str | None, Form()] = None,
+    files: Annotated[list[UploadFile], File()], tenant: Annotated[str | None, Form()] = None,
 ) -> AdapterInfo:  # fmt: skip
     """Store ``adapter_config.json`` + ``adapter_model.safetensors`` as the next version of ``name``."""
     target = acting_tenant(principal, tenant)

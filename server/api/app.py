@@ -15,6 +15,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from adapters.format import FormatLimits
 from adapters.registry import AdapterRegistry
@@ -112,9 +113,9 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
-    admit(state.engine, state.draining, state.max_queue)
+    admit(state.engine, state.draining, state.max_queue, min(max(body.n or 1, 1), convert.MAX_CHOICES))
     adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
-    generation_input = convert.completion_input(body, state.engine, adapter)
+    generation_input = await run_in_threadpool(convert.completion_input, body, state.engine, adapter)
     formatter = CompletionFormatter(
         f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
     )
@@ -124,9 +125,9 @@ async def completions(body: CompletionRequest, request: Request, principal: Call
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
-    admit(state.engine, state.draining, state.max_queue)
+    admit(state.engine, state.draining, state.max_queue, min(max(body.n or 1, 1), convert.MAX_CHOICES))
     adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
-    generation_input = convert.chat_input(body, state.engine, adapter)
+    generation_input = await run_in_threadpool(convert.chat_input, body, state.engine, adapter)
     formatter = ChatFormatter(
         f"chatcmpl-{uuid.uuid4().hex}",
         body.model,

@@ -100,7 +100,10 @@ def _choices(sampling: SamplingParams, n: int) -> list[SamplingParams]:
     """``n`` independent samples: each choice draws from its own seed (seed + index) when seeded."""
     if sampling.seed is None:
         return [sampling] * n
-    return [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(n)]
+    try:
+        return [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(n)]
+    except ValueError as exc:  # seed + index past the seed range
+        raise from_sampling_error(exc) from exc
 
 
 def _refuse_unsupported(req: SamplingFields, unsupported: dict[str, Callable[[Any], bool]]) -> None:
@@ -119,7 +122,12 @@ def _completion_prompt_ids(prompt: str | list, engine: EngineLike) -> list[int]:
                 400, f"one prompt per request is supported for now, got {len(prompt)}", param="prompt"
             )
         prompt = prompt[0]
-    return engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not isinstance(prompt, str):
+        return list(prompt)
+    try:
+        return engine.encode(prompt)
+    except (TypeError, UnicodeError) as exc:  # e.g. a lone surrogate the tokenizer cannot encode
+        raise ApiError(400, f"the prompt cannot be tokenized: {exc}", param="prompt") from exc
 
 
 def _chat_prompt_ids(req: ChatCompletionRequest, engine: EngineLike) -> list[int]:
@@ -127,7 +135,7 @@ def _chat_prompt_ids(req: ChatCompletionRequest, engine: EngineLike) -> list[int
     messages = [{"role": m.role, "content": m.text} for m in req.messages]
     try:
         return engine.encode_chat(messages)
-    except (TemplateError, ValueError) as exc:  # the template refused them, or the model has none
+    except (TemplateError, ValueError, TypeError, UnicodeError) as exc:  # refused, no template, bad text
         raise ApiError(
             400, f"the chat template cannot render these messages: {exc}", param="messages"
         ) from exc

@@ -71,6 +71,9 @@ def from_adapter_error(exc: Exception) -> ApiError:
         return ApiError(422, str(exc), param="files", code="invalid_adapter")
     if isinstance(exc, PinError):
         return ApiError(409, str(exc), code="too_many_pinned")
+    if isinstance(exc, OSError):
+        return ApiError(400, f"cannot use that path: {exc.strerror or exc}", param="lora_path",
+                        code="invalid_adapter_source")  # fmt: skip
     return ApiError(400, str(exc), code="invalid_adapter_source")
 
 
@@ -140,7 +143,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        response = ApiError(exc.status_code, str(exc.detail)).response()
+        response = ApiError(exc.status_code, str(exc.detail), code=getattr(exc, "code", None)).response()
         response.headers.update(exc.headers or {})
         return response
 

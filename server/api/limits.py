@@ -22,6 +22,8 @@ UPLOAD_PATH = "/v1/adapters"
 
 
 class BodyTooLarge(HTTPException):
+    code = "request_too_large"
+
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, f"The request body is larger than the limit of {max_bytes} bytes.")
 
@@ -54,7 +56,7 @@ class BodySizeLimit:
 
 
 async def _reject(send: Send, limit: int) -> None:
-    response = ApiError(413, BodyTooLarge(limit).detail, code="request_too_large").response()
+    response = ApiError(413, BodyTooLarge(limit).detail, code=BodyTooLarge.code).response()
     await response({"type": "http"}, _no_body, send)
 
 
@@ -62,15 +64,16 @@ async def _no_body() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-def admit(engine, is_draining: bool, max_waiting: int) -> None:
-    """Raise 503 or 429 unless a new generation request may be queued now."""
+def admit(engine, is_draining: bool, max_waiting: int, num_choices: int = 1) -> None:
+    """Raise 503 or 429 unless a new generation request (``num_choices`` engine requests) may be
+    queued now."""
     retry = {"Retry-After": str(RETRY_AFTER_S)}
     if is_draining:
         raise ApiError(503, "The server is shutting down; retry on another replica.", type="server_error",
                        code="draining", headers=retry)  # fmt: skip
     if not engine.is_running:
         raise ApiError(503, "The engine is not running.", type="server_error", headers=retry)
-    if engine.num_unfinished >= engine.core.config.max_num_seqs + max_waiting:
+    if engine.num_unfinished + num_choices > engine.core.config.max_num_seqs + max_waiting:
         raise ApiError(
             429, f"The server is at capacity ({engine.num_unfinished} requests in flight); retry later.",
             type="rate_limit_error", code="queue_full", headers=retry,
