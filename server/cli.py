@@ -75,8 +75,8 @@ SERVE_OPTIONS = (
     ),
     Option("max-merged-copies", int, None, "merged copies at once (default 1)"),
     Option("max-merged-bytes", int, None, "memory budget for merged copies (default: no limit)"),
-    Option("merge-share", float, None, "share of scheduled tokens that makes an adapter hot (default 0.5)"),
-    Option("unmerge-share", float, None, "share below which a merged adapter goes cold (default 0.2)"),
+    Option("merge-share", float, None, "share of scheduled tokens that makes an adapter hot (default 0.9)"),
+    Option("unmerge-share", float, None, "share below which a merged adapter goes cold (default 0.6)"),
     Option("max-queue", int, 256, "requests that may wait beyond the running batch; more get 429"),
     Option("drain-timeout", float, 30.0, "seconds in-flight requests may finish after SIGTERM"),
 )
