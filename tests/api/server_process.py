@@ -69,9 +69,8 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@contextmanager
-def running_server(args: Sequence[str], log_path: Path) -> Iterator[ServerProcess]:
-    """``loraplex serve *args`` on a free loopback port, ready while the block runs, stopped after it."""
+def start_server(args: Sequence[str], log_path: Path) -> ServerProcess:
+    """``loraplex serve *args`` on a free loopback port, returned once ready; the caller ``stop``s it."""
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
@@ -82,6 +81,17 @@ def running_server(args: Sequence[str], log_path: Path) -> Iterator[ServerProces
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
     try:
         wait_ready(server)
+    except BaseException:
+        stop(process)
+        raise
+    return server
+
+
+@contextmanager
+def running_server(args: Sequence[str], log_path: Path) -> Iterator[ServerProcess]:
+    """``start_server`` for the duration of a ``with`` block, stopped after it."""
+    server = start_server(args, log_path)
+    try:
         yield server
     finally:
-        stop(process)
+        stop(server.process)

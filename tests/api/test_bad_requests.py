@@ -10,9 +10,6 @@ Tenants: ``acme`` and ``globex`` (user keys) and an ``ops`` admin; acme uploaded
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +18,9 @@ import httpx
 import pytest
 
 from adapters.tenants import add_key
-from tests.api.conftest import BASE_MODEL, MAX_MODEL_LEN, REPO_ROOT, Server, _stop, _wait_healthy, free_port
+from tests.api.conftest import BASE_MODEL, MAX_MODEL_LEN
+from tests.api.server_process import ServerProcess as Server
+from tests.api.server_process import running_server
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import write_tiny_llama
 
@@ -425,32 +424,23 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     keys = {who: add_key(keys_file, tenant, role) for who, tenant, role in
             (("acme", "acme", "user"), ("globex", "globex", "user"), ("admin", "ops", "admin"))}  # fmt: skip
     keys["forged"] = "lpx-not-a-real-key"
-    port = free_port()
-    command = [
-        sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-        "--served-model-name", BASE_MODEL, "--data-dir", str(root / "data"), "--keys-file", str(keys_file),
-        "--adapter-roots", str(root / "roots"), "--max-lora-rank", "16", "--max-num-seqs", "2",
-        "--dtype", "float32", "--device", "cpu",
+    args = [
+        "--model", str(model_dir), "--served-model-name", BASE_MODEL, "--data-dir", str(root / "data"),
+        "--keys-file", str(keys_file), "--adapter-roots", str(root / "roots"), "--max-lora-rank", "16",
+        "--max-num-seqs", "2", "--dtype", "float32", "--device", "cpu",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    env["HF_HUB_OFFLINE"] = "1"
-    log_path = root / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
     adapter_files = tuple(
         (name, (adapter_dir / name).read_bytes())
         for name in ("adapter_config.json", "adapter_model.safetensors")
     )
-    try:
-        _wait_healthy(server)
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            api = Api(server, client, keys, adapter_files, root / "roots")
-            uploaded = api.send(upload(201, "", REAL_ADAPTER_FILES, name=ADAPTER))
-            assert uploaded.status_code == 201, uploaded.text
-            yield api
-    finally:
-        _stop(process)
+    with (
+        running_server(args, root / "server.log") as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        api = Api(server, client, keys, adapter_files, root / "roots")
+        uploaded = api.send(upload(201, "", REAL_ADAPTER_FILES, name=ADAPTER))
+        assert uploaded.status_code == 201, uploaded.text
+        yield api
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict:

@@ -8,11 +8,8 @@ show draining: what finishes in time finishes, what does not ends with an SSE er
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import BASE_MODEL, MAX_MODEL_LEN, REPO_ROOT, Server, _stop, _wait_healthy, free_port
+from tests.api.conftest import BASE_MODEL, MAX_MODEL_LEN
+from tests.api.server_process import ServerProcess as Server
+from tests.api.server_process import start_server
+from tests.api.server_process import stop as _stop
 from tests.engine.tiny import write_tiny_llama
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -78,25 +78,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def launch(root: Path, model_dir: Path, *flags: str) -> Server:
     """Start ``loraplex serve`` on the tiny model with ``flags`` and wait until it is healthy."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = [
-        sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-        "--served-model-name", BASE_MODEL, "--data-dir", str(root / "data"),
+    args = [
+        "--model", str(model_dir), "--served-model-name", BASE_MODEL, "--data-dir", str(root / "data"),
         "--dtype", "float32", "--device", "cpu", *flags,
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    env["HF_HUB_OFFLINE"] = "1"
-    log_path = root / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        _wait_healthy(server)
-    except BaseException:
-        _stop(process)
-        raise
-    return server
+    return start_server(args, root / "server.log")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from adapters.store import SQLiteAdapterStore
 from server.api.app import create_app
 from server.engine.engine import Engine
 from server.metrics import LORA_INFO, TIERS, ServerMetrics, install
-from tests.api.conftest import free_port
+from tests.api.server_process import free_port
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import make_core
 

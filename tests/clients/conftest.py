@@ -8,10 +8,7 @@ Other tests run their requests one at a time and read every stream to its end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +17,9 @@ import pytest
 from loraplex_client import Client
 
 from adapters.tenants import add_key
-from tests.api.conftest import MAX_MODEL_LEN, REPO_ROOT, Server, _stop, _wait_healthy, free_port
+from tests.api.conftest import MAX_MODEL_LEN
+from tests.api.server_process import ServerProcess as Server
+from tests.api.server_process import running_server
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import write_tiny_llama
 
@@ -59,20 +58,12 @@ def _adapters(root: Path, model_dir: Path) -> tuple[Path, Path, Path]:
     return good, other, bad
 
 
-def _serve(root: Path, model_dir: Path, keys_file: Path) -> Server:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-        "--served-model-name", BASE_MODEL, "--data-dir", str(root / "data"), "--keys-file", str(keys_file),
-        "--max-lora-rank", "16", "--max-num-seqs", "1", "--max-queue", "0",
+def _serve_args(root: Path, model_dir: Path, keys_file: Path) -> list[str]:
+    return [
+        "--model", str(model_dir), "--served-model-name", BASE_MODEL, "--data-dir", str(root / "data"),
+        "--keys-file", str(keys_file), "--max-lora-rank", "16", "--max-num-seqs", "1", "--max-queue", "0",
         "--dtype", "float32", "--device", "cpu",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    env["HF_HUB_OFFLINE"] = "1"
-    log_path = root / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return Server(f"http://127.0.0.1:{port}", process, log_path)
 
 
 @pytest.fixture(scope="package")
@@ -81,12 +72,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     model_dir = write_tiny_llama(root / "model", max_position_embeddings=MAX_MODEL_LEN)
     keys_file = root / "keys.json"
     keys = {"user": add_key(keys_file, USER_TENANT, "user"), "admin": add_key(keys_file, "ops", "admin")}
-    server = _serve(root, model_dir, keys_file)
-    try:
-        _wait_healthy(server)
+    with running_server(_serve_args(root, model_dir, keys_file), root / "server.log") as server:
         yield Deployment(server, keys, *_adapters(root, model_dir))
-    finally:
-        _stop(server.process)
 
 
 @pytest.fixture(scope="package")

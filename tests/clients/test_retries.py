@@ -17,7 +17,7 @@ from loraplex_client import AsyncClient, Client, ConnectionError, RateLimitError
 from loraplex_client.streaming import SSEDecoder
 from loraplex_client.types import CompletionChunk
 
-from tests.api.conftest import free_port
+from tests.api.server_process import free_port
 from tests.clients.conftest import BASE_MODEL, Deployment
 
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0}  # seconds of work on the tiny model
