@@ -54,6 +54,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_name
 from server.config import ALL_TARGET_MODULES, EngineConfig, ModelConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import kv_bytes_per_token
@@ -445,16 +446,6 @@ def print_profile(core: EngineCore, prompts, args) -> None:
 
 
 # ---- report ----
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_snapshot() -> tuple[float, float, float]:

@@ -44,6 +44,10 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import cpu_name  # after the path insert: run as a script
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMON_WORDS = (
     "the of and to in is you that it he was for on are as with his they at be this have from or one "
@@ -348,16 +352,6 @@ def report(
 # ---- machine ----
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def cpu_snapshot() -> tuple[float, float] | None:
     """(wall s, CPU seconds busy on the whole machine) now; None where /proc/stat is missing."""
     try:
@@ -381,7 +375,6 @@ def machine_load(since: tuple[float, float] | None) -> float | None:
 
 def bench_adapters(args) -> list[Path]:
     """bench/engine.py's cached random rank-``--rank`` peft adapters for ``--model`` (made once)."""
-    sys.path.insert(0, str(REPO_ROOT))
     from bench.engine import adapter_dirs  # imports torch: only in this mode
     from server.config import ModelConfig
     from server.model.loader import resolve_checkpoint
