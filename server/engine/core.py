@@ -220,8 +220,8 @@ class EngineCore:
         tokens: Counter = Counter()
         for item in out.scheduled:
             tokens["merged" if item.copy >= 0 else "side", item.seq.adapter_id] += item.num_new_tokens
-        queued = Counter(s.adapter_id for s in (*self.scheduler.running, *self.scheduler.waiting))
-        self.merges.after_step(tokens, queued)
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        self.merges.after_step(tokens, lambda: Counter(s.adapter_id for s in (*running, *waiting)))
 
     def _observe_step(self, out: SchedulerOutput, duration_s: float) -> None:
         """Tell ``on_step`` what the step did; a failing observer is logged and never fails the step."""

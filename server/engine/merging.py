@@ -171,17 +171,21 @@ class MergeManager:
         return sum(c.num_bytes for c in [*self.copies.values(), *self._draining])
 
     # ---- once per step (engine thread) ----
-    def after_step(self, tokens_by_adapter: Counter, queued_by_adapter: Counter) -> None:
-        """Collect finished builds, drop stale copies, and let the policy merge or unmerge."""
+    def after_step(self, tokens_by_adapter: Counter, queued_by_adapter: Callable[[], Counter]) -> None:
+        """Collect finished builds, drop stale copies, and let the policy merge or unmerge.
+
+        ``queued_by_adapter()`` (requests running or waiting per adapter) is only asked for when
+        the policy is on.
+        """
         for (route, _), num_tokens in tokens_by_adapter.items():
             if route == "merged":
                 self.stats.tokens_merged += num_tokens
             else:
                 self.stats.tokens_side_path += num_tokens
         self.poll()
-        decisions = self.policy.observe(tokens_by_adapter, queued_by_adapter, set(self.copies))
         if not self.config.enabled:
             return
+        decisions = self.policy.observe(tokens_by_adapter, queued_by_adapter(), set(self.copies))
         for adapter_id in decisions.unmerge:
             copy = self.copies.get(adapter_id)
             if copy is not None and not copy.is_pinned:
@@ -263,13 +267,12 @@ class MergePolicy:
     def __init__(self, config: MergePolicyConfig) -> None:
         self.config = config
         self._window: deque[Counter] = deque(maxlen=config.window_steps)  # adapter id → tokens, per step
+        self._window_total: Counter = Counter()  # the sum of the window, kept up to date step by step
         self._hot_steps: Counter = Counter()  # consecutive steps above merge_share
         self._cold_steps: Counter = Counter()  # consecutive steps below unmerge_share
 
     def shares(self) -> dict[str, float]:
-        total: Counter = Counter()
-        for step in self._window:
-            total.update(step)
+        total = self._window_total
         num_tokens = sum(total.values())
         return {a: n / num_tokens for a, n in total.items() if a is not None} if num_tokens else {}
 
@@ -277,7 +280,11 @@ class MergePolicy:
         step: Counter = Counter()
         for (_, adapter_id), num in tokens_by_adapter.items():
             step[adapter_id] += num
+        if len(self._window) == self._window.maxlen:
+            self._window_total.subtract(self._window[0])
         self._window.append(step)
+        self._window_total.update(step)
+        self._window_total = +self._window_total  # drop adapters that left the window
         if len(self._window) < self._window.maxlen:
             return PolicyDecisions([], [])
         shares = self.shares()
