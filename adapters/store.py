@@ -143,13 +143,18 @@ def _adapter_files(directory: Path) -> tuple[Path, Path]:
     return files
 
 
-def _digest(files: tuple[Path, Path]) -> tuple[str, int]:
-    """(sha256 of the weights, total bytes) of (config, weights); O_NOFOLLOW refuses a swapped-in link."""
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, as ``sha256sum`` prints it; O_NOFOLLOW refuses a swapped-in link."""
     digest = hashlib.sha256()
-    with os.fdopen(os.open(files[1], os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    return digest.hexdigest(), sum(file.stat().st_size for file in files)
+    return digest.hexdigest()
+
+
+def _digest(files: tuple[Path, Path]) -> tuple[str, int]:
+    """(sha256 of the weights, total bytes) of (config, weights)."""
+    return file_sha256(files[1]), sum(file.stat().st_size for file in files)
 
 
 def _remove(path: Path) -> None:

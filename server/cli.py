@@ -14,7 +14,6 @@ stdout (so ``KEY=$(loraplex keys add ...)`` works); ``loraplex keys list`` shows
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -281,13 +280,15 @@ def _open_registry(engine, options: dict[str, object]):
 def _register_cli_adapter(registry, spec_name: str, path: str) -> None:
     """``--adapter [TENANT/]NAME=PATH``: served in place; a restart with the same files adds no version."""
     from adapters.registry import UnknownAdapterError
+    from adapters.store import file_sha256
 
     tenant, _, name = spec_name.rpartition("/")
     tenant = tenant or "default"
     directory = Path(path).expanduser().resolve()
     try:
         current = registry.resolve(tenant, name)
-        if current.path == directory and current.sha256 == _sha256(directory / "adapter_model.safetensors"):
+        same_files = current.sha256 == file_sha256(directory / "adapter_model.safetensors")
+        if current.path == directory and same_files:
             log.info("adapter %s/%s v%d already registered from %s", tenant, name, current.version, directory)
             return
     except (UnknownAdapterError, OSError):
@@ -297,14 +298,6 @@ def _register_cli_adapter(registry, spec_name: str, path: str) -> None:
     except (OSError, ValueError) as exc:
         raise ValueError(f"adapter {spec_name!r} from {path}: {exc}") from exc
     log.info("registered adapter %s/%s v%d from %s", tenant, name, record.version, directory)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _start_engine(options: dict[str, object]):
