@@ -34,6 +34,7 @@ from adapters.cache import AdapterCache, AdapterState, Tier, Transition
 from server.engine.core import EngineCore, EngineStats, StepStats, TokenDelta
 from server.engine.engine import Engine
 from server.engine.merging import MergeManager
+from server.stats import CacheCounters, StatsRecorder, StepGauges
 
 LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
@@ -49,6 +50,7 @@ TIERS = {
     AdapterState.FAILED: "failed",
 }
 OTHER_ENDPOINT = "other"
+GENERATION_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})  # what /v1/stats counts
 LORA_INFO = "vllm:lora_requests_info"
 
 
@@ -75,6 +77,8 @@ class ServerMetrics:
         self.step_duration = self._latency("engine_step_duration", "Wall time of one non-empty engine step.")
         self.adapter_load_latency = self._latency("adapter_cache_load_duration", "Disk → host adapter loads.")
         self.registry.register(EngineCollector(engine.core))
+        cache = getattr(engine.core, "adapters", None)
+        self.stats = StatsRecorder(lambda: cache_counters(cache))  # the dashboard's window
 
     def _counter(self, name: str, doc: str) -> Counter:
         return Counter(f"loraplex_{name}", doc, registry=self.registry)
@@ -85,24 +89,32 @@ class ServerMetrics:
     def _latency(self, name: str, doc: str) -> Histogram:
         return self._histogram(f"{name}_seconds", doc, LATENCY_BUCKETS_S)
 
-    def request_timer(self) -> RequestTimer:
-        """A GenerationObserver for one request arriving now."""
-        return RequestTimer(self)
+    def request_timer(self, adapter: str, tenant: str) -> RequestTimer:
+        """A GenerationObserver for one request for ``adapter`` from ``tenant`` arriving now."""
+        self.stats.record_arrival(adapter, tenant)
+        return RequestTimer(self, adapter, tenant)
 
-    def observe_step(self, step: StepStats) -> None:
+    def observe_step(self, step: StepStats, core: EngineCore | None = None) -> None:
         """``EngineCore.on_step``: runs in the engine thread after every non-empty step."""
         self.prompt_tokens.inc(step.num_prompt_tokens)
         self.generated_tokens.inc(step.num_generated_tokens)
         self.step_adapters.observe(step.num_adapters)
         self.step_tokens.observe(step.num_tokens)
         self.step_duration.observe(step.duration_s)
+        if core is not None:
+            now = core.stats()
+            merges = getattr(core, "merges", None)
+            self.stats.record_step(StepGauges(
+                step.num_generated_tokens, now.num_waiting, now.num_running, now.kv_cache_usage,
+                0 if merges is None else len(merges.copies),
+            ))  # fmt: skip
 
     def watch(self, core: EngineCore) -> None:
         """Hook into the engine's step and the adapter cache's transitions, keeping hooks already set.
 
         Nothing else of the engine is read before a scrape, so apps on stub engines still work.
         """
-        core.on_step = _chained(getattr(core, "on_step", None), self.observe_step)
+        core.on_step = _chained(getattr(core, "on_step", None), lambda step: self.observe_step(step, core))
         cache = getattr(core, "adapters", None)
         if cache is None:
             return
@@ -122,8 +134,8 @@ class RequestTimer:
     response path, observed once and only for requests that finished (stop or length).
     """
 
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self._metrics = metrics
+    def __init__(self, metrics: ServerMetrics, adapter: str, tenant: str) -> None:
+        self._metrics, self._adapter, self._tenant = metrics, adapter, tenant
         self._arrival_s = time.perf_counter()
         self._last_token_s: float | None = None
         self._finished = self._ended = False
@@ -131,11 +143,15 @@ class RequestTimer:
     def on_delta(self, delta: TokenDelta) -> None:
         now = time.perf_counter()
         if delta.token_ids:
+            stats = self._metrics.stats
             if self._last_token_s is None:
                 self._metrics.ttft.observe(now - self._arrival_s)
+                stats.record_ttft(now - self._arrival_s)
             else:
                 self._metrics.itl.observe(now - self._last_token_s)
+                stats.record_itl(now - self._last_token_s)
             self._last_token_s = now
+            stats.record_tokens(self._adapter, self._tenant, len(delta.token_ids))
         self._finished = delta.finish_reason in ("stop", "length")
 
     def on_end(self) -> None:
@@ -234,6 +250,15 @@ def adapters_per_tier(cache: AdapterCache) -> dict[str, int]:
     return dict(counts)
 
 
+def cache_counters(cache: AdapterCache | None) -> CacheCounters:
+    """The cache's cumulative hits and lookups (zeros without a cache)."""
+    if cache is None:
+        return CacheCounters()
+    lookups = cache.stats.lookups
+    hits = lookups[Tier.SLOT] + lookups[Tier.HOST]
+    return CacheCounters(hits=hits, lookups=hits + lookups[Tier.DISK])
+
+
 def _by_tier(name: str, doc: str, values: dict[str, float]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, doc, labels=["tier"])
     for tier, value in values.items():
@@ -260,8 +285,8 @@ class RequestCounter:
     set stays bounded. A request that raises before its response started counts as 500.
     """
 
-    def __init__(self, app: ASGIApp, counter: Counter) -> None:
-        self.app, self.counter = app, counter
+    def __init__(self, app: ASGIApp, counter: Counter, stats: StatsRecorder) -> None:
+        self.app, self.counter, self.stats = app, counter, stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -280,6 +305,8 @@ class RequestCounter:
         finally:
             endpoint = getattr(scope.get("route"), "path", None) or OTHER_ENDPOINT
             self.counter.labels(endpoint, str(status)).inc()
+            if endpoint in GENERATION_ENDPOINTS:
+                self.stats.record_request(status)
 
 
 def install(app: FastAPI, engine: Engine) -> ServerMetrics:
@@ -292,7 +319,7 @@ def install(app: FastAPI, engine: Engine) -> ServerMetrics:
     if installed is not None:
         return installed
     metrics = ServerMetrics(engine)
-    app.add_middleware(RequestCounter, counter=metrics.http_requests)
+    app.add_middleware(RequestCounter, counter=metrics.http_requests, stats=metrics.stats)
 
     def exposition() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -303,7 +330,8 @@ def install(app: FastAPI, engine: Engine) -> ServerMetrics:
     return metrics
 
 
-def request_observer(request: Request) -> RequestTimer | None:
-    """A timer for the generation ``request`` starts, None when the app has no metrics installed."""
+def request_observer(request: Request, adapter: str, tenant: str) -> RequestTimer | None:
+    """A timer for the generation ``request`` starts (for ``adapter``: its engine id or the base
+    model's served name; from ``tenant``), None when the app has no metrics installed."""
     metrics: ServerMetrics | None = getattr(request.app.state, "loraplex_metrics", None)
-    return None if metrics is None else metrics.request_timer()
+    return None if metrics is None else metrics.request_timer(adapter, tenant)

@@ -21,7 +21,7 @@ from adapters.format import FormatLimits
 from adapters.registry import AdapterRegistry
 from adapters.tenants import KeyRing, Principal
 from server import metrics
-from server.api import admin, convert
+from server.api import admin, convert, dashboard
 from server.api.auth import Authenticator, caller
 from server.api.errors import install_error_handlers
 from server.api.limits import DEFAULT_MAX_BODY_BYTES, UPLOAD_OVERHEAD_BYTES, BodySizeLimit, admit
@@ -70,6 +70,7 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin.router)
+    app.include_router(dashboard.router)
     metrics.install(app, engine)
     return app
 
@@ -119,7 +120,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Call
     formatter = CompletionFormatter(
         f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
     )
-    return await _generate(request, body, generation_input, formatter)
+    return await _generate(request, body, generation_input, formatter, principal)
 
 
 @router.post("/v1/chat/completions")
@@ -134,15 +135,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
         state.engine.tokenizer,
         generation_input.sampling.logprobs,
     )
-    return await _generate(request, body, generation_input, formatter)
+    return await _generate(request, body, generation_input, formatter, principal)
 
 
 async def _generate(
-    request: Request, body: SamplingFields, inputs: convert.GenerationInput, formatter: Formatter
+    request: Request,
+    body: SamplingFields,
+    inputs: convert.GenerationInput,
+    formatter: Formatter,
+    principal: Principal,
 ) -> Response:
     """Submit (EngineError → 4xx), then stream SSE chunks or return one body with usage."""
-    engine = _state(request).engine
-    observer = metrics.request_observer(request)
+    state = _state(request)
+    engine = state.engine
+    observer = metrics.request_observer(request, inputs.adapter or state.served_model_name, principal.tenant)
     n = len(inputs.choices)
     ids = [formatter.request_id] if n == 1 else [f"{formatter.request_id}-{i}" for i in range(n)]
     streams = []

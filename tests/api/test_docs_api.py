@@ -20,11 +20,23 @@ class _NoEngine:
 
 
 def served_routes() -> set[tuple[str, str]]:
-    """The OpenAPI schema's operations plus the app's own routes left out of it (/metrics)."""
+    """The OpenAPI schema's operations plus the routes left out of it (/metrics, /dashboard)."""
     app = create_app(_NoEngine(), "base")
     routes = {(m.upper(), path) for path, item in app.openapi()["paths"].items() for m in item}
-    routes |= {(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods if m != "HEAD"}
+    routes |= {(m, r.path) for r in api_routes(app.routes) for m in r.methods if m != "HEAD"}
     return routes
+
+
+def api_routes(routes) -> list[APIRoute]:
+    """Every APIRoute, looking inside included routers (FastAPI ≥ 0.165 keeps them nested; none of
+    ours has a prefix), so routes left out of the schema (/metrics, /dashboard) are seen too."""
+    found = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif hasattr(route, "original_router"):
+            found.extend(api_routes(route.original_router.routes))
+    return found
 
 
 def documented_routes(text: str) -> set[tuple[str, str]]:

@@ -52,6 +52,7 @@ OPERATIONS = [  # every /v1/ operation of the schema (test_every_api_operation_i
     ("POST", "/v1/adapters/{name}/unmerge"),
     ("POST", "/v1/load_lora_adapter"),
     ("POST", "/v1/unload_lora_adapter"),
+    ("GET", "/v1/stats"),
 ]
 
 
