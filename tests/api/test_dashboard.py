@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -26,8 +27,8 @@ BASE = "tiny"
 
 
 class Api:
-    def __init__(self, client: TestClient, keys: dict[str, str]) -> None:
-        self.client, self.keys = client, keys
+    def __init__(self, client: TestClient, keys: dict[str, str], engine: Engine, adapter_dir: Path) -> None:
+        self.client, self.keys, self.engine, self.adapter_dir = client, keys, engine, adapter_dir
 
     def call(self, who: str | None, method: str, path: str, **kwargs):
         headers = {} if who is None else {"Authorization": f"Bearer {self.keys[who]}"}
@@ -71,7 +72,7 @@ def api(tmp_path_factory, tiny_llama_dir) -> Iterator[Api]:
     registry.attach(engine.core.adapters)
     app = create_app(engine, BASE, registry, KeyRing.load(keys_file))
     with TestClient(app) as client:
-        api = Api(client, keys)
+        api = Api(client, keys, engine, adapter)
         files = [("files", (p.name, p.read_bytes())) for p in sorted(adapter.iterdir()) if p.suffix != ".md"]
         for name in ("bot", "quiet-one"):
             uploaded = api.call("acme", "POST", "/v1/adapters", data={"name": name}, files=files)
@@ -155,6 +156,30 @@ def test_merged_copies_are_listed(api):
             api.call("admin", "POST", "/v1/adapters/bot/unmerge", params={"tenant": "acme"}).status_code
             == 200
         )
+
+
+def test_thousands_of_adapters_stay_a_small_answer(api):
+    cache = api.engine.core.adapters
+    bulk = [f"bulk/adapter-{i:04d}@1" for i in range(5000)]
+    for adapter_id in bulk:  # registered like the store does at start: on disk, read on first use
+        cache.register(adapter_id, api.adapter_dir)
+    try:
+        response = api.call("admin", "GET", "/v1/stats", params={"search": "bulk/"})
+        assert response.status_code == 200
+        assert len(response.content) < 40_000, "top-N lists and a bounded series, whatever the registry holds"
+        adapters = response.json()["adapters"]
+        assert adapters["registered"] == 5002 and adapters["tiers"]["disk"] >= 5000
+        assert adapters["matches_total"] == 5000 and len(adapters["matches"]) == 10
+        (one,) = api.stats(search="ADAPTER-4242")["adapters"]["matches"]
+        assert (one["id"], one["tenant"], one["name"], one["version"]) == (
+            bulk[4242],
+            "bulk",
+            "adapter-4242",
+            1,
+        )
+    finally:
+        for adapter_id in bulk:
+            cache.unregister(adapter_id)
 
 
 @pytest.mark.parametrize(
