@@ -55,7 +55,7 @@ class EngineConfig:
     - ``max_num_batched_tokens``: tokens in one forward (prefill chunks + decode tokens).
     - ``max_model_len``: prompt + generated tokens per sequence (None: the model's limit).
     - ``kv_cache_bytes``: KV-cache budget (None: enough for ``max_num_seqs`` full-length
-      sequences, capped at 2 GiB on CPU). ``kv_block_size``: tokens per paged block.
+      sequences, capped at 512 MiB on CPU). ``kv_block_size``: tokens per paged block.
     - ``target_modules``: projections that get a LoRA side path (adapters may use a subset).
     - ``max_cpu_adapters_bytes``: host-memory tier for adapters not in a slot; least recently
       used copies beyond it are dropped and read from disk again when needed.
@@ -93,6 +93,10 @@ class EngineConfig:
         _require(
             0 < self.unmerge_share < self.merge_share <= 1,
             f"need 0 < unmerge_share ({self.unmerge_share}) < merge_share ({self.merge_share}) <= 1",
+        )
+        _require(
+            self.max_merged_bytes is None or self.max_merged_bytes >= 0,
+            f"max_merged_bytes must be >= 0, got {self.max_merged_bytes}",
         )
         _require(
             self.max_cpu_adapters_bytes >= 0,

@@ -126,6 +126,7 @@ class EngineCore:
         self.merges = MergeManager(
             _merge_policy_config(config),
             self.slot_writer.merged_weights,
+            self.slot_writer.merged_bytes,
             self.adapters.host_weights,
             self.adapters.is_registered,
         )

@@ -71,7 +71,8 @@ class MergedCopy:
     index: int  # stable id of this copy, carried by ScheduledSeq.copy
     state: CopyState = CopyState.BUILDING
     weights: dict = field(default_factory=dict)  # MultiLoRALinear → merged weight
-    num_bytes: int = 0
+    num_bytes: int = 0  # once READY
+    expected_bytes: int = 0  # while BUILDING
     num_leases: int = 0
     is_pinned: bool = False
     build: Future | None = None
@@ -95,9 +96,9 @@ class MergeManager:
     """Merged copies of one engine's model; ``build(weights)`` makes a copy's weights (any thread)."""
 
     def __init__(self, config: MergePolicyConfig, build: Callable[[LoRAWeights], dict],
-                 host_weights: Callable[[str], LoRAWeights | None],
+                 size_of: Callable[[LoRAWeights], int], host_weights: Callable[[str], LoRAWeights | None],
                  is_registered: Callable[[str], bool]) -> None:  # fmt: skip
-        self.config, self._build, self._host_weights = config, build, host_weights
+        self.config, self._build, self._size_of, self._host_weights = config, build, size_of, host_weights
         self._is_registered = is_registered
         self.copies: dict[str, MergedCopy] = {}  # adapter id → its live copy (not draining)
         self._draining: list[MergedCopy] = []
@@ -202,11 +203,16 @@ class MergeManager:
         return f"max_merged_copies={self.config.max_merged_copies} copies exist"
 
     def _start_build(self, adapter_id: str, pinned: bool) -> MergedCopy | None:
+        """Start building a copy unless one cannot be had now; the policy's copies must also fit
+        ``max_merged_bytes`` (checked before building, so an oversized copy is never built)."""
         weights = self._host_weights(adapter_id) if self._is_registered(adapter_id) else None
         if weights is None or len(self.copies) >= self.config.max_merged_copies:
             return None
+        if not pinned and not self._fits_budget(weights):
+            return None
         copy = MergedCopy(adapter_id, self._next_index, is_pinned=pinned, build_started_s=time.perf_counter())
         self._next_index += 1
+        copy.expected_bytes = self._size_of(weights)
         copy.build = self._pool.submit(self._build, weights)
         self.copies[adapter_id] = copy
         self._by_index[copy.index] = copy
@@ -218,15 +224,21 @@ class MergeManager:
                 continue
             weights, copy.build = copy.build.result(), None
             num_bytes = sum(w.numel() * w.element_size() for w in weights.values())
-            budget = self.config.max_merged_bytes
-            if budget is not None and self.bytes_held() + num_bytes > budget and not copy.is_pinned:
-                self._forget(copy)  # over the memory budget: the copy is thrown away unused
-                continue
             copy.weights, copy.num_bytes, copy.state = weights, num_bytes, CopyState.READY
             copy.build_seconds = time.perf_counter() - copy.build_started_s
             self.stats.num_merges += 1
             self.stats.build_seconds.append(copy.build_seconds)
             self.stats.build_seconds_sum += copy.build_seconds
+
+    def _fits_budget(self, weights: LoRAWeights) -> bool:
+        """Whether a copy of ``weights`` fits ``max_merged_bytes`` beside the copies held and being
+        built (a building copy counts at its expected size)."""
+        budget = self.config.max_merged_bytes
+        if budget is None:
+            return True
+        building = [c for c in self.copies.values() if c.state is CopyState.BUILDING]
+        pending = sum(c.expected_bytes for c in building)
+        return self.bytes_held() + pending + self._size_of(weights) <= budget
 
     def _drain(self, copy: MergedCopy) -> None:
         if copy.state is CopyState.BUILDING:

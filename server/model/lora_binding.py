@@ -69,6 +69,11 @@ class LoRASlotWriter:
         with torch.inference_mode():
             return {m: merged_weight(m.weight, d, weights.config.scale) for m, d in per_module.items()}
 
+    def merged_bytes(self, weights: LoRAWeights) -> int:
+        """Bytes ``merged_weights(weights)`` will hold: every touched module's whole weight."""
+        touched = {id(self.modules[key]): self.modules[key] for key in weights.tensors}
+        return sum(m.weight.numel() * m.weight.element_size() for m in touched.values())
+
     def clear(self, slot: int) -> None:
         for module in {id(m): m for m in self.modules.values()}.values():
             module.clear_slot(slot)

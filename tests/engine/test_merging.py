@@ -182,3 +182,32 @@ def test_memory_is_returned_after_unmerge(tmp_path):
     grew = merged - before
     assert grew > 0.8 * held, f"the copy should hold ~{held >> 20} MiB, RSS grew {grew >> 20} MiB"
     assert merged - after > 0.8 * held, f"unmerge returned only {(merged - after) >> 20} MiB of {held >> 20}"
+
+
+@pytest.mark.parametrize("room", [-1, 0])
+def test_the_byte_budget_is_checked_before_a_copy_is_built(tiny_llama, adapters, room):
+    """A copy that would not fit ``max_merged_bytes`` is never built (not built and thrown away
+    every step); one that fits exactly is built once."""
+    core = make_core(tiny_llama, merge_policy="auto", max_num_seqs=8)
+    core.add_adapter("hot", adapters["r8-all"])
+    generate(core, "hot", tag="load")  # the weights are in host memory now
+    size = core.slot_writer.merged_bytes(core.adapters.host_weights("hot"))
+    small = MergePolicyConfig(
+        window_steps=4, merge_after_steps=2, merge_share=0.5, unmerge_share=0.2, max_merged_bytes=size + room
+    )
+    core.merges.config, core.merges.policy = small, MergePolicy(small)
+    builds, build = [], core.merges._build
+
+    def counted_build(weights):
+        builds.append(weights)
+        return build(weights)
+
+    core.merges._build = counted_build
+    for wave in range(4):
+        generate(core, "hot", tag=f"w{wave}")
+        core.merges.poll()
+    if room < 0:
+        assert builds == [] and core.merges.bytes_held() == 0
+    else:
+        wait_until(lambda: core.merges.is_merged("hot"), core)
+        assert len(builds) == 1 and core.merges.bytes_held() == size
