@@ -9,6 +9,8 @@ the command line wins. Bad settings print one line and exit with status 2.
 ``loraplex keys add --tenant T [--role user|admin] [--label TEXT]`` appends a new API key's hash to
 the keys file (``--keys-file``, else ``LORAPLEX_KEYS_FILE``) and prints the key, once, alone on
 stdout (so ``KEY=$(loraplex keys add ...)`` works); ``loraplex keys list`` shows its entries.
+
+``loraplex demo-adapters --out DIR`` trains small demo adapters (see ``server/demo_adapters.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import DEFAULT_MODEL, SUPPORTED_DTYPES
+from server.demo_adapters import add_demo_adapters_parser
 
 log = logging.getLogger("loraplex")
 ENV_PREFIX = "LORAPLEX_"
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.set_defaults(func=serve_command)
     _add_keys_parser(commands)
+    add_demo_adapters_parser(commands)
     return parser
 
 
