@@ -1,7 +1,7 @@
 """Merged copies of hot adapters: speed against the base model and against side paths only.
 
 Run:  .venv/bin/python bench/merge.py          (SmolLM2-135M fp32, batch 8, rank-16 adapters on all
-                                               seven projections, 32 new tokens, median of 3 rounds)
+                                               seven projections, 32 new tokens, median of 9 rounds)
 
 (a) All traffic on one adapter, batch B: decode tok/s of the base model alone, of the adapter on
     the side path, and of the adapter served from its merged copy (operator merge). Target:
@@ -10,7 +10,9 @@ Run:  .venv/bin/python bench/merge.py          (SmolLM2-135M fp32, batch 8, rank
     batch frees room (closed loop, --num-requests in total): throughput with --merge-policy auto
     against off, and the p99 inter-token latency of the minority adapters' requests. ITL is the
     wall time between a request's consecutive tokens, measured at each engine step.
-Systems run interleaved round by round; figures are medians over --repeats rounds. Engine steps
+Systems run interleaved round by round, in a rotated order; figures are medians over --repeats
+rounds, and ratios are medians of each round's own ratio (a shared 2-core machine drifts by ±20 %
+between minutes, so only runs next to each other compare). Engine steps
 are driven synchronously in this process (no HTTP), like bench/engine.py. Nothing is asserted.
 """
 
@@ -46,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--num-requests", type=int, default=80, help="requests in the mixed run (b)")
     parser.add_argument("--hot-share", type=float, default=0.8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9, help="rounds of (a)")
+    parser.add_argument("--mixed-repeats", type=int, default=3, help="rounds of (b)")
     return parser.parse_args()
 
 
@@ -118,22 +121,26 @@ def p99(samples: list[float]) -> float:
 
 
 def part_a(args, loaded, prompts) -> dict[str, list[float]]:
+    """tok/s per system per round. The copy is built once, before timing: building it and
+    returning memory after an unmerge are not part of the decode speed being compared. Each round
+    runs the three systems in a rotated order, so drift on a shared machine is spread evenly."""
     core = build_core(args, loaded, merge_policy="off")
-    results: dict[str, list[float]] = {"base": [], "side path": [], "merged": []}
-    decode_tok_s(core, prompts, None, args)  # warm-up
-    for _ in range(args.repeats):
-        results["base"].append(decode_tok_s(core, prompts, None, args))
-        results["side path"].append(decode_tok_s(core, prompts, "a0", args))
-        merge_now(core, "a0")
-        results["merged"].append(decode_tok_s(core, prompts, "a0", args))
-        core.merges.unmerge("a0")
+    systems = {"base": None, "side path": "a1", "merged": "a0"}  # a0 merged; a1 served on its side path
+    decode_tok_s(core, prompts, "a1", args)  # warm-up, and a1 in a slot
+    merge_now(core, "a0")
+    decode_tok_s(core, prompts, "a0", args)  # warm-up of the copy
+    results: dict[str, list[float]] = {name: [] for name in systems}
+    names = list(systems)
+    for round_ in range(args.repeats):
+        for name in names[round_ % 3 :] + names[: round_ % 3]:
+            results[name].append(decode_tok_s(core, prompts, systems[name], args))
     return results
 
 
 def part_b(args, loaded, prompts) -> dict[str, list[tuple[float, list[float], int]]]:
     cores = {policy: build_core(args, loaded, policy) for policy in ("off", "auto")}
     results: dict[str, list] = {"off": [], "auto": []}
-    for round_ in range(args.repeats):
+    for round_ in range(args.mixed_repeats):
         for policy, core in cores.items():
             results[policy].append(mixed_run(core, prompts, args, seed=round_))
     return results
@@ -149,14 +156,15 @@ def main() -> None:
     print(f"machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"other processes kept {other_load(since):.2f} cores busy")  # fmt: skip
     print(f"setting: {args.model} fp32, batch {args.batch}, rank {args.rank} on all 7 projections, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
+          f"{args.new_tokens} new tokens, medians of {args.repeats} rounds (a), "
+          f"{args.mixed_repeats} (b)")  # fmt: skip
     a = part_a(args, loaded, prompts)
-    base = statistics.median(a["base"])
-    print("\n(a) all traffic on one adapter: decode tok/s")
+    print("\n(a) all traffic on one adapter: decode tok/s (x base: median over rounds of the ratio to the")
+    print("    base run of the same round)")
     for name, samples in a.items():
-        median = statistics.median(samples)
-        runs = [round(s, 1) for s in samples]
-        print(f"  {name:10s} {median:7.1f} tok/s   {median / base:5.2f}x base   runs {runs}")
+        ratio = statistics.median(x / b for x, b in zip(samples, a["base"], strict=True))
+        runs = [round(x, 1) for x in samples]
+        print(f"  {name:10s} {statistics.median(samples):7.1f} tok/s   {ratio:5.2f}x base   runs {runs}")
     print(f"\n(b) {args.hot_share:.0%} of {args.num_requests} requests on one adapter, the rest over "
           f"{NUM_MINORITY} others (closed loop, batch {args.batch})")  # fmt: skip
     sys.stdout.flush()
