@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,6 +138,14 @@ class AdapterCache:
             error = None if entry.error is None else str(entry.error)
             return AdapterStatus(adapter_id, entry.state, entry.slot, entry.is_pinned, entry.refcount,
                                  host_bytes, error)  # fmt: skip
+
+    def count_by_state(self) -> Counter[AdapterState]:
+        """Registered adapters per state, in one pass under the lock (finished loads collected)."""
+        with self._lock:
+            live = [e for e in self._entries.values() if not e.is_retired]
+            for entry in live:
+                self._collect_load(entry)
+            return Counter(e.state for e in live)
 
     def host_weights(self, adapter_id: str) -> LoRAWeights | None:
         """The adapter's host copy when it is in host memory (or a slot), else None."""

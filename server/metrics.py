@@ -19,7 +19,6 @@ Where the numbers come from:
 from __future__ import annotations
 
 import time
-from collections import Counter as CountOf
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -240,14 +239,9 @@ def cache_families(cache: AdapterCache) -> Iterator[Metric]:
 
 
 def adapters_per_tier(cache: AdapterCache) -> dict[str, int]:
-    """Registered adapters by tier name, every tier present (adapters removed meanwhile skipped)."""
-    counts = CountOf({tier: 0 for tier in TIERS.values()})
-    for adapter_id in cache.registered_ids():
-        try:
-            counts[TIERS[cache.status(adapter_id).state]] += 1
-        except KeyError:
-            continue
-    return dict(counts)
+    """Registered adapters by tier name, every tier present."""
+    by_state = cache.count_by_state()
+    return {tier: by_state[state] for state, tier in TIERS.items()}
 
 
 def cache_counters(cache: AdapterCache | None) -> CacheCounters:
