@@ -4,7 +4,9 @@
 names another), preloads the ``--adapter NAME=PATH`` peft directories, and serves the OpenAI
 API with uvicorn on 127.0.0.1:8000. Every flag can also come from ``LORAPLEX_<FLAG>`` (e.g.
 ``LORAPLEX_MAX_LORAS=16``; ``LORAPLEX_ADAPTER=a=/x,b=/y`` for several adapters); a flag given on
-the command line wins. Bad settings print one line and exit with status 2.
+the command line wins. Bad settings print one line and exit with status 2: a value that does not
+convert, a config file that cannot be read, or a value out of its range (checked by the frozen
+configs of ``server/config.py`` before the model loads).
 
 ``loraplex keys add --tenant T [--role user|admin] [--label TEXT]`` appends a new API key's hash to
 the keys file (``--keys-file``, else ``LORAPLEX_KEYS_FILE``) and prints the key, once, alone on
@@ -16,7 +18,7 @@ stdout (so ``KEY=$(loraplex keys add ...)`` works); ``loraplex keys list`` shows
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
 import sys
@@ -24,12 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import DEFAULT_MODEL, SUPPORTED_DTYPES
+from server.config import DEFAULT_MODEL, SUPPORTED_DTYPES, EngineConfig, ModelConfig, ServerConfig
+from server.config_file import config_adapters, config_text, load_config_file
 from server.demo_adapters import add_demo_adapters_parser
 
 log = logging.getLogger("loraplex")
 ENV_PREFIX = "LORAPLEX_"
 USAGE_ERROR = 2
+MiB, GiB = 1024**2, 1024**3
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,10 @@ class Option:
 
 SERVE_OPTIONS = (
     Option("model", str, DEFAULT_MODEL, "HF checkpoint directory, .gguf file or embedded model name"),
-    Option("host", str, "127.0.0.1", "address to bind (without --keys-file, keep it a loopback address)"),
-    Option("port", int, 8000, "port to bind"),
+    Option(
+        "host", str, ServerConfig.host, "address to bind (without --keys-file, keep it a loopback address)"
+    ),
+    Option("port", int, ServerConfig.port, "port to bind, 1 to 65535"),
     Option("served-model-name", str, None, "the base model's name in the API (default: --model)"),
     Option("max-loras", int, None, "device slots for adapters, i.e. distinct adapters per step"),
     Option("max-lora-rank", int, None, "largest adapter rank served (slots are padded to it)"),
@@ -59,7 +65,7 @@ SERVE_OPTIONS = (
     Option("max-model-len", int, None, "prompt + output tokens per request (default: the model's limit)"),
     Option("max-num-batched-tokens", int, None, "tokens in one forward pass"),
     Option("dtype", str, None, f"one of {', '.join(SUPPORTED_DTYPES)} (default: fp32 on CPU, bf16 on CUDA)"),
-    Option("device", str, None, "cpu or cuda[:N] (default: cuda when available)"),
+    Option("device", str, None, "cpu, cuda or cuda:N (default: cuda when available)"),
     Option(
         "data-dir",
         Path,
@@ -67,22 +73,40 @@ SERVE_OPTIONS = (
         "adapter store: metadata DB + uploads (default: $XDG_DATA_HOME/loraplex)",
     ),
     Option("keys-file", Path, None, "JSON file of API key hashes; without it: single-tenant, no auth"),
-    Option("adapter-roots", str, "", "comma-separated directories admins may register adapters from"),
-    Option("max-cpu-adapters-bytes", int, None, "host-memory budget for adapters not in a slot"),
     Option(
-        "merge-policy",
+        "adapter-roots",
         str,
-        None,
-        "auto: serve hot adapters from merged copies by traffic; off (default auto)",
+        "",
+        "comma-separated directories admins may register adapters from (a list in the config file)",
     ),
-    Option("max-merged-copies", int, None, "merged copies at once (default 1)"),
+    Option(
+        "max-cpu-adapters-bytes",
+        int,
+        None,
+        "host-memory budget for adapter tensors, the copies of adapters in slots included",
+    ),
+    Option("merge-policy", str, None, "auto: serve hot adapters from merged copies by traffic; off"),
+    Option("max-merged-copies", int, None, "merged copies at once"),
     Option("max-merged-bytes", int, None, "memory budget for merged copies (default: no limit)"),
-    Option("merge-share", float, None, "share of scheduled tokens that makes an adapter hot (default 0.9)"),
-    Option("unmerge-share", float, None, "share below which a merged adapter goes cold (default 0.6)"),
-    Option("max-queue", int, 256, "requests that may wait beyond the running batch; more get 429"),
-    Option("drain-timeout", float, 30.0, "seconds in-flight requests may finish after SIGTERM"),
+    Option("merge-share", float, None, "share of scheduled tokens that makes an adapter hot"),
+    Option("unmerge-share", float, None, "share below which a merged adapter goes cold"),
+    Option(
+        "max-queue",
+        int,
+        ServerConfig.max_queue,
+        "requests that may wait beyond the running batch, >= 0; more get 429",
+    ),
+    Option(
+        "drain-timeout",
+        float,
+        ServerConfig.drain_timeout,
+        "seconds in-flight requests may finish after SIGTERM, >= 0",
+    ),
 )
 KEYS_FILE = next(option for option in SERVE_OPTIONS if option.flag == "keys-file")
+LIST_OPTIONS = ("adapter-roots",)  # comma-separated as flag or env var; a list of strings in a config file
+MODEL_FIELDS = ("model", "dtype", "device")
+SERVER_FIELDS = ("host", "port", "max_queue", "drain_timeout")
 ENGINE_FIELDS = (
     "max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
     "max_cpu_adapters_bytes", "merge_policy", "max_merged_copies", "max_merged_bytes", "merge_share",
@@ -95,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     for option in SERVE_OPTIONS:
-        shown = "" if option.default is None else f"; default {option.default}"
+        default = effective_default(option)
+        shown = "" if default in (None, "") else f"; default {_human(default)}"
         serve.add_argument(f"--{option.flag}", help=f"{option.help} (env {option.env}{shown})")
     serve.add_argument(
         "--adapter", action="append", metavar="NAME=PATH",
@@ -112,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def effective_default(option: Option) -> object:
+    """An option's value when nothing sets it: its own default, else its config field's default."""
+    if option.default is not None:
+        return option.default
+    for config in (ModelConfig, EngineConfig, ServerConfig):
+        for field in dataclasses.fields(config):
+            if field.name == option.dest and field.default is not dataclasses.MISSING:
+                return field.default
+    return None
+
+
+def _human(value: object) -> str:
+    """``2147483648 (2 GiB)``: byte counts get their size in GiB or MiB when they are whole."""
+    if isinstance(value, int) and value >= MiB:
+        for unit, size in (("GiB", GiB), ("MiB", MiB)):
+            if value % size == 0:
+                return f"{value} ({value // size} {unit})"
+    return str(value)
+
+
 def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
     keys = commands.add_parser("keys", help="create and list API keys (the file stores only hashes)")
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -126,55 +171,28 @@ def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
         action.add_argument(f"--{KEYS_FILE.flag}", help=f"{KEYS_FILE.help} (env {KEYS_FILE.env})")
 
 
-def load_config_file(path: str | None) -> dict[str, object]:
-    """A TOML (.toml) or JSON file of option values keyed by flag name (dashes or underscores).
-
-    ValueError for a file that does not parse, a key that is not a serve flag, or a bad value type.
-    """
-    if not path:
-        return {}
-    try:
-        text = Path(path).read_text()
-        if path.endswith(".toml"):
-            import tomllib
-
-            raw = tomllib.loads(text)
-        else:
-            raw = json.loads(text)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--config {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"--config {path}: must hold a table/object of flag = value")
-    known = {option.flag for option in SERVE_OPTIONS} | {"adapter"}
-    values = {str(key).replace("_", "-"): value for key, value in raw.items()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)}")
-    return values
-
-
 def resolve_options(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, object]:
     """Each option from its flag, else its env var, else the --config file, else its default.
 
     Raises ValueError naming the flag, env var or file key for a value that does not convert.
     """
-    config = load_config_file(getattr(args, "config", None) or environ.get("LORAPLEX_CONFIG"))
+    known = [option.flag for option in SERVE_OPTIONS] + ["adapter"]
+    config = load_config_file(getattr(args, "config", None) or environ.get("LORAPLEX_CONFIG"), known)
     values: dict[str, object] = {}
     for option in SERVE_OPTIONS:
         raw, source = getattr(args, option.dest), f"--{option.flag}"
         if raw is None and environ.get(option.env):
             raw, source = environ[option.env], option.env
         if raw is None and option.flag in config:
-            raw, source = config[option.flag], f"config key {option.flag}"
-            raw = None if raw is None else str(raw)
+            value = config_text(option.flag, config[option.flag], is_list=option.flag in LIST_OPTIONS)
+            raw, source = value, f"config key {option.flag}"
         try:
             values[option.dest] = option.default if raw is None else option.type(raw)
         except ValueError:
             raise ValueError(f"{source}: invalid {option.type.__name__} value {raw!r}") from None
     adapters = args.adapter or [a for a in environ.get("LORAPLEX_ADAPTER", "").split(",") if a.strip()]
-    if not adapters and "adapter" in config:
-        configured = config["adapter"]
-        adapters = [f"{k}={v}" for k, v in configured.items()] if isinstance(configured, dict) else configured
+    if not adapters and config.get("adapter") is not None:
+        adapters = config_adapters(config["adapter"])
     values["adapters"] = parse_adapters(adapters)
     return values
 
@@ -203,14 +221,25 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = resolve_options(args, dict(os.environ))
-        engine, served_name, registry, keyring = _start_engine(options)
+        model_config, engine_config, server_config = build_configs(options)
+        engine, served_name, registry, keyring = _start_engine(options, model_config, engine_config)
     except ValueError as exc:
         print(f"loraplex serve: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     try:
-        return _run_server(engine, served_name, registry, keyring, options)
+        return _run_server(engine, served_name, registry, keyring, server_config)
     finally:
         engine.shutdown()
+
+
+def build_configs(options: dict[str, object]) -> tuple[ModelConfig, EngineConfig, ServerConfig]:
+    """The frozen configs from resolved options (None: the field's default); ValueError out of range."""
+    model_config = ModelConfig(**{name: options[name] for name in MODEL_FIELDS})
+    engine_config = EngineConfig(
+        **{name: options[name] for name in ENGINE_FIELDS if options[name] is not None}
+    )
+    server_config = ServerConfig(**{name: options[name] for name in SERVER_FIELDS})
+    return model_config, engine_config, server_config
 
 
 def keys_add_command(args: argparse.Namespace) -> int:
@@ -261,13 +290,18 @@ def default_data_dir(environ: dict[str, str]) -> Path:
     return Path(base) / "loraplex"
 
 
+def parse_adapter_roots(text: str) -> list[Path]:
+    """``"/a, ~/b"`` → [Path("/a"), Path.home() / "b"], resolved; spaces around a comma are not a path's."""
+    return [Path(root.strip()).expanduser().resolve() for root in text.split(",") if root.strip()]
+
+
 def _open_registry(engine, options: dict[str, object]):
     """The adapter registry on --data-dir, attached to the engine, with --adapter dirs registered."""
     from adapters.registry import AdapterRegistry
     from adapters.store import SQLiteAdapterStore
 
     adapters: dict[str, str] = options["adapters"]
-    roots = [Path(r).expanduser().resolve() for r in str(options["adapter_roots"]).split(",") if r.strip()]
+    roots = parse_adapter_roots(str(options["adapter_roots"]))
     roots += [Path(p).expanduser().resolve().parent for p in adapters.values()]  # named by the operator
     data_dir = options["data_dir"] or default_data_dir(dict(os.environ))
     store = SQLiteAdapterStore(Path(data_dir).expanduser(), allowed_roots=roots)
@@ -304,14 +338,10 @@ def _register_cli_adapter(registry, spec_name: str, path: str) -> None:
     log.info("registered adapter %s/%s v%d from %s", tenant, name, record.version, directory)
 
 
-def _start_engine(options: dict[str, object]):
-    """Validate the configs, load the model and preload adapters; ValueError for a bad setting."""
-    from server.config import EngineConfig, ModelConfig  # heavy imports only once the flags parse
-    from server.engine.engine import Engine
+def _start_engine(options: dict[str, object], model_config: ModelConfig, engine_config: EngineConfig):
+    """Load the model and preload adapters; ValueError for a bad setting."""
+    from server.engine.engine import Engine  # heavy imports only once the flags parse
 
-    model_config = ModelConfig(model=options["model"], dtype=options["dtype"], device=options["device"])
-    engine_kwargs = {name: options[name] for name in ENGINE_FIELDS if options[name] is not None}
-    engine_config = EngineConfig(**engine_kwargs)
     served_name = options["served_model_name"] or options["model"]
     adapters: dict[str, str] = options["adapters"]
     if served_name in adapters:
@@ -330,14 +360,14 @@ def _start_engine(options: dict[str, object]):
     return engine, served_name, registry, keyring
 
 
-def _run_server(engine, served_name: str, registry, keyring, options: dict[str, object]) -> int:
+def _run_server(engine, served_name: str, registry, keyring, server_config: ServerConfig) -> int:
     import uvicorn
 
     from server.api.app import create_app
     from server.api.shutdown import DrainingServer
 
-    app = create_app(engine, served_name, registry, keyring, max_queue=options["max_queue"])
-    host, port = options["host"], options["port"]
+    app = create_app(engine, served_name, registry, keyring, max_queue=server_config.max_queue)
+    host, port = server_config.host, server_config.port
     if keyring is None:
         log.warning(
             "serving %r single-tenant WITHOUT authentication on http://%s:%s: anyone who can reach this "
@@ -347,7 +377,7 @@ def _run_server(engine, served_name: str, registry, keyring, options: dict[str, 
     else:
         log.info("serving %r on http://%s:%s with %d API keys", served_name, host, port, len(keyring))
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
-    DrainingServer(config, app.state.loraplex, options["drain_timeout"]).run()
+    DrainingServer(config, app.state.loraplex, server_config.drain_timeout).run()
     return 0
 
 

@@ -6,11 +6,14 @@ so a bad flag, env var or config-file key fails at start with a clear message, n
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")  # what torch.device accepts for the two we serve on
 
 
 def _require(condition: bool, message: str) -> None:
@@ -39,8 +42,8 @@ class ModelConfig:
             f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}",
         )
         _require(
-            self.device is None or self.device == "cpu" or self.device.startswith("cuda"),
-            f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}",
+            self.device is None or DEVICE_PATTERN.fullmatch(self.device) is not None,
+            f"device must be cpu, cuda or cuda:N, got {self.device!r}",
         )
 
 
@@ -57,8 +60,9 @@ class EngineConfig:
     - ``kv_cache_bytes``: KV-cache budget (None: enough for ``max_num_seqs`` full-length
       sequences, capped at 512 MiB on CPU). ``kv_block_size``: tokens per paged block.
     - ``target_modules``: projections that get a LoRA side path (adapters may use a subset).
-    - ``max_cpu_adapters_bytes``: host-memory tier for adapters not in a slot; least recently
-      used copies beyond it are dropped and read from disk again when needed.
+    - ``max_cpu_adapters_bytes``: host-memory tier: bytes of adapter tensors in host memory, the
+      copies of adapters in slots included; least recently used copies beyond it that are in no
+      slot and not pinned are dropped and read from disk again when needed.
     - ``merge_policy``: ``auto`` serves hot adapters from merged copies (W + s·B·A) chosen by
       traffic, ``off`` only when an operator asks. ``max_merged_copies`` / ``max_merged_bytes``
       bound them; an adapter is merged when its share of scheduled tokens stays ≥ ``merge_share``
@@ -129,3 +133,27 @@ class EngineConfig:
         unknown = sorted(set(self.target_modules) - set(ALL_TARGET_MODULES))
         _require(not unknown, f"unknown target modules {unknown}; supported: {', '.join(ALL_TARGET_MODULES)}")
         _require(bool(self.target_modules), "target_modules must name at least one projection")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP side of ``loraplex serve``.
+
+    - ``host``, ``port``: the address uvicorn binds; port 0 (an OS-chosen port nobody could be
+      told about) is refused.
+    - ``max_queue``: requests that may wait beyond the running batch; more get 429. 0: none wait.
+    - ``drain_timeout``: seconds in-flight requests may run after SIGTERM (0: end them at once).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queue: int = 256
+    drain_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
+        _require(self.max_queue >= 0, f"max_queue must be >= 0, got {self.max_queue}")
+        _require(
+            math.isfinite(self.drain_timeout) and self.drain_timeout >= 0,
+            f"drain_timeout must be a finite number of seconds >= 0, got {self.drain_timeout}",
+        )

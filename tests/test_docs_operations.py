@@ -27,15 +27,24 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import ENGINE_FIELDS, SERVE_OPTIONS, build_parser, resolve_options
-from server.config import ALL_TARGET_MODULES, SUPPORTED_DTYPES, EngineConfig, ModelConfig
+from server.cli import (
+    ENGINE_FIELDS,
+    MODEL_FIELDS,
+    SERVE_OPTIONS,
+    SERVER_FIELDS,
+    build_configs,
+    build_parser,
+    resolve_options,
+)
+from server.config import ALL_TARGET_MODULES, SUPPORTED_DTYPES, EngineConfig, ModelConfig, ServerConfig
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
-MODEL_FIELDS = ("model", "dtype", "device")  # what server/cli.py passes to ModelConfig
+CONFIG_CLASSES = (ModelConfig, EngineConfig, ServerConfig)
 EXTRA_FLAGS = {"adapter": "LORAPLEX_ADAPTER", "config": "LORAPLEX_CONFIG"}  # serve flags not in SERVE_OPTIONS
 TYPE_NAMES = {str: "str", int: "int", float: "float", Path: "path"}
 # values a documented list of allowed strings is checked against: it must hold exactly those accepted
-STRING_CANDIDATES = (*SUPPORTED_DTYPES, "float64", "int8", "auto", "off", "on", "cpu", "cuda", "cuda:0", "x")
+STRING_CANDIDATES = (*SUPPORTED_DTYPES, "float64", "int8", "auto", "off", "on", "cpu", "cuda", "cuda:0", "x",
+                     "cudafoo", "cuda:", "cuda:x", "cpu:0")  # fmt: skip
 FIELD_TYPES = {"int": int, "str": str, "tuple": tuple, "float": float}
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
@@ -83,17 +92,15 @@ def no_flag_rows() -> dict[str, dict[str, str]]:
     return {ticked(row["setting"])[0]: row for row in table(section("Configuration"), "setting")}
 
 
-# ---- building the configs as `loraplex serve` does (server/cli.py: resolve_options, _start_engine) ----
+# ---- building the configs as `loraplex serve` does (server/cli.py: resolve_options, build_configs) ----
 def serve_configs(*argv: str, environ: dict[str, str] | None = None):
     options = resolve_options(build_parser().parse_args(["serve", *argv]), environ or {})
-    model = ModelConfig(**{name: options[name] for name in MODEL_FIELDS})
-    engine = EngineConfig(**{name: options[name] for name in ENGINE_FIELDS if options[name] is not None})
-    return options, model, engine
+    return options, *build_configs(options)
 
 
 def effective_defaults() -> dict[str, object]:
     """Each serve option's value with nothing given: the dataclass default where the option is None."""
-    options, model, engine = serve_configs()
+    options, model, engine, _ = serve_configs()
     values = {}
     for option in SERVE_OPTIONS:
         value = options[option.dest]
@@ -238,7 +245,7 @@ def test_documented_ranges_are_what_the_configs_accept():
     defaults = effective_defaults()
     for flag, option in OPTIONS.items():
         cell = flag_rows()[flag]["range"]
-        if option.dest not in MODEL_FIELDS + ENGINE_FIELDS:
+        if option.dest not in MODEL_FIELDS + ENGINE_FIELDS + SERVER_FIELDS:
             assert cell == "—", f"--{flag} is not checked at start; its range must be —"
             continue
         kind = option.type
@@ -248,8 +255,8 @@ def test_documented_ranges_are_what_the_configs_accept():
 
 
 def test_every_config_field_has_a_flag_or_a_row_without_one():
-    fields = {f.name: f for cls in (ModelConfig, EngineConfig) for f in dataclasses.fields(cls)}
-    with_flag = set(MODEL_FIELDS) | set(ENGINE_FIELDS)
+    fields = {f.name: f for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
+    with_flag = set(MODEL_FIELDS) | set(ENGINE_FIELDS) | set(SERVER_FIELDS)
     assert with_flag <= {option.dest for option in SERVE_OPTIONS}
     assert set(no_flag_rows()) == set(fields) - with_flag, "document exactly the fields no flag sets"
     for name, row in no_flag_rows().items():
@@ -260,7 +267,7 @@ def test_every_config_field_has_a_flag_or_a_row_without_one():
             kind = type(default)
             documented = tuple(ticked(row["default"])) if kind is tuple else kind(ticked(row["default"])[0])
             assert documented == default, f"{name}: documented {documented}, real {default!r}"
-        cls = ModelConfig if name in {f.name for f in dataclasses.fields(ModelConfig)} else EngineConfig
+        cls = next(c for c in CONFIG_CLASSES if name in {f.name for f in dataclasses.fields(c)})
         kind = FIELD_TYPES[re.match(r"\w+", fields[name].type)[0]]  # "int | None" → int
         check_range(name, row["range"], kind, lambda v, n=name, c=cls: c(**{n: v}), {})
 

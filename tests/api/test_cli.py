@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +172,182 @@ def test_keys_add_output_can_be_captured_by_a_shell(tmp_path):
     key = done.stdout.removesuffix("\n")
     assert key.startswith("lpx-") and "\n" not in key
     assert key.encode() not in keys_file.read_bytes()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """``loraplex serve`` fails instead of loading a model and serving (a regression must not hang)."""
+    import server.engine.engine as engine_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load for a bad setting")
+
+    monkeypatch.setattr(engine_module.Engine, "from_config", no_load)
+
+
+# ---- config files: TOML without tomllib, unreadable files, value types ----
+def test_toml_config_falls_back_to_tomli_without_tomllib(tmp_path, monkeypatch, capsys, no_model_load):
+    import tomllib
+
+    toml = tmp_path / "loraplex.toml"
+    toml.write_text("max-loras = 16\n")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.10: `import tomllib` fails
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)  # the backport has the same API
+    assert options(["--config", str(toml)])["max_loras"] == 16
+    monkeypatch.setitem(sys.modules, "tomli", None)  # neither: one line, exit 2, no traceback
+    assert main(["serve", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "tomli" in err and str(toml) in err
+
+
+def test_tomli_is_a_dependency_where_tomllib_is_missing():
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.10"
+    assert "tomli>=1.1; python_version < '3.11'" in project["dependencies"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.toml", None, "No such file"),
+        ("dir.toml", "directory", "Is a directory"),
+        ("binary.toml", b"\xff\xfe\x00port", "codec"),
+        ("bad.json", '{"port": 80', "Expecting"),
+        ("list.json", "[1, 2]", "table/object"),
+        ("twice.json", '{"max-loras": 1, "max_loras": 2}', "max-loras is given twice"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "--config"),
+    ],
+)
+def test_unreadable_config_files_exit_2_with_one_line(
+    tmp_path, capsys, no_model_load, name, content, message
+):
+    path = tmp_path / name
+    if content == "directory":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    assert main(["serve", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and message in err and str(path) in err
+
+
+def config_options(tmp_path, content: str, name: str = "c.toml") -> dict:
+    path = tmp_path / name
+    path.write_text(content)
+    return options(["--config", str(path)])
+
+
+def test_config_lists_for_multi_valued_settings(tmp_path):
+    resolved = config_options(tmp_path, 'adapter-roots = ["/srv/a", "/srv/b"]\nadapter = ["a=/x", "b=/y"]\n')
+    assert resolved["adapter_roots"] == "/srv/a,/srv/b"  # as LORAPLEX_ADAPTER_ROOTS=/srv/a,/srv/b
+    assert resolved["adapters"] == {"a": "/x", "b": "/y"}
+    resolved = config_options(tmp_path, 'adapter-roots = "/srv/a,/srv/b"\nadapter = "a=/x, b=/y"\n')
+    assert (resolved["adapter_roots"], resolved["adapters"]) == ("/srv/a,/srv/b", {"a": "/x", "b": "/y"})
+    resolved = config_options(tmp_path, '{"adapter-roots": [], "adapter": null}', "c.json")
+    assert (resolved["adapter_roots"], resolved["adapters"]) == ("", {})
+
+
+def test_config_numbers_and_booleans_read_like_the_flag(tmp_path):
+    content = "max-loras = 16\nmerge-share = 1\ndrain-timeout = 5\nmax-queue = 0\nhost = '0.0.0.0'\n"
+    resolved = config_options(tmp_path, content)
+    assert (resolved["max_loras"], resolved["merge_share"], resolved["drain_timeout"]) == (16, 1.0, 5.0)
+    assert (resolved["max_queue"], resolved["host"]) == (0, "0.0.0.0")
+    assert config_options(tmp_path, '{"port": 9100, "merge-share": 0.95}', "c.json")["merge_share"] == 0.95
+    with pytest.raises(ValueError, match="config key max-loras: invalid int value 'true'"):
+        config_options(tmp_path, "max-loras = true\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('host = ["a", "b"]', "config key host: expected a single value, got a list"),
+        ("port = [8000]", "config key port: expected a single value, got a list"),
+        ("[model]\npath = '/m'", "config key model: expected a single value, got a table"),
+        ("adapter-roots = [1, 2]", "config key adapter-roots: expected a string or a list of strings"),
+        ('adapter-roots = ["/a,b"]', "config key adapter-roots: '/a,b' holds a comma"),
+        ("adapter = 5", "config key adapter: expected a table"),
+        ("[adapter]\nbot = 1", "config key adapter: expected a table"),
+        ("adapter = [1]", "config key adapter: expected a table"),
+    ],
+)
+def test_config_values_of_the_wrong_shape_name_the_key(tmp_path, content, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_options(tmp_path, content)
+
+
+# ---- ranges of the server settings and --device, checked before the model loads ----
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--port", "0"], {}, "port must be in [1, 65535], got 0"),
+        (["--port", "65536"], {}, "port must be in [1, 65535], got 65536"),
+        ([], {"LORAPLEX_PORT": "-1"}, "port must be in [1, 65535], got -1"),
+        (["--max-queue", "-1"], {}, "max_queue must be >= 0, got -1"),
+        (["--drain-timeout", "-0.5"], {}, "drain_timeout must be a finite number of seconds >= 0"),
+        (["--drain-timeout", "nan"], {}, "drain_timeout must be a finite number of seconds >= 0"),
+        (["--drain-timeout", "inf"], {}, "drain_timeout must be a finite number of seconds >= 0"),
+        (["--device", "cudafoo"], {}, "device must be cpu, cuda or cuda:N, got 'cudafoo'"),
+        (["--device", "cuda:"], {}, "device must be cpu, cuda or cuda:N"),
+        (["--device", "cuda:x"], {}, "device must be cpu, cuda or cuda:N"),
+        (["--device", "gpu"], {}, "device must be cpu, cuda or cuda:N"),
+    ],
+)
+def test_out_of_range_settings_exit_2_before_the_model_loads(
+    argv, environ, message, capsys, monkeypatch, no_model_load
+):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_the_range_boundaries_are_accepted():
+    from server.cli import build_configs
+
+    for argv in (["--port", "1", "--max-queue", "0", "--drain-timeout", "0", "--device", "cpu"],
+                 ["--port", "65535", "--device", "cuda"], ["--device", "cuda:12"]):  # fmt: skip
+        build_configs(options(argv))
+
+
+# ---- --help ----
+def serve_help() -> dict[str, str]:
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = commands.choices["serve"]._actions
+    return {a.option_strings[0].removeprefix("--"): a.help for a in actions if a.option_strings}
+
+
+def test_help_shows_every_effective_default():
+    from server.cli import SERVE_OPTIONS, build_configs
+
+    resolved = options([])
+    configs = build_configs(resolved)
+    helps = serve_help()
+    for option in SERVE_OPTIONS:
+        value = resolved[option.dest]
+        for config in configs:
+            value = getattr(config, option.dest, None) if value is None else value
+        shown = re.search(r"; default (\S+?)[ )]", helps[option.flag])
+        if value in (None, ""):
+            assert shown is None and "default )" not in helps[option.flag], option.flag
+        else:
+            assert shown and shown[1] == str(value), f"--{option.flag}: {helps[option.flag]}"
+    assert "default 8)" in helps["max-loras"] and "default 2048)" in helps["max-num-batched-tokens"]
+    assert "default 2147483648 (2 GiB))" in helps["max-cpu-adapters-bytes"]
+
+
+def test_help_says_the_host_tier_counts_adapters_in_slots():
+    text = serve_help()["max-cpu-adapters-bytes"]
+    assert "not in a slot" not in text and "in slots included" in text
+
+
+def test_adapter_roots_are_split_on_commas_and_stripped():
+    from server.cli import parse_adapter_roots
+
+    assert parse_adapter_roots("/srv/a, /srv/b ,,") == [Path("/srv/a"), Path("/srv/b")]
+    assert parse_adapter_roots("~/x") == [Path.home().resolve() / "x"]
+    assert parse_adapter_roots("") == []
