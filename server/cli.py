@@ -102,11 +102,17 @@ SERVE_OPTIONS = (
         ServerConfig.drain_timeout,
         "seconds in-flight requests may finish after SIGTERM, >= 0",
     ),
+    Option(
+        "metrics-auth",
+        str,
+        ServerConfig.metrics_auth,
+        "who may read /metrics: none (anyone) or admin (an admin API key; needs --keys-file)",
+    ),
 )
 KEYS_FILE = next(option for option in SERVE_OPTIONS if option.flag == "keys-file")
 LIST_OPTIONS = ("adapter-roots",)  # comma-separated as flag or env var; a list of strings in a config file
 MODEL_FIELDS = ("model", "dtype", "device")
-SERVER_FIELDS = ("host", "port", "max_queue", "drain_timeout")
+SERVER_FIELDS = ("host", "port", "max_queue", "drain_timeout", "metrics_auth")
 ENGINE_FIELDS = (
     "max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
     "max_cpu_adapters_bytes", "merge_policy", "max_merged_copies", "max_merged_bytes", "merge_share",
@@ -222,6 +228,8 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         options = resolve_options(args, dict(os.environ))
         model_config, engine_config, server_config = build_configs(options)
+        if server_config.metrics_auth == "admin" and options["keys_file"] is None:
+            raise ValueError("metrics_auth admin needs --keys-file: without keys there is no admin key")
         engine, served_name, registry, keyring = _start_engine(options, model_config, engine_config)
     except ValueError as exc:
         print(f"loraplex serve: error: {exc}", file=sys.stderr)
@@ -366,7 +374,8 @@ def _run_server(engine, served_name: str, registry, keyring, server_config: Serv
     from server.api.app import create_app
     from server.api.shutdown import DrainingServer
 
-    app = create_app(engine, served_name, registry, keyring, max_queue=server_config.max_queue)
+    app = create_app(engine, served_name, registry, keyring, max_queue=server_config.max_queue,
+                     metrics_auth=server_config.metrics_auth)  # fmt: skip
     host, port = server_config.host, server_config.port
     if keyring is None:
         log.warning(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+METRICS_AUTH = ("none", "admin")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")  # what torch.device accepts for the two we serve on
 
 
@@ -143,16 +144,24 @@ class ServerConfig:
       told about) is refused.
     - ``max_queue``: requests that may wait beyond the running batch; more get 429. 0: none wait.
     - ``drain_timeout``: seconds in-flight requests may run after SIGTERM (0: end them at once).
+    - ``metrics_auth``: who may read ``GET /metrics``: ``none`` (anyone who reaches the port, as
+      in vLLM) or ``admin`` (an admin API key; needs a keys file). ``vllm:lora_requests_info``
+      names the adapters running, so a server shared by tenants should not leave it open.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     max_queue: int = 256
     drain_timeout: float = 30.0
+    metrics_auth: str = "none"
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
         _require(self.max_queue >= 0, f"max_queue must be >= 0, got {self.max_queue}")
+        _require(
+            self.metrics_auth in METRICS_AUTH,
+            f"metrics_auth must be none or admin, got {self.metrics_auth!r}",
+        )
         _require(
             math.isfinite(self.drain_timeout) and self.drain_timeout >= 0,
             f"drain_timeout must be a finite number of seconds >= 0, got {self.drain_timeout}",

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
@@ -303,8 +303,9 @@ class RequestCounter:
                 self.stats.record_request(status)
 
 
-def install(app: FastAPI, engine: Engine) -> ServerMetrics:
+def install(app: FastAPI, engine: Engine, guard: Callable[[Request], Any] | None = None) -> ServerMetrics:
     """Count ``app``'s requests, serve ``GET /metrics``, hook into ``engine``; call before serving.
+    ``guard``: a FastAPI dependency every ``/metrics`` request must pass (e.g. an admin key check).
 
     The returned metrics are also ``app.state.loraplex_metrics`` (see ``request_observer``); a
     second call on the same app changes nothing and returns them again.
@@ -318,7 +319,10 @@ def install(app: FastAPI, engine: Engine) -> ServerMetrics:
     def exposition() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route("/metrics", exposition, methods=["GET"], include_in_schema=False)
+    dependencies = [] if guard is None else [Depends(guard)]
+    app.add_api_route(
+        "/metrics", exposition, methods=["GET"], include_in_schema=False, dependencies=dependencies
+    )
     metrics.watch(engine.core)
     app.state.loraplex_metrics = metrics
     return metrics

@@ -23,6 +23,7 @@ from adapters.tenants import KeyRing, Principal
 from server import metrics
 from server.api import admin, convert, dashboard
 from server.api.auth import Authenticator, caller
+from server.api.auth import admin as admin_key
 from server.api.errors import install_error_handlers
 from server.api.limits import DEFAULT_MAX_BODY_BYTES, UPLOAD_OVERHEAD_BYTES, BodySizeLimit, admit
 from server.api.output import (
@@ -59,9 +60,11 @@ class AppState:
 
 def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry | None = None,
                keyring: KeyRing | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:  # fmt: skip
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               metrics_auth: str = "none") -> FastAPI:  # fmt: skip
     """The app serving ``engine``: ``model`` = ``served_model_name`` is the base model; any other
-    ``model`` names an adapter of ``registry`` in the caller's tenant. ``keyring`` None: single-tenant."""
+    ``model`` names an adapter of ``registry`` in the caller's tenant. ``keyring`` None: single-tenant.
+    ``metrics_auth`` "admin": ``/metrics`` needs an admin key (see ``ServerConfig``)."""
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA inference server")
     app.state.loraplex = AppState(engine, served_model_name, registry, Authenticator(keyring), max_queue)
     max_adapter_bytes = registry.limits.max_weights_bytes if registry else FormatLimits().max_weights_bytes
@@ -71,7 +74,7 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     app.include_router(router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
-    metrics.install(app, engine)
+    metrics.install(app, engine, guard=admin_key if metrics_auth == "admin" else None)
     return app
 
 

@@ -294,6 +294,8 @@ def test_config_values_of_the_wrong_shape_name_the_key(tmp_path, content, messag
         (["--device", "cuda:"], {}, "device must be cpu, cuda or cuda:N"),
         (["--device", "cuda:x"], {}, "device must be cpu, cuda or cuda:N"),
         (["--device", "gpu"], {}, "device must be cpu, cuda or cuda:N"),
+        (["--metrics-auth", "user"], {}, "metrics_auth must be none or admin, got 'user'"),
+        (["--metrics-auth", "admin"], {}, "metrics_auth admin needs --keys-file"),
     ],
 )
 def test_out_of_range_settings_exit_2_before_the_model_loads(

@@ -289,3 +289,28 @@ def test_an_unhandled_exception_counts_as_500_on_its_route():
         assert http.post("/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 500
     labels = {"endpoint": "/v1/completions", "status": "500"}
     assert metrics.registry.get_sample_value("loraplex_http_requests_total", labels) == 1
+
+
+def test_metrics_auth_admin_asks_for_an_admin_key(tmp_path, tiny_llama_factory):
+    """``--metrics-auth admin``: /metrics is 401 without a key, 403 for a user key, 200 for an admin;
+    the default keeps it open, keys file or not."""
+    from adapters.tenants import KeyRing, add_key
+
+    keys_file = tmp_path / "keys.json"
+    user, admin = add_key(keys_file, "acme", "user"), add_key(keys_file, "ops", "admin")
+    engine = Engine(make_core(tiny_llama_factory(), max_loras=1))
+    try:
+        for metrics_auth, expected in (("admin", (401, 403, 200)), ("none", (200, 200, 200))):
+            app = create_app(engine, "base", keyring=KeyRing.load(keys_file), metrics_auth=metrics_auth)
+            with TestClient(app) as http:
+                bearer = [{}] + [{"Authorization": f"Bearer {key}"} for key in (user, admin)]
+                statuses = tuple(http.get("/metrics", headers=headers).status_code for headers in bearer)
+                assert statuses == expected, metrics_auth
+                if metrics_auth == "admin":
+                    assert http.get("/metrics").json()["error"]["code"] == "invalid_api_key"
+                    assert (
+                        "loraplex_http_requests_total"
+                        in http.get("/metrics", headers={"Authorization": f"Bearer {admin}"}).text
+                    )
+    finally:
+        engine.shutdown()
