@@ -27,16 +27,16 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import (
+from server.cli import build_parser
+from server.config import ALL_TARGET_MODULES, SUPPORTED_DTYPES, EngineConfig, ModelConfig, ServerConfig
+from server.settings import (
     ENGINE_FIELDS,
     MODEL_FIELDS,
     SERVE_OPTIONS,
     SERVER_FIELDS,
     build_configs,
-    build_parser,
     resolve_options,
 )
-from server.config import ALL_TARGET_MODULES, SUPPORTED_DTYPES, EngineConfig, ModelConfig, ServerConfig
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
 CONFIG_CLASSES = (ModelConfig, EngineConfig, ServerConfig)
@@ -92,7 +92,7 @@ def no_flag_rows() -> dict[str, dict[str, str]]:
     return {ticked(row["setting"])[0]: row for row in table(section("Configuration"), "setting")}
 
 
-# ---- building the configs as `loraplex serve` does (server/cli.py: resolve_options, build_configs) ----
+# ---- building the configs as `loraplex serve` does (server/settings.py: resolve_options, build_configs) ----
 def serve_configs(*argv: str, environ: dict[str, str] | None = None):
     options = resolve_options(build_parser().parse_args(["serve", *argv]), environ or {})
     return options, *build_configs(options)

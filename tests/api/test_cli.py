@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, main, parse_adapters, resolve_options
+from server.cli import build_parser, main
 from server.config import DEFAULT_MODEL
+from server.settings import parse_adapters, resolve_options
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -309,7 +310,7 @@ def test_out_of_range_settings_exit_2_before_the_model_loads(
 
 
 def test_the_range_boundaries_are_accepted():
-    from server.cli import build_configs
+    from server.settings import build_configs
 
     for argv in (["--port", "1", "--max-queue", "0", "--drain-timeout", "0", "--device", "cpu"],
                  ["--port", "65535", "--device", "cuda"], ["--device", "cuda:12"]):  # fmt: skip
@@ -324,7 +325,7 @@ def serve_help() -> dict[str, str]:
 
 
 def test_help_shows_every_effective_default():
-    from server.cli import SERVE_OPTIONS, build_configs
+    from server.settings import SERVE_OPTIONS, build_configs
 
     resolved = options([])
     configs = build_configs(resolved)
@@ -348,7 +349,7 @@ def test_help_says_the_host_tier_counts_adapters_in_slots():
 
 
 def test_adapter_roots_are_split_on_commas_and_stripped():
-    from server.cli import parse_adapter_roots
+    from server.settings import parse_adapter_roots
 
     assert parse_adapter_roots("/srv/a, /srv/b ,,") == [Path("/srv/a"), Path("/srv/b")]
     assert parse_adapter_roots("~/x") == [Path.home().resolve() / "x"]

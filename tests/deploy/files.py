@@ -62,7 +62,8 @@ def serve_options(args: list[str], environ: dict[str, str]) -> dict[str, object]
 
     A flag the CLI does not know (a renamed one) fails the test instead of exiting.
     """
-    from server.cli import build_parser, resolve_options
+    from server.cli import build_parser
+    from server.settings import resolve_options
 
     try:
         parsed = build_parser().parse_args(["serve", *args])
