@@ -22,6 +22,9 @@ No figure here is asserted on; the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import io
 import resource
 import shlex
@@ -112,14 +115,23 @@ def rss_mb() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
-def touch_all(core: EngineCore, registry: AdapterRegistry) -> tuple[int, float, float]:
-    """Make every adapter resident in turn; (max host bytes, RSS before, RSS after) in MB."""
+def touch_all(core: EngineCore, registry: AdapterRegistry) -> tuple[int, float, float, float]:
+    """Make every adapter resident in turn; (max host bytes, RSS before, after, and after handing
+    freed heap memory back with malloc_trim) in MB."""
     cache, max_host, rss_before = core.adapters, 0, rss_mb()
     for record in registry.list():
         while cache.try_activate(record.adapter_id) is None:  # loads in the background
             time.sleep(0.0005)
         max_host = max(max_host, cache.host_bytes())
-    return max_host, rss_before, rss_mb()
+    rss_after = rss_mb()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return max_host, rss_before, rss_after, rss_mb()
+
+
+def cache_mb(core: EngineCore) -> float:
+    return core.adapters.host_bytes() / 1024**2
 
 
 def cold_loads(core: EngineCore, repeats: int) -> tuple[list[float], list[float]]:
@@ -166,12 +178,13 @@ def run(args, core: EngineCore, root: Path) -> None:
     restart = timed(lambda: AdapterRegistry(SQLiteAdapterStore(root / "data"), 64), 3)
     print(f"   restart (open store + index) {percentiles(restart)}")
     registry.attach(core.adapters)
-    max_host, rss_before, rss_after = touch_all(core, registry)
+    max_host, rss_before, rss_after, rss_trimmed = touch_all(core, registry)
     one = read_peft_dir(registry.list()[0].path, 64).num_bytes
     print(f"\n3. every adapter made resident in turn (disk → host → one of {core.config.max_loras} slots)")
     print(f"   host tier budget {args.host_budget_mb} MiB; adapter {one / 1024:.0f} KiB; "
           f"all {args.num_adapters} would be {args.num_adapters * one / 1024**2:.0f} MiB")  # fmt: skip
-    print(f"   max host bytes held {max_host / 1024**2:.1f} MiB; RSS {rss_before:.0f} → {rss_after:.0f} MB")
+    print(f"   max host bytes held {max_host / 1024**2:.1f} MiB; RSS {rss_before:.0f} → {rss_after:.0f} MB, "
+          f"{rss_trimmed:.0f} MB after malloc_trim; host tier now {cache_mb(core):.1f} MiB")  # fmt: skip
     disk, slot = cold_loads(core, args.repeats)
     print("\n4. cold load of a rank-16 adapter on all 7 projections (SmolLM2, fp32)")
     print(f"   disk → host       {percentiles(disk)}")

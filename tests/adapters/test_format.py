@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import re
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -199,6 +201,7 @@ def library_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(adapters.safetensors_check, "load_file", recording("load_file", load_file))
     monkeypatch.setattr(safetensors.torch, "load_file", recording("load_file", load_file))
     monkeypatch.setattr(safetensors.torch, "load", recording("load", safetensors.torch.load))
+    monkeypatch.setattr(adapters.safetensors_check, "load", recording("load", safetensors.torch.load))
     monkeypatch.setattr(safetensors, "safe_open", recording("safe_open", safetensors.safe_open))
     return calls
 
@@ -303,3 +306,27 @@ def test_valid_names(name: str):
 def test_invalid_names(name: object):
     with pytest.raises(AdapterFormatError, match="tenant name"):
         validate_name(name, what="tenant name")
+
+
+def test_reading_adapters_again_and_again_keeps_no_memory(tmp_path: Path):
+    """The host tier re-reads evicted adapters from disk all day: a read must leave nothing behind.
+
+    safetensors' default mmap loader keeps ~56 bytes per tensor for good (0.8.0): 2,000 reads of a
+    60-tensor file kept 6.5 MiB. Measured with tracemalloc (allocations, not timing).
+    """
+    from safetensors.torch import save_file
+
+    path = tmp_path / "a.safetensors"
+    save_file({f"layer.{i}.{h}": torch.randn(1, 576) for i in range(30) for h in "AB"}, str(path))
+    limits = {"max_file_bytes": 1 << 20, "max_header_bytes": 1 << 16, "max_num_tensors": 64}
+    adapters.safetensors_check.load_checked(path, **limits)  # warm-up: one-time caches
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(2000):
+            adapters.safetensors_check.load_checked(path, **limits)
+        gc.collect()
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 256 * 1024, f"{retained / 1024:.0f} KiB kept by 2,000 reads"
