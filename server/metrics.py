@@ -93,27 +93,24 @@ class ServerMetrics:
         self.stats.record_arrival(adapter, tenant)
         return RequestTimer(self, adapter, tenant)
 
-    def observe_step(self, step: StepStats, core: EngineCore | None = None) -> None:
+    def observe_step(self, step: StepStats) -> None:
         """``EngineCore.on_step``: runs in the engine thread after every non-empty step."""
         self.prompt_tokens.inc(step.num_prompt_tokens)
         self.generated_tokens.inc(step.num_generated_tokens)
         self.step_adapters.observe(step.num_adapters)
         self.step_tokens.observe(step.num_tokens)
         self.step_duration.observe(step.duration_s)
-        if core is not None:
-            now = core.stats()
-            merges = getattr(core, "merges", None)
-            self.stats.record_step(StepGauges(
-                step.num_generated_tokens, now.num_waiting, now.num_running, now.kv_cache_usage,
-                0 if merges is None else len(merges.copies),
-            ))  # fmt: skip
+        self.stats.record_step(StepGauges(
+            step.num_generated_tokens, step.num_waiting, step.num_running, step.kv_cache_usage,
+            step.num_merged_copies,
+        ))  # fmt: skip
 
     def watch(self, core: EngineCore) -> None:
         """Hook into the engine's step and the adapter cache's transitions, keeping hooks already set.
 
         Nothing else of the engine is read before a scrape, so apps on stub engines still work.
         """
-        core.on_step = _chained(getattr(core, "on_step", None), lambda step: self.observe_step(step, core))
+        core.on_step = _chained(getattr(core, "on_step", None), self.observe_step)
         cache = getattr(core, "adapters", None)
         if cache is None:
             return

@@ -91,26 +91,43 @@ class StepGauges:
     merged_copies: int
 
 
-@dataclass
-class Bucket:
-    """What happened in ``[index·bucket_s, (index+1)·bucket_s)``."""
+@dataclass(kw_only=True)
+class Activity:
+    """Requests, tokens and latencies over some time, per adapter and per calling tenant too."""
 
-    index: int
-    counters: CacheCounters
     requests: int = 0
     errors: int = 0
     generated_tokens: int = 0
     ttft: LatencySketch = field(default_factory=LatencySketch)
     itl: LatencySketch = field(default_factory=LatencySketch)
+    adapter_requests: Counter[str] = field(default_factory=Counter)
+    adapter_tokens: Counter[str] = field(default_factory=Counter)
+    tenant_requests: Counter[str] = field(default_factory=Counter)
+    tenant_tokens: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: Activity) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.generated_tokens += other.generated_tokens
+        self.ttft.merge(other.ttft)
+        self.itl.merge(other.itl)
+        self.adapter_requests.update(other.adapter_requests)
+        self.adapter_tokens.update(other.adapter_tokens)
+        self.tenant_requests.update(other.tenant_requests)
+        self.tenant_tokens.update(other.tenant_tokens)
+
+
+@dataclass(kw_only=True)
+class Bucket(Activity):
+    """What happened in ``[index·bucket_s, (index+1)·bucket_s)``, and the engine's gauges then."""
+
+    index: int
+    counters: CacheCounters
     steps: int = 0
     waiting: int = 0
     running: int = 0
     kv_cache_usage: float = 0.0
     merged_copies: int = 0
-    adapter_requests: Counter[str] = field(default_factory=Counter)
-    adapter_tokens: Counter[str] = field(default_factory=Counter)
-    tenant_requests: Counter[str] = field(default_factory=Counter)
-    tenant_tokens: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -131,20 +148,11 @@ class Series:
     merged_copies: list[int] = field(default_factory=list)
 
 
-@dataclass
-class WindowSummary:
+@dataclass(kw_only=True)
+class WindowSummary(Activity):
     """The last ``window_s`` seconds: totals, rates, latency sketches, busiest keys, series."""
 
     window_s: float
-    requests: int = 0
-    errors: int = 0
-    generated_tokens: int = 0
-    ttft: LatencySketch = field(default_factory=LatencySketch)
-    itl: LatencySketch = field(default_factory=LatencySketch)
-    adapter_requests: Counter[str] = field(default_factory=Counter)
-    adapter_tokens: Counter[str] = field(default_factory=Counter)
-    tenant_requests: Counter[str] = field(default_factory=Counter)
-    tenant_tokens: Counter[str] = field(default_factory=Counter)
     hit_rate: float | None = None  # adapter-cache hits / lookups within the window
     series: Series = field(default_factory=Series)
 
@@ -209,7 +217,7 @@ class StatsRecorder:
     def _current(self) -> Bucket:
         index = math.floor(self.clock() / self.bucket_s)
         if not self._buckets or self._buckets[-1].index < index:
-            self._buckets.append(Bucket(index, self._cache_counters()))
+            self._buckets.append(Bucket(index=index, counters=self._cache_counters()))
         return self._buckets[-1]
 
     # ---- reader ----
@@ -223,7 +231,7 @@ class StatsRecorder:
             buckets = [b for b in self._buckets if b.index >= first]
         summary = WindowSummary(window_s=window_s)
         for bucket in buckets:
-            _add(summary, bucket)
+            summary.add(bucket)
         if cache_now is not None and buckets:
             start = buckets[0].counters
             lookups = cache_now.lookups - start.lookups
@@ -243,18 +251,6 @@ class StatsRecorder:
             _add_point(series, start * self.bucket_s, members, group * self.bucket_s)
             series.merged_copies.append(merged_copies)
         return series
-
-
-def _add(summary: WindowSummary, bucket: Bucket) -> None:
-    summary.requests += bucket.requests
-    summary.errors += bucket.errors
-    summary.generated_tokens += bucket.generated_tokens
-    summary.ttft.merge(bucket.ttft)
-    summary.itl.merge(bucket.itl)
-    summary.adapter_requests.update(bucket.adapter_requests)
-    summary.adapter_tokens.update(bucket.adapter_tokens)
-    summary.tenant_requests.update(bucket.tenant_requests)
-    summary.tenant_tokens.update(bucket.tenant_tokens)
 
 
 def _add_point(series: Series, start_s: float, members: list[Bucket], span_s: float) -> None:

@@ -178,14 +178,15 @@ def _adapter_stats(summary: WindowSummary, cache: AdapterCache, merges: MergeMan
     loads = sorted(cache.stats.load_seconds)
     activity = summary.adapter_tokens + summary.adapter_requests  # both: a request may not have a token yet
     busiest = sorted(activity, key=lambda a: (-summary.adapter_tokens[a], -summary.adapter_requests[a], a))
+    registered = cache.registered_ids()
     matches, matches_total = None, 0
     if search is not None:
         needle = search.lower()
-        found = sorted(i for i in cache.registered_ids() if needle in i.lower())
+        found = sorted(i for i in registered if needle in i.lower())
         found.sort(key=lambda a: -summary.adapter_tokens[a])  # stable: busiest first, then by id
         matches_total, matches = len(found), [_activity(a, summary, cache, merges) for a in found[:top]]
     return AdapterStats(
-        registered=len(cache.registered_ids()), tiers=metrics.adapters_per_tier(cache),
+        registered=len(registered), tiers=metrics.adapters_per_tier(cache),
         hit_rate=summary.hit_rate, hit_rate_total=totals.hits / totals.lookups if totals.lookups else None,
         loads=cache.stats.num_loads, load_failures=cache.stats.transitions[Transition.LOAD_FAIL],
         load_p50_s=_quantile(loads, 0.5), load_p99_s=_quantile(loads, 0.99), host_bytes=cache.host_bytes(),

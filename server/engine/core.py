@@ -87,9 +87,13 @@ class StepStats:
     num_generated_tokens: int  # tokens sampled
     num_adapters: int  # distinct adapters in the batch (the base model not counted)
     duration_s: float  # schedule + forward + sampling + detokenization
+    num_waiting: int  # the queues, KV usage and merged copies right after the step
+    num_running: int
+    kv_cache_usage: float
+    num_merged_copies: int
 
     @classmethod
-    def of(cls, out: SchedulerOutput, duration_s: float) -> StepStats:
+    def of(cls, out: SchedulerOutput, duration_s: float, core: EngineCore) -> StepStats:
         """Read after ``postprocess``: a first chunk is one whose computed tokens are exactly this step's."""
         items = out.scheduled
         first = [i.seq for i in items if i.seq.num_computed_tokens == i.num_new_tokens]
@@ -100,6 +104,10 @@ class StepStats:
             num_generated_tokens=sum(i.samples for i in items),
             num_adapters=len({i.seq.adapter_id for i in items} - {None}),
             duration_s=duration_s,
+            num_waiting=len(core.scheduler.waiting),
+            num_running=len(core.scheduler.running),
+            kv_cache_usage=core.kv_cache.allocator.usage,
+            num_merged_copies=len(core.merges.copies),
         )
 
 
@@ -229,7 +237,7 @@ class EngineCore:
         if self.on_step is None:
             return
         try:
-            self.on_step(StepStats.of(out, duration_s))
+            self.on_step(StepStats.of(out, duration_s, self))
         except Exception:
             log.exception("the step observer failed")
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.server_process import free_port, running_server
+from tests.api.server_process import free_port, running_server, stop
 from tests.deploy.files import ALERTS, PROMETHEUS_CONFIG, load_yaml, tool
 
 T = TypeVar("T")
@@ -127,9 +127,4 @@ def prometheus(served, tmp_path_factory) -> Iterator[PrometheusApi]:
         api.wait_for(lambda: api.is_ready() or None, "prometheus not ready")
         yield api
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
