@@ -5,6 +5,10 @@ Run:  .venv/bin/python bench/serve.py --start-server --num-adapters 4 --duration
            bench-adapter-0..3, cached under ~/.cache/loraplex/bench-adapters, then loads it)
       .venv/bin/python bench/serve.py --url http://127.0.0.1:8000 --num-adapters 8 --rate 4 --duration 60
           (against a server already running with adapters bench-adapter-0..7 registered)
+      .venv/bin/python bench/serve.py --vs-peft --rounds 5
+          (a different mode, issue 12: `loraplex serve` with default settings, closed batches of 8
+           requests over 8 distinct adapters vs base only vs in-process peft; bench/serve_vs_peft.py
+           has it and its flags: `bench/serve.py --vs-peft --help`)
 
 Requests arrive as a Poisson process at --rate req/s for --duration s (or --num-requests of them).
 Each names the base model with probability --base-fraction, else adapter k (k = 0..N-1) with
@@ -19,7 +23,9 @@ with text; ITL = gaps between successive text chunks (all requests pooled; a chu
 than one token when the detokenizer holds back a partial character); TPOT = (last - first text
 chunk) / (completion tokens - 1) per request; e2e = sent → [DONE]. Token counts come from the
 server's usage chunk. Throughput = ok requests and generated tokens / (first send → last finish).
-With --start-server the client, the server and its engine share this machine's cores.
+With --start-server the client, the server and its engine share this machine's cores; the server
+gets ``--max-lora-rank --rank`` (its slots sized to the bench adapters) plus --server-args (the
+--vs-peft mode passes no such flag: it measures the server as a user starts it).
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class Outcome:
     sent_s: float  # perf_counter
     status: str = "ok"  # "ok", an HTTP status, "stream error" or a transport error's class name
     chunk_s: list[float] = field(default_factory=list)  # arrival of each chunk that carried text
+    text: str = ""  # the streamed text, concatenated
     done_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -121,6 +128,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default="smollm2-135m-instruct", help="--model of the started server")
     group.add_argument("--rank", type=int, default=16, help="rank of the generated peft adapters")
     group.add_argument("--server-args", default="", help="more `loraplex serve` flags, one shell string")
+    p.add_argument("--vs-peft", action="store_true",
+                   help="run issue 12's comparison instead (bench/serve_vs_peft.py, own flags)")  # fmt: skip
 
 
 # ---- the workload ----
@@ -185,8 +194,9 @@ def note_event(outcome: Outcome, data: str, now_s: float) -> None:
     event = json.loads(data)
     if "error" in event:
         outcome.status, outcome.error = "stream error", str(event["error"].get("message", ""))[:200]
-    elif chunk_text(event):
+    elif text := chunk_text(event):
         outcome.chunk_s.append(now_s)
+        outcome.text += text
     if event.get("usage"):
         outcome.prompt_tokens = event["usage"]["prompt_tokens"]
         outcome.completion_tokens = event["usage"]["completion_tokens"]
@@ -406,28 +416,47 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
     sys.exit(f"the server was not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
 
 
+@dataclass(frozen=True)
+class Launched:
+    """A `loraplex serve` process started here."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path  # its stdout and stderr; gone once the context exits
+    command: str  # as a user would type it
+
+
 @contextmanager
-def started_server(args) -> Iterator[str]:
-    """``loraplex serve`` with the bench adapters on a free port, a throwaway --data-dir; yields its URL."""
-    adapters = bench_adapters(args)
+def launched_server(args, adapters: list[Path], flags: list[str]) -> Iterator[Launched]:
+    """``loraplex serve --model M`` + ``flags`` + ``--adapter PREFIX<k>=path`` each + --server-args.
+
+    On a free port with a throwaway --data-dir; stopped (SIGTERM, then SIGKILL) on exit.
+    """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-serve-") as tmp:
         command = [sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--port", str(port),
-                   "--data-dir", str(Path(tmp) / "data"), "--max-lora-rank", str(args.rank)]  # fmt: skip
+                   "--data-dir", str(Path(tmp) / "data"), *flags]  # fmt: skip
         for k, path in enumerate(adapters):
             command += ["--adapter", f"{args.adapter_prefix}{k}={path}"]
         command += shlex.split(args.server_args)
-        args.server_command = shlex.join(["loraplex", *command[3:]])
         log_path = Path(tmp) / "server.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            started = time.perf_counter()
-            wait_ready(f"http://127.0.0.1:{port}", process, log_path)
+            started, url = time.perf_counter(), f"http://127.0.0.1:{port}"
+            wait_ready(url, process, log_path)
             print(f"(server ready after {time.perf_counter() - started:.1f} s)", file=sys.stderr)
-            yield f"http://127.0.0.1:{port}"
+            yield Launched(url, process, log_path, shlex.join(["loraplex", *command[3:]]))
         finally:
             stop(process)
+
+
+@contextmanager
+def started_server(args) -> Iterator[str]:
+    """--start-server: the bench adapters, slots padded to their rank (--max-lora-rank); yields the URL."""
+    with launched_server(args, bench_adapters(args), ["--max-lora-rank", str(args.rank)]) as server:
+        args.server_command = server.command
+        yield server.url
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -441,6 +470,11 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def main() -> None:
+    if "--vs-peft" in sys.argv[1:]:
+        from bench.serve_vs_peft import main as vs_peft_main
+
+        vs_peft_main([a for a in sys.argv[1:] if a != "--vs-peft"])
+        return
     args = parse_args()
     if args.start_server:
         with started_server(args) as url:

@@ -139,7 +139,9 @@ class EngineCore:
             self.adapters.is_registered,
         )
         self.scheduler = Scheduler(config, self.kv_cache, self.adapters, self.max_model_len, eos, self.merges)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(config.seed))
+        self.runner = ModelRunner(
+            loaded.model, self.kv_cache, Sampler(config.seed), self.slot_writer.slot_ranks
+        )
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()

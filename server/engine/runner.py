@@ -27,8 +27,11 @@ class MergedWeights(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForServing, kv_cache: KVCache, sampler: Sampler) -> None:
+    def __init__(
+        self, model: LlamaForServing, kv_cache: KVCache, sampler: Sampler, slot_ranks: list[int] | None = None
+    ) -> None:
         self.model = model
+        self.slot_ranks = slot_ranks  # rank of the adapter in each slot (kept up to date by the writer)
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.device = model.embed_tokens.device
@@ -85,13 +88,14 @@ class ModelRunner:
             **self._decode_fields(decodes),
             prefills=tuple(prefills),
             logits_index=self._tensor(logits_index),
-            lora=LoRASegments.build(token_slots, self.device, self.dtype),
+            lora=LoRASegments.build(token_slots, self.device, self.slot_ranks),
         )
 
     def _decode_fields(self, decodes: list[tuple[int, Sequence, int]]) -> dict:
         """Padded KV rows and mask for the decode group: [Bd, Lmax] and [Bd, 1, 1, Lmax]."""
         if not decodes:
-            return {"decode_token_index": None, "decode_kv_index": None, "decode_kv_mask": None}
+            return {"decode_token_index": None, "decode_kv_index": None, "decode_kv_bias": None,
+                    "decode_is_all_tokens": False}  # fmt: skip
         max_len = max(ctx for _, _, ctx in decodes)
         bs = self.kv_cache.block_size
         max_blocks = -(-max_len // bs)
@@ -103,11 +107,14 @@ class ModelRunner:
         pos = torch.arange(max_len, device=self.device)  # [Lmax]
         kv_index = table[:, pos // bs] * bs + pos % bs  # [Bd, Lmax]
         ctx = self._tensor([ctx for _, _, ctx in decodes])  # [Bd]
-        mask = (pos[None, :] < ctx[:, None])[:, None, None, :]  # [Bd, 1, 1, Lmax]
+        pads = (pos[None, :] >= ctx[:, None])[:, None, None, :]  # [Bd, 1, 1, Lmax]
+        bias = torch.zeros(pads.shape, device=self.device).masked_fill_(pads, float("-inf"))
+        token_index = [i for i, _, _ in decodes]
         return {
-            "decode_token_index": self._tensor([i for i, _, _ in decodes]),
+            "decode_token_index": self._tensor(token_index),
             "decode_kv_index": kv_index,
-            "decode_kv_mask": mask,
+            "decode_kv_bias": bias,
+            "decode_is_all_tokens": token_index == list(range(len(token_index))),
         }
 
     def _kv_rows(self, block_table: list[int], start: int, end: int) -> list[int]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from server.config import EngineConfig, ModelConfig
+from server.model import cpu_tuning
+from server.model.cpu_tuning import CpuKernelChoice
 from server.model.llama import LlamaForServing, load_weights
-from server.model.loader import Checkpoint, iter_safetensors, resolve_checkpoint
+from server.model.loader import Checkpoint, default_cache_dir, iter_safetensors, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     max_model_len: int
+    kernels: CpuKernelChoice | None = None  # what the CPU start-up measurement chose (None on GPU)
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -29,10 +33,31 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device(requested)
 
 
-def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    if requested is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, requested)
+def pick_dtype(
+    requested: str | None, device: torch.device, kernels: CpuKernelChoice | None = None
+) -> torch.dtype:
+    """The user's dtype; else the measured one on CPU (fp32 where untuned), bf16 on CUDA."""
+    if requested is not None:
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16
+    return kernels.torch_dtype if kernels is not None else torch.float32
+
+
+# Below this many bytes of decode GEMM weights (tiny test models) timings are noise: no tuning.
+MIN_TUNED_WEIGHT_BYTES = 16 << 20
+
+
+def pick_cpu_kernels(model_config: ModelConfig, checkpoint: Checkpoint) -> CpuKernelChoice | None:
+    """Measure (or read the cached) CPU kernel choices for this model; None for tiny models."""
+    shapes = cpu_tuning.GemmShapes.of(checkpoint.config)
+    if sum(o * i for o, i in shapes.layer) * shapes.num_layers * 4 < MIN_TUNED_WEIGHT_BYTES:
+        return None
+    cache_dir = Path(model_config.cache_dir).expanduser() if model_config.cache_dir else default_cache_dir()
+    kernels = cpu_tuning.choose(shapes, model_config.dtype, cache_dir)
+    torch.set_num_threads(kernels.num_threads)
+    log.info("%s", kernels.describe())
+    return kernels
 
 
 def model_context_limit(config, requested: int | None) -> int:
@@ -49,14 +74,17 @@ def model_context_limit(config, requested: int | None) -> int:
 def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> LoadedModel:
     checkpoint = resolve_checkpoint(model_config)
     device = pick_device(model_config.device)
-    dtype = pick_dtype(model_config.dtype, device)
+    kernels = pick_cpu_kernels(model_config, checkpoint) if device.type == "cpu" else None
+    dtype = pick_dtype(model_config.dtype, device, kernels)
     max_model_len = model_context_limit(checkpoint.config, engine_config.max_model_len)
     weights = load_weights(iter_safetensors(checkpoint.path), dtype, device)
-    lora_kwargs = {
+    linear_kwargs = {
         "max_loras": engine_config.max_loras,
         "max_lora_rank": engine_config.max_lora_rank,
         "target_names": engine_config.target_modules,
+        "lora_dtype": kernels.torch_lora_dtype if kernels is not None and dtype != torch.float32 else None,
+        "w_xt": kernels is not None and kernels.w_xt,
     }
-    model = LlamaForServing(checkpoint.config, weights, max_model_len, lora_kwargs).eval()
+    model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs).eval()
     log.info("loaded %s on %s in %s, max_model_len=%d", checkpoint.name, device, dtype, max_model_len)
-    return LoadedModel(model, checkpoint, dtype, device, max_model_len)
+    return LoadedModel(model, checkpoint, dtype, device, max_model_len, kernels)

@@ -31,7 +31,8 @@ class ForwardBatch:
     kv_write_index: torch.Tensor  # [T] int64, flat KV-cache row where each token's K/V go
     decode_token_index: torch.Tensor | None  # [Bd] int64, flat token index of each decode sequence
     decode_kv_index: torch.Tensor | None  # [Bd, Lmax] int64, KV rows of each decode seq (padded with 0)
-    decode_kv_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, True where a KV row is real
+    decode_kv_bias: torch.Tensor | None  # [Bd, 1, 1, Lmax] fp32: 0 where a KV row is real, -inf in pads
+    decode_is_all_tokens: bool  # the decode sequences are the whole batch, in token order
     prefills: tuple[PrefillChunk, ...]
     logits_index: torch.Tensor  # [B_sample] int64, tokens whose next-token logits are needed
     lora: LoRASegments

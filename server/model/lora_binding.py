@@ -22,6 +22,10 @@ class LoRASlotWriter:
             for name in module.lora_names:
                 self.modules[(layer, name)] = module
         self.num_layers = len(model.layers)
+        num_slots = max((m.lora_a.shape[0] for m in self.modules.values()), default=0)
+        # Rank of the adapter in each slot (0: empty): the runner slices the buffers to the largest
+        # rank of a step, so an adapter costs its own rank.
+        self.slot_ranks: list[int] = [0] * num_slots
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -53,8 +57,10 @@ class LoRASlotWriter:
         per_module: dict[int, dict[str, tuple]] = {id(m): {} for m in self.modules.values()}
         for (layer, proj), pair in weights.tensors.items():
             per_module[id(self.modules[(layer, proj)])][proj] = pair
+        self.slot_ranks[slot] = self.max_lora_rank  # while half-written, read it all
         for module in {id(m): m for m in self.modules.values()}.values():
             module.set_slot(slot, per_module[id(module)], weights.config.scale)
+        self.slot_ranks[slot] = weights.config.rank
 
     def merged_weights(self, weights: LoRAWeights) -> dict[MultiLoRALinear, torch.Tensor]:
         """A merged copy W + s·B·A of every module the adapter touches (others keep the base weight).
@@ -77,3 +83,4 @@ class LoRASlotWriter:
     def clear(self, slot: int) -> None:
         for module in {id(m): m for m in self.modules.values()}.values():
             module.clear_slot(slot)
+        self.slot_ranks[slot] = 0

@@ -2,11 +2,14 @@
 
     y = x·Wᵀ + b + Σ_slot [token in slot] · (x·A_slotᵀ)·B_slotᵀ
 
-Slot buffers are allocated once (``max_loras`` slots, padded to ``max_lora_rank``), so activating an
-adapter is a copy into a slot, never an allocation. The LoRA scale (α/r, or α/√r for rsLoRA) is
-folded into B when the slot is written. A fused projection (q|k|v, gate|up) has one output slice
-per original projection; each slice has its own A and B, so peft adapters that target any subset
-of the original projections map onto it.
+Slot buffers are allocated once (``max_loras`` slots of up to ``max_lora_rank`` rank rows), so
+activating an adapter is a copy into a slot, never an allocation. Each step reads the slots only up
+to the largest rank among its adapters, so a rank-16 adapter costs rank 16 whatever the buffers'
+size. The LoRA scale (α/r, or α/√r for rsLoRA) is folded into B when the slot is written. The slots
+may be held in another dtype than the base weight (``lora_dtype``: fp32 under a bf16 base on CPUs
+where that is faster, as measured at start by server/model/cpu_tuning.py). A fused projection
+(q|k|v, gate|up) has one output slice per original projection; each slice has its own A and B,
+so peft adapters that target any subset of the original projections map onto it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from server.model.cpu_tuning import base_gemm
 from server.ops import lora_torch
 from server.ops.lora_torch import LoRASegments
 
@@ -30,17 +33,16 @@ def _pick_add_lora(device: torch.device):
     return lora_torch.add_lora
 
 
-# On CPU, MKL's GEMM for a few rows (decode) is faster as W·xᵀ than as x·Wᵀ (measured ~30% at
-# 8×576×1536 on the 2-core CI machine); the transposed [out, T] result is copied back (small).
+# On some CPUs the GEMM of a few rows (decode) is faster as W·xᵀ than as x·Wᵀ, on others slower;
+# cpu_tuning measures which at start. It applies to batches of at most this many rows.
 SMALL_BATCH_ROWS = 32
 
 
-def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] · weight [out, in]ᵀ (+ bias) → [T, out], contiguous."""
-    if x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_ROWS:
-        y = torch.mm(weight, x.T).T.contiguous()
-        return y if bias is None else y.add_(bias)
-    return F.linear(x, weight, bias)
+def base_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w_xt: bool = False
+) -> torch.Tensor:
+    """x [T, in] · weight [out, in]ᵀ (+ bias) → [T, out], contiguous; ``w_xt``: the measured layout."""
+    return base_gemm(x, weight, bias, w_xt and x.shape[0] <= SMALL_BATCH_ROWS)
 
 
 class MultiLoRALinear(nn.Module):
@@ -59,6 +61,8 @@ class MultiLoRALinear(nn.Module):
         max_loras: int,
         max_lora_rank: int,
         target_names: tuple[str, ...],
+        lora_dtype: torch.dtype | None = None,  # None: the weight's dtype
+        w_xt: bool = False,  # small batches as (W·xᵀ)ᵀ (measured per CPU)
     ) -> None:
         super().__init__()
         if sum(slice_sizes) != weight.shape[0]:
@@ -74,12 +78,19 @@ class MultiLoRALinear(nn.Module):
         self.has_lora_buffers = bool(self.lora_names)
         self.max_lora_rank = max_lora_rank
         out_total, in_features = weight.shape
-        shape_a = (max_loras, len(slice_names), max_lora_rank, in_features) if self.lora_names else (0,)
-        shape_b = (max_loras, out_total, max_lora_rank) if self.lora_names else (0, 0, 0)
-        self.register_buffer("lora_a", weight.new_zeros(shape_a), persistent=False)  # [S, N, R, in]
-        # Stored slot-major [S, out, R] (a slot's B is one contiguous block); the ops take the
-        # logical [out, S, R] view, lora_b_view.
-        self.register_buffer("lora_b", weight.new_zeros(shape_b), persistent=False)
+        self.w_xt = w_xt
+        # The layouts of server/ops/lora_torch.py, used as they are by every kernel.
+        shape_a = (
+            (max_loras, max_lora_rank, len(slice_names), in_features) if self.lora_names else (0, 0, 0, 0)
+        )
+        shape_b = (max_loras, max_lora_rank, out_total) if self.lora_names else (0, 0, 0)
+        dtype = lora_dtype or weight.dtype
+        self.register_buffer(
+            "lora_a", weight.new_zeros(shape_a, dtype=dtype), persistent=False
+        )  # [S, R, N, in]
+        self.register_buffer(
+            "lora_b", weight.new_zeros(shape_b, dtype=dtype), persistent=False
+        )  # [S, R, out]
         self._add_lora = _pick_add_lora(weight.device)
         # A merged copy (W + s·B·A) to use instead of ``weight`` for the current forward; set and
         # cleared by the engine around the forward of a merged copy's batch.
@@ -96,9 +107,10 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRASegments) -> torch.Tensor:
         """x [T, in] → [T, out_total]; tokens of slot -1 get exactly the base output."""
         weight = self.weight if self.active_weight is None else self.active_weight
-        y = base_linear(x, weight, self.bias)
+        y = base_linear(x, weight, self.bias, self.w_xt)
         if self.has_lora_buffers and lora.has_lora:
-            self._add_lora(y, x, self.lora_a, self.lora_b.permute(1, 0, 2), lora, self.output_slices)
+            rank = self.max_lora_rank if lora.max_rank is None else lora.max_rank
+            self._add_lora(y, x, self.lora_a[:, :rank], self.lora_b[:, :rank], lora, self.output_slices)
         return y
 
     @torch.inference_mode()
@@ -121,8 +133,8 @@ class MultiLoRALinear(nn.Module):
             lora_a, lora_b = weights[name]
             rank = lora_a.shape[0]
             lo, hi = self.output_slices[n]
-            self.lora_a[slot, n, :rank].copy_(lora_a)
-            self.lora_b[slot, lo:hi, :rank].copy_(lora_b.to(torch.float32) * scale)
+            self.lora_a[slot, :rank, n].copy_(lora_a)
+            self.lora_b[slot, :rank, lo:hi].copy_((lora_b.to(torch.float32) * scale).T)
 
     @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:

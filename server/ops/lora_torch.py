@@ -5,26 +5,32 @@ Both functions here and ``lora_triton.add_lora`` share one signature and one mea
     for t in range(T):                                  # every token of the step
         s = token_slots[t]                              # its adapter slot, -1 = base only
         for n, (lo, hi) in enumerate(output_slices):    # fused projections have several slices
-            y[t, lo:hi] += lora_b[lo:hi, s, :] @ (lora_a[s, n] @ x[t])
+            y[t, lo:hi] += (lora_a[s, :, n] @ x[t]) @ lora_b[s, :, lo:hi]
 
-Slot buffers are padded with zeros up to the configured max rank R, and the LoRA scale
-(alpha/r or alpha/sqrt(r)) is already folded into ``lora_b``, so the sum above is exact.
+Slot buffers hold each adapter at its own rank r in rank rows 0..r-1 and zeros above, and the LoRA
+scale (alpha/r or alpha/sqrt(r)) is already folded into ``lora_b``, so the sum above is exact for
+any R >= the largest rank in the step. Callers pass rank-true views (``lora_a[:, :r]``,
+``lora_b[:, :r]`` with r the largest rank among the step's slots), so an adapter costs its own rank
+whatever ``max_lora_rank`` the buffers were sized for.
 
-Layouts (chosen so that the hot reads are views, never copies):
+Layouts (one layout from the slot writer to every kernel; the hot reads are views, never copies):
     x       [T, in]            activations of one step, tokens of a slot contiguous
     y       [T, out_total]     base output, updated in place
-    lora_a  [S, N, R, in]      per slot, per output slice, rank rows
-    lora_b  [out_total, S, R]  slot-major within a row so that B[:, :k] is one [out, k*R] view
+    lora_a  [S, R, N, in]      per slot: rank-major, then output slice, so [s, :r] is one block
+    lora_b  [S, R, out_total]  per slot: rank-major rows of Bᵀ, so [s, :r, lo:hi] is a plain view
+The side path may run in another dtype than the base (fp32 slots under a bf16 base): x is cast to
+the slots' dtype and the result is added into y in y's dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-# Below this many tokens per segment, one dense product over all used slots (masked per token)
-# beats a Python loop over segments: decode batches have ~1 token per segment.
+# Below this many tokens per segment, one batched product over the used slots (tokens padded into
+# a slot × position grid) beats a Python loop over segments: decode batches have ~1 token each.
 DENSE_MAX_TOKENS_PER_SEGMENT = 4
 
 
@@ -32,69 +38,82 @@ DENSE_MAX_TOKENS_PER_SEGMENT = 4
 class LoRASegments:
     """Token → slot map of one step, built once by the runner and shared by every LoRA layer.
 
-    Tokens are ordered so that all tokens of one slot form one contiguous segment.
+    Tokens are ordered so that all tokens of one slot form one contiguous segment. The grid of
+    the decode path covers the slots first_slot .. first_slot + num_slots_used - 1 only.
     """
 
     token_slots: torch.Tensor  # [T] int64 on the model device; -1 = base only
     seg_starts: torch.Tensor  # [G + 1] int32 on device; token offsets of the segments
     seg_slots: torch.Tensor  # [G] int32 on device; slot of each segment (-1 segments included)
     seg_bounds: tuple[tuple[int, int, int], ...]  # host copy: (start, end, slot) with slot >= 0
-    num_slots_used: int  # k = 1 + highest slot used this step (0 when no token has an adapter)
+    first_slot: int  # lowest slot used this step (0 when no token has an adapter)
+    num_slots_used: int  # k = highest - lowest slot used + 1 (0 when no token has an adapter)
+    max_rank: int | None  # largest rank among the used slots; None: unknown, use the buffers' R
     grid_len: int  # L = most tokens any slot has this step
+    use_grid: bool  # decode-like: few tokens per segment, so one batched product per stage
     grid_gather: torch.Tensor | None  # [k*L] int64: token at each (slot, i) grid cell (0 in pads)
     grid_cells: torch.Tensor | None  # [V] int64: grid cells that hold a real LoRA token
     grid_tokens: torch.Tensor | None  # [V] int64: the token of each of those cells
-    # grid_* are None when the grid is the token order itself (slots 0..k-1, L tokens each)
+    # grid_* are None when the grid is the token order itself (k slots in order, L tokens each)
 
     @property
     def has_lora(self) -> bool:
         return self.num_slots_used > 0
 
-    @property
-    def use_grid(self) -> bool:
-        num_lora_tokens = sum(end - start for start, end, _ in self.seg_bounds)
-        return num_lora_tokens <= DENSE_MAX_TOKENS_PER_SEGMENT * max(1, len(self.seg_bounds))
-
     @classmethod
-    def build(cls, token_slots: list[int], device: torch.device, dtype: torch.dtype) -> LoRASegments:
-        """Segments from a per-token slot list whose equal slots are already contiguous."""
+    def build(
+        cls,
+        token_slots: list[int],
+        device: torch.device,
+        slot_ranks: Sequence[int] | None = None,
+    ) -> LoRASegments:
+        """Segments from a per-token slot list whose equal slots are already contiguous.
+
+        ``slot_ranks[s]`` is the rank of the adapter in slot s (None: not known, no rank slicing).
+        """
         starts = [i for i, slot in enumerate(token_slots) if i == 0 or slot != token_slots[i - 1]]
         slots = [token_slots[i] for i in starts]
         ends = [*starts[1:], len(token_slots)]
         bounds = tuple((a, b, s) for a, b, s in zip(starts, ends, slots, strict=True) if s >= 0)
-        if len({s for _, _, s in bounds}) != len(bounds):
+        used = [s for _, _, s in bounds]
+        if len(set(used)) != len(used):
             raise ValueError("tokens of one slot must be contiguous in the batch")
-        num_used = 1 + max((s for _, _, s in bounds), default=-1)
+        first = min(used, default=0)
+        num_used = max(used) - first + 1 if used else 0
         grid_len = max((b - a for a, b, _ in bounds), default=0)
+        num_lora_tokens = sum(b - a for a, b, _ in bounds)
         as_tensor = lambda v, dt=torch.int64: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-        grid = _grid_indices(bounds, num_used, grid_len, len(token_slots))
+        grid = _grid_indices(bounds, first, num_used, grid_len, len(token_slots))
         return cls(
             token_slots=as_tensor(token_slots),
             seg_starts=as_tensor([*starts, len(token_slots)], torch.int32),
             seg_slots=as_tensor(slots, torch.int32),
             seg_bounds=bounds,
+            first_slot=first,
             num_slots_used=num_used,
+            max_rank=None if slot_ranks is None else max((slot_ranks[s] for s in used), default=0),
             grid_len=grid_len,
+            use_grid=num_lora_tokens <= DENSE_MAX_TOKENS_PER_SEGMENT * max(1, len(bounds)),
             grid_gather=None if grid is None else as_tensor(grid[0]),
             grid_cells=None if grid is None else as_tensor(grid[1]),
             grid_tokens=None if grid is None else as_tensor(grid[2]),
         )
 
 
-def _grid_indices(bounds, num_slots: int, grid_len: int, num_tokens: int):
+def _grid_indices(bounds, first_slot: int, num_slots: int, grid_len: int, num_tokens: int):
     """(gather [k*L], cells [V], tokens [V]) for the slot × position grid; None if it is the identity."""
-    if (
-        num_tokens == num_slots * grid_len
-        and all((a, b, s) == (s * grid_len, (s + 1) * grid_len, s) for a, b, s in bounds)
-        and len(bounds) == num_slots
-    ):
+    is_identity = num_tokens == num_slots * grid_len and all(
+        (a, b) == ((s - first_slot) * grid_len, (s - first_slot + 1) * grid_len) for a, b, s in bounds
+    )
+    if is_identity and len(bounds) == num_slots:
         return None
     gather = [0] * (num_slots * grid_len)
     cells, tokens = [], []
     for start, end, slot in bounds:
+        row = (slot - first_slot) * grid_len
         for i, token in enumerate(range(start, end)):
-            gather[slot * grid_len + i] = token
-            cells.append(slot * grid_len + i)
+            gather[row + i] = token
+            cells.append(row + i)
             tokens.append(token)
     return gather, cells, tokens
 
@@ -107,13 +126,13 @@ def add_lora_reference(
     segments: LoRASegments,
     output_slices: tuple[tuple[int, int], ...],
 ) -> None:
-    """The semantics, token by token (slow; the yardstick for every fast path)."""
+    """The semantics, token by token in fp32 (slow; the yardstick for every fast path)."""
     for t, slot in enumerate(segments.token_slots.tolist()):
         if slot < 0:
             continue
         for n, (lo, hi) in enumerate(output_slices):
-            shrunk = lora_a[slot, n].float() @ x[t].float()  # [R]
-            y[t, lo:hi] += (lora_b[lo:hi, slot, :].float() @ shrunk).to(y.dtype)
+            shrunk = lora_a[slot, :, n].float() @ x[t].float()  # [R]
+            y[t, lo:hi] += (shrunk @ lora_b[slot, :, lo:hi].float()).to(y.dtype)
 
 
 def add_lora(
@@ -127,36 +146,43 @@ def add_lora(
     """CPU fast path: no per-token weight gather; each used slot's weights are read once."""
     if not segments.has_lora:
         return
-    lora_b_slots = lora_b.permute(1, 0, 2)  # [S, out_total, R]: each slot's B rows contiguous
+    first, k = segments.first_slot, segments.num_slots_used
+    a = lora_a[first : first + k].flatten(1, 2)  # [k, R*N, in]: a view of the rank-major layout
+    b = lora_b[first : first + k]  # [k, R, out_total]
+    x = x.to(a.dtype)
     if segments.use_grid:
-        _add_lora_grid(y, x, lora_a, lora_b_slots, segments, output_slices)
+        _add_lora_grid(y, x, a, b, segments, output_slices)
     else:
-        _add_lora_segments(y, x, lora_a, lora_b_slots, segments, output_slices)
+        _add_lora_segments(y, x, a, b, segments, output_slices)
 
 
-def _add_lora_grid(y, x, lora_a, lora_b_slots, segments, output_slices) -> None:
+def _add_lora_grid(y, x, a, b, segments, output_slices) -> None:
     """Decode-like steps: tokens padded into a [k slots, L] grid, one batched product per stage.
 
-    Each used slot's A and B are read once, by batched matrix-vector-like products that MKL runs
-    far closer to memory speed than one wide masked product.
+    a [k, R*N, in], b [k, R, out_total]. Each used slot's A and B are read once, by batched
+    matrix-vector-like products that run far closer to memory speed than one masked product.
     """
-    k, grid_len, rank = segments.num_slots_used, segments.grid_len, lora_a.shape[2]
+    k, grid_len, rank, num_slices = segments.num_slots_used, segments.grid_len, b.shape[1], len(output_slices)
     x_grid = x if segments.grid_gather is None else x.index_select(0, segments.grid_gather)
-    x_grid = x_grid.view(k, grid_len, -1)  # [k, L, in]
-    shrunk = torch.bmm(x_grid, lora_a[:k].flatten(1, 2).transpose(1, 2))  # [k, L, N*R]
+    shrunk = torch.bmm(x_grid.view(k, grid_len, -1), a.transpose(1, 2))  # [k, L, R*N]
+    if num_slices > 1:  # slice-major so that each slice's [k, L, R] is one block
+        shrunk = shrunk.view(k, grid_len, rank, num_slices).permute(3, 0, 1, 2).contiguous()  # [N, k, L, R]
+    else:
+        shrunk = shrunk.unsqueeze(0)
     for n, (lo, hi) in enumerate(output_slices):
-        shrunk_n = shrunk[:, :, n * rank : (n + 1) * rank]  # [k, L, R]
-        delta = torch.bmm(shrunk_n, lora_b_slots[:k, lo:hi].transpose(1, 2))  # [k, L, out_n]
+        delta = torch.bmm(shrunk[n], b[:, :, lo:hi]).view(-1, hi - lo)  # [k*L, out_n]
         if segments.grid_gather is None:
-            y[:, lo:hi] += delta.view(-1, hi - lo)
+            y[:, lo:hi] += delta
         else:
-            rows = delta.view(-1, hi - lo).index_select(0, segments.grid_cells)
+            rows = delta.index_select(0, segments.grid_cells).to(y.dtype)
             y[:, lo:hi].index_add_(0, segments.grid_tokens, rows)
 
 
-def _add_lora_segments(y, x, lora_a, lora_b_slots, segments, output_slices) -> None:
+def _add_lora_segments(y, x, a, b, segments, output_slices) -> None:
     """Prefill-like steps: one shrink and one expand per (segment, slice)."""
+    rank, num_slices, first = b.shape[1], len(output_slices), segments.first_slot
     for start, end, slot in segments.seg_bounds:
-        shrunk = torch.matmul(x[start:end], lora_a[slot].transpose(-1, -2))  # [N, L, R]
+        shrunk = torch.mm(x[start:end], a[slot - first].T).view(end - start, rank, num_slices)  # [L, R, N]
         for n, (lo, hi) in enumerate(output_slices):
-            y[start:end, lo:hi].addmm_(shrunk[n], lora_b_slots[slot, lo:hi].T)
+            delta = torch.mm(shrunk[:, :, n], b[slot - first, :, lo:hi])  # [L, out_n]
+            y[start:end, lo:hi] += delta

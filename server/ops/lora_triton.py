@@ -5,13 +5,13 @@ Same signature and meaning as ``lora_torch.add_lora_reference`` (layouts are doc
     for t in range(T):                                  # every token of the step
         s = token_slots[t]                              # its adapter slot, -1 = base only
         for n, (lo, hi) in enumerate(output_slices):    # fused projections have several slices
-            y[t, lo:hi] += lora_b[lo:hi, s, :] @ (lora_a[s, n] @ x[t])
+            y[t, lo:hi] += (lora_a[s, :, n] @ x[t]) @ lora_b[s, :, lo:hi]
 
 Tokens of one slot are contiguous, so the batch is a list of G segments (``seg_starts`` /
 ``seg_slots``). Two kernels, both gridded over (segment, token block[, column block]):
 
     shrink   h[seg, :] = x[seg] @ A[slot]^T for all N slices at once, into a fp32 temp [T, N*R]
-    expand   y[seg, lo:hi] += h[seg, n*R:(n+1)*R] @ B[lo:hi, slot, :]^T, one launch per slice n
+    expand   y[seg, lo:hi] += h[seg, n*R:(n+1)*R] @ B[slot, :, lo:hi], one launch per slice n
 
 Every program reads only its own segment's weights (no per-token gather), accumulates in fp32
 and exits at once when its segment has slot -1 or its token block lies past the segment's end;
@@ -126,8 +126,8 @@ def _block(n: int, cap: int | None = None) -> int:
 def add_lora(
     y: torch.Tensor,  # [T, out_total], updated in place
     x: torch.Tensor,  # [T, in]
-    lora_a: torch.Tensor,  # [S, N, R, in]
-    lora_b: torch.Tensor,  # [out_total, S, R]
+    lora_a: torch.Tensor,  # [S, R, N, in] (any strides: rank-true views of the slot buffers)
+    lora_b: torch.Tensor,  # [S, R, out_total]
     segments: LoRASegments,
     output_slices: tuple[tuple[int, int], ...],  # N (lo, hi) column ranges of y
 ) -> None:
@@ -136,7 +136,7 @@ def add_lora(
         raise RuntimeError("lora_triton.add_lora needs triton; install loraplex[triton]")
     if not segments.has_lora or not segments.seg_bounds:
         return
-    num_slices, rank = lora_a.shape[1], lora_a.shape[2]
+    rank, num_slices = lora_a.shape[1], lora_a.shape[2]
     if len(output_slices) > num_slices:
         raise ValueError(f"{len(output_slices)} output slices but lora_a has {num_slices}")
     max_len = max(end - start for start, end, _ in segments.seg_bounds)
@@ -149,7 +149,7 @@ def add_lora(
         _expand_kernel[grid](
             h, lora_b, y, segments.seg_starts, segments.seg_slots,
             n * rank, lo, hi - lo, rank,
-            *h.stride(), *lora_b.stride(), *y.stride(),
+            *h.stride(), lora_b.stride(2), lora_b.stride(0), lora_b.stride(1), *y.stride(),
             BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=block_r,
             PRECISION=FP32_PRECISION, UPCAST=_INTERPRETED,
         )  # fmt: skip
@@ -160,11 +160,12 @@ def _shrink(
 ) -> torch.Tensor:
     """h = x @ A[slot]^T per segment, all slices at once: [T, N*R] fp32 (base rows unwritten)."""
     num_nr = lora_a.shape[1] * lora_a.shape[2]
+    sa_s, sa_r, sa_n, sa_k = lora_a.stride()
     h = torch.empty(x.shape[0], num_nr, device=x.device, dtype=torch.float32)  # [T, N*R]
     _shrink_kernel[grid](
         x, lora_a, h, segments.seg_starts, segments.seg_slots,
-        x.shape[1], lora_a.shape[2], num_nr,
-        *x.stride(), *lora_a.stride(), *h.stride(),
+        x.shape[1], lora_a.shape[1], num_nr,
+        *x.stride(), sa_s, sa_n, sa_r, sa_k, *h.stride(),
         BLOCK_M=block_m, BLOCK_NR=_block(num_nr), BLOCK_K=BLOCK_K,
         PRECISION=FP32_PRECISION, UPCAST=_INTERPRETED,
     )  # fmt: skip

@@ -43,11 +43,11 @@ def _random_segments(rng: random.Random, num_slots: int, prefill: bool) -> list[
 
 def _random_weights(gen, num_slots, num_slices, rank, in_features, out_total, true_ranks):
     """Slot buffers padded with zeros beyond each slot's true adapter rank."""
-    lora_a = torch.randn(num_slots, num_slices, rank, in_features, generator=gen)  # [S, N, R, in]
-    lora_b = torch.randn(out_total, num_slots, rank, generator=gen) / rank**0.5  # [out, S, R]
+    lora_a = torch.randn(num_slots, rank, num_slices, in_features, generator=gen)  # [S, R, N, in]
+    lora_b = torch.randn(num_slots, rank, out_total, generator=gen) / rank**0.5  # [S, R, out]
     for slot, true_rank in enumerate(true_ranks):
-        lora_a[slot, :, true_rank:] = 0
-        lora_b[:, slot, true_rank:] = 0
+        lora_a[slot, true_rank:] = 0
+        lora_b[slot, true_rank:] = 0
     return lora_a, lora_b
 
 
@@ -65,7 +65,7 @@ def _case(seed: int, num_slices: int, rank: int, prefill: bool):
 
 def _check(x, y, lora_a, lora_b, token_slots, slices, dtype):
     x, y, lora_a, lora_b = (t.to(DEVICE, dtype) for t in (x, y, lora_a, lora_b))
-    segments = LoRASegments.build(token_slots, DEVICE, dtype)
+    segments = LoRASegments.build(token_slots, DEVICE)
     expected, got = y.clone(), y.clone()
     add_lora_reference(expected, x, lora_a, lora_b, segments, slices)
     add_lora(got, x, lora_a, lora_b, segments, slices)
@@ -88,8 +88,8 @@ def test_matches_reference_on_random_batches(seed, dtype):
 def test_strided_views_and_base_only_batch():
     gen = torch.Generator().manual_seed(7)
     slices = ((0, 24), (24, 32), (32, 40))  # qkv-like with narrow k/v
-    lora_a = torch.randn(3, 3, 8, 48, generator=gen)[:, :, :, ::2]  # [S, N, R, in=24], strided
-    lora_b = torch.randn(3, 40, 8, generator=gen).transpose(0, 1)  # [out, S, R], slot-major storage
+    lora_a = torch.randn(3, 8, 3, 48, generator=gen)[..., ::2]  # [S, R, N, in=24], strided
+    lora_b = torch.randn(3, 40, 8, generator=gen).transpose(1, 2)  # [S, R, out], out-major storage
     x = torch.randn(20, 40, generator=gen)[:, 8:32]  # [T, in] with row stride 40
     y_store = torch.randn(20, 50, generator=gen)
     token_slots = [2] * 9 + [-1] * 3 + [0] * 8
@@ -99,10 +99,10 @@ def test_strided_views_and_base_only_batch():
 
 def test_strided_y_is_updated_in_place():
     gen = torch.Generator().manual_seed(8)
-    lora_a = torch.randn(2, 2, 4, 16, generator=gen).to(DEVICE)  # [S, N, R, in]
-    lora_b = torch.randn(24, 2, 4, generator=gen).to(DEVICE)  # [out, S, R]
+    lora_a = torch.randn(2, 4, 2, 16, generator=gen).to(DEVICE)  # [S, R, N, in]
+    lora_b = torch.randn(2, 4, 24, generator=gen).to(DEVICE)  # [S, R, out]
     x = torch.randn(5, 16, generator=gen).to(DEVICE)  # [T, in]
-    segments = LoRASegments.build([1, 1, -1, 0, 0], DEVICE, torch.float32)
+    segments = LoRASegments.build([1, 1, -1, 0, 0], DEVICE)
     slices = ((0, 16), (16, 24))
     expected = torch.randn(5, 30, generator=gen).to(DEVICE)  # y is the view [:, 3:27] of this
     got = expected.clone()
