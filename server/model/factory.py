@@ -83,7 +83,7 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
         "max_lora_rank": engine_config.max_lora_rank,
         "target_names": engine_config.target_modules,
         "lora_dtype": kernels.torch_lora_dtype if kernels is not None and dtype != torch.float32 else None,
-        "w_xt": kernels is not None and kernels.w_xt,
+        "gemm": kernels.gemm if kernels is not None else "x_wt",
     }
     model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs).eval()
     log.info("loaded %s on %s in %s, max_model_len=%d", checkpoint.name, device, dtype, max_model_len)

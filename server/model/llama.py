@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model.cpu_tuning import prepare_weight
 from server.model.forward_batch import ForwardBatch
 from server.model.lora_linear import MultiLoRALinear, base_linear
 
@@ -169,6 +170,8 @@ class LlamaForServing(nn.Module):
             DecoderLayer(config, _layer_weights(weights, i), linear_kwargs)
             for i in range(config.num_hidden_layers)
         )
+        self.gemm = linear_kwargs.get("gemm", "x_wt")
+        self.lm_head_gemm_weight = prepare_weight(self.lm_head, self.gemm)  # a reordered copy for oneDNN
         cos, sin = rope_cos_sin(config, max_positions)
         dtype = self.embed_tokens.dtype
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)  # [P, D]
@@ -178,14 +181,13 @@ class LlamaForServing(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: KVCaches) -> torch.Tensor:
         """One step over the flat batch → next-token logits [B_sample, V] in fp32."""
         hidden = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
-        w_xt = self.layers[0].o_proj.w_xt if len(self.layers) else False
         cos = self.rope_cos[batch.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[batch.positions].unsqueeze(1)
         residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, kv, batch)
         last = (residual + hidden).index_select(0, batch.logits_index)  # [B_sample, hidden]
-        return base_linear(self.norm(last), self.lm_head, None, w_xt).float()
+        return base_linear(self.norm(last), self.lm_head_gemm_weight, None, self.gemm).float()
 
     def lora_layers(self) -> Iterator[tuple[int, MultiLoRALinear]]:
         """(layer index, module) for every module that holds LoRA slots."""

@@ -73,7 +73,9 @@ class LoRASlotWriter:
             bounds = module.output_slices[module.slice_names.index(proj)]
             per_module.setdefault(module, []).append((bounds, lora_a, lora_b))
         with torch.inference_mode():
-            return {m: merged_weight(m.weight, d, weights.config.scale) for m, d in per_module.items()}
+            return {
+                m: m.prepare(merged_weight(m.weight, d, weights.config.scale)) for m, d in per_module.items()
+            }
 
     def merged_bytes(self, weights: LoRAWeights) -> int:
         """Bytes ``merged_weights(weights)`` will hold: every touched module's whole weight."""

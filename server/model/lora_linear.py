@@ -19,7 +19,7 @@ import itertools
 import torch
 from torch import nn
 
-from server.model.cpu_tuning import base_gemm
+from server.model.cpu_tuning import base_gemm, prepare_weight
 from server.ops import lora_torch
 from server.ops.lora_torch import LoRASegments
 
@@ -39,10 +39,13 @@ SMALL_BATCH_ROWS = 32
 
 
 def base_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w_xt: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemm: str = "x_wt"
 ) -> torch.Tensor:
-    """x [T, in] · weight [out, in]ᵀ (+ bias) → [T, out], contiguous; ``w_xt``: the measured layout."""
-    return base_gemm(x, weight, bias, w_xt and x.shape[0] <= SMALL_BATCH_ROWS)
+    """x [T, in] · weight [out, in]ᵀ (+ bias) → [T, out], contiguous, with the measured kernel.
+
+    ``weight`` is as ``prepare_weight(w, gemm)`` made it (reordered for oneDNN, else plain).
+    """
+    return base_gemm(x, weight, bias, gemm == "w_xt" and x.shape[0] <= SMALL_BATCH_ROWS)
 
 
 class MultiLoRALinear(nn.Module):
@@ -62,7 +65,7 @@ class MultiLoRALinear(nn.Module):
         max_lora_rank: int,
         target_names: tuple[str, ...],
         lora_dtype: torch.dtype | None = None,  # None: the weight's dtype
-        w_xt: bool = False,  # small batches as (W·xᵀ)ᵀ (measured per CPU)
+        gemm: str = "x_wt",  # base GEMM kernel (cpu_tuning.GEMM_KERNELS, measured per CPU)
     ) -> None:
         super().__init__()
         if sum(slice_sizes) != weight.shape[0]:
@@ -78,7 +81,10 @@ class MultiLoRALinear(nn.Module):
         self.has_lora_buffers = bool(self.lora_names)
         self.max_lora_rank = max_lora_rank
         out_total, in_features = weight.shape
-        self.w_xt = w_xt
+        self.gemm = gemm
+        # What the base GEMM reads: the weight itself, or a copy reordered for oneDNN (the plain
+        # weight is kept for merged copies and sizing).
+        self.gemm_weight = prepare_weight(weight, gemm) if gemm == "onednn" else self.weight
         # The layouts of server/ops/lora_torch.py, used as they are by every kernel.
         shape_a = (
             (max_loras, max_lora_rank, len(slice_names), in_features) if self.lora_names else (0, 0, 0, 0)
@@ -92,9 +98,13 @@ class MultiLoRALinear(nn.Module):
             "lora_b", weight.new_zeros(shape_b, dtype=dtype), persistent=False
         )  # [S, R, out]
         self._add_lora = _pick_add_lora(weight.device)
-        # A merged copy (W + s·B·A) to use instead of ``weight`` for the current forward; set and
-        # cleared by the engine around the forward of a merged copy's batch.
+        # A merged copy (W + s·B·A, made by ``prepare``) to use instead of ``gemm_weight`` for the
+        # current forward; set and cleared by the engine around the forward of a merged copy's batch.
         self.active_weight: torch.Tensor | None = None
+
+    def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight like ``self.weight`` (a merged copy) as this layer's GEMM reads it."""
+        return prepare_weight(weight, self.gemm)
 
     @property
     def in_features(self) -> int:
@@ -106,8 +116,8 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRASegments) -> torch.Tensor:
         """x [T, in] → [T, out_total]; tokens of slot -1 get exactly the base output."""
-        weight = self.weight if self.active_weight is None else self.active_weight
-        y = base_linear(x, weight, self.bias, self.w_xt)
+        weight = self.gemm_weight if self.active_weight is None else self.active_weight
+        y = base_linear(x, weight, self.bias, self.gemm)
         if self.has_lora_buffers and lora.has_lora:
             rank = self.max_lora_rank if lora.max_rank is None else lora.max_rank
             self._add_lora(y, x, self.lora_a[:, :rank], self.lora_b[:, :rank], lora, self.output_slices)
