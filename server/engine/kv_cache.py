@@ -1,7 +1,8 @@
 """The paged KV cache: one K and one V tensor per layer, handed out in fixed-size blocks.
 
 A sequence owns a list of blocks (its block table); token ``i`` of the sequence lives in row
-``block_table[i // block_size] * block_size + i % block_size`` of every layer's K and V.
+``block_table[i // block_size] * block_size + i % block_size`` of every layer's K and V (dim 1:
+the tensors are head-major, [H_kv, rows, D], so one head's gathered rows are contiguous).
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Per-layer K/V tensors [num_blocks·block_size, H_kv, D] plus the block allocator."""
+    """Per-layer K/V tensors [H_kv, num_blocks·block_size, D] plus the block allocator."""
 
     def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rows = num_blocks * block_size
-        shape = (rows, config.num_key_value_heads, head_dim)
+        shape = (config.num_key_value_heads, rows, head_dim)  # head-major: decode reads are views
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)

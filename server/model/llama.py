@@ -18,7 +18,7 @@ from server.model.cpu_tuning import prepare_weight
 from server.model.forward_batch import ForwardBatch
 from server.model.lora_linear import MultiLoRALinear, base_linear
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [num_kv_rows, H_kv, D]
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [H_kv, num_kv_rows, D]
 
 
 def rope_cos_sin(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +55,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """One fused op (bit-identical to transformers' formula in fp32; in bf16 it rounds once, after
+        the weight, where transformers rounds before it too)."""
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -102,8 +102,8 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, (self.num_heads + self.num_kv_heads) * self.head_dim :].view(num_tokens, -1, self.head_dim)
         k_cache, v_cache = kv
-        k_cache.index_copy_(0, batch.kv_write_index, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, batch.kv_write_index, v.to(v_cache.dtype))
+        k_cache.index_copy_(1, batch.kv_write_index, k.transpose(0, 1).to(k_cache.dtype))  # head-major
+        v_cache.index_copy_(1, batch.kv_write_index, v.transpose(0, 1).to(v_cache.dtype))
         attn = self._attention(q, k_cache, v_cache, batch)  # [T, H·D]
         residual = residual + self.o_proj(attn, batch.lora)
         gate_up = self.gate_up_proj(self.post_attention_layernorm(residual), batch.lora)  # [T, 2·I]
@@ -121,8 +121,8 @@ class DecoderLayer(nn.Module):
         for chunk in batch.prefills:
             start, end = chunk.token_start, chunk.token_end
             qp = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
-            kp = k_cache[chunk.kv_index].transpose(0, 1).unsqueeze(0)  # [1, H_kv, C, D]
-            vp = v_cache[chunk.kv_index].transpose(0, 1).unsqueeze(0)
+            kp = k_cache.index_select(1, chunk.kv_index).unsqueeze(0)  # [1, H_kv, C, D]
+            vp = v_cache.index_select(1, chunk.kv_index).unsqueeze(0)
             mask = _causal_mask(end - start, chunk.kv_index.shape[0], q.device)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[start:end] = op.squeeze(0).transpose(0, 1)
@@ -131,19 +131,23 @@ class DecoderLayer(nn.Module):
     def _decode_attention(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
         """q [Bd, H, D], one query per decode sequence → [Bd, H, D] over its cached K/V.
 
-        Plain products instead of SDPA: for one query per sequence, CPU SDPA costs 3x more
-        (bf16) than these few ops. Scores and softmax are in fp32, as in SDPA.
+        Plain batched products over (kv head, sequence) instead of SDPA, which for one query per
+        sequence costs 3x more on CPU in bf16. The head-major cache makes every operand a view:
+        no transposing copies. Scores and softmax are in fp32, as in SDPA.
         """
         num_seqs, max_len = batch.decode_kv_index.shape
-        rows = batch.decode_kv_index.view(-1)  # index_select: ~3x faster than advanced indexing
-        k = k_cache.index_select(0, rows).view(num_seqs, max_len, self.num_kv_heads, self.head_dim)
-        v = v_cache.index_select(0, rows).view(num_seqs, max_len, self.num_kv_heads, self.head_dim)
+        rows = batch.decode_kv_index.view(-1)  # [Bd·Lmax]
+        k = k_cache.index_select(1, rows).view(-1, max_len, self.head_dim)  # [H_kv·Bd, Lmax, D]
+        v = v_cache.index_select(1, rows).view(-1, max_len, self.head_dim)
         groups = self.num_heads // self.num_kv_heads
-        qg = q.view(num_seqs, self.num_kv_heads, groups, self.head_dim)  # [Bd, H_kv, g, D]
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # [Bd, H_kv, g, Lmax]
-        probs = torch.softmax(scores.mul_(self.scale).add_(batch.decode_kv_bias), dim=-1)
-        out = torch.matmul(probs.to(v.dtype), v.transpose(1, 2))  # [Bd, H_kv, g, D]
-        return out.view(num_seqs, self.num_heads, self.head_dim)
+        qg = q.view(num_seqs, self.num_kv_heads, groups, self.head_dim).transpose(0, 1)  # [H_kv, Bd, g, D]
+        scores = torch.bmm(
+            qg.reshape(-1, groups, self.head_dim), k.transpose(1, 2)
+        ).float()  # [H_kv·Bd, g, Lmax]
+        scores = scores.view(self.num_kv_heads, num_seqs, groups, max_len).mul_(self.scale)
+        probs = torch.softmax(scores.add_(batch.decode_kv_bias.view(1, num_seqs, 1, max_len)), dim=-1)
+        out = torch.bmm(probs.to(v.dtype).view(-1, groups, max_len), v)  # [H_kv·Bd, g, D]
+        return out.view(self.num_kv_heads, num_seqs, groups, self.head_dim).transpose(0, 1).reshape(q.shape)
 
 
 def _causal_mask(num_queries: int, ctx_len: int, device: torch.device) -> torch.Tensor:
