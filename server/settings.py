@@ -54,7 +54,12 @@ SERVE_OPTIONS = (
     Option("max-num-seqs", int, None, "sequences in the running batch"),
     Option("max-model-len", int, None, "prompt + output tokens per request (default: the model's limit)"),
     Option("max-num-batched-tokens", int, None, "tokens in one forward pass"),
-    Option("dtype", str, None, f"one of {', '.join(SUPPORTED_DTYPES)} (default: fp32 on CPU, bf16 on CUDA)"),
+    Option(
+        "dtype",
+        str,
+        None,
+        f"one of {', '.join(SUPPORTED_DTYPES)} (default: CPU fp32 or bf16, measured; CUDA bf16)",
+    ),
     Option("device", str, None, "cpu, cuda or cuda:N (default: cuda when available)"),
     Option(
         "data-dir",
