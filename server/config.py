@@ -53,8 +53,8 @@ class EngineConfig:
     """Limits of the continuously batched engine.
 
     - ``max_loras``: device slots, so at most this many distinct adapters run in one step.
-    - ``max_lora_rank``: slot buffers are padded to this rank; adapters above it are refused.
-      Decode reads every slot at this rank, so set it to the largest rank you serve.
+    - ``max_lora_rank``: slot buffers have room for this rank; adapters above it are refused.
+      A step reads the slots only up to the largest rank among its adapters.
     - ``max_num_seqs``: sequences in the running batch.
     - ``max_num_batched_tokens``: tokens in one forward (prefill chunks + decode tokens).
     - ``max_model_len``: prompt + generated tokens per sequence (None: the model's limit).
