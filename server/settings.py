@@ -50,7 +50,7 @@ SERVE_OPTIONS = (
     Option("port", int, ServerConfig.port, "port to bind, 1 to 65535"),
     Option("served-model-name", str, None, "the base model's name in the API (default: --model)"),
     Option("max-loras", int, None, "device slots for adapters, i.e. distinct adapters per step"),
-    Option("max-lora-rank", int, None, "largest adapter rank served (slots have room for it; a step reads its largest rank)"),
+    Option("max-lora-rank", int, None, "largest adapter rank served (a step reads slots at its top rank)"),
     Option("max-num-seqs", int, None, "sequences in the running batch"),
     Option("max-model-len", int, None, "prompt + output tokens per request (default: the model's limit)"),
     Option("max-num-batched-tokens", int, None, "tokens in one forward pass"),
