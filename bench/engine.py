@@ -108,7 +108,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system (median; +1 warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    p.add_argument("--dtype", default=None, help="engine dtype (default: what the server picks: measured on CPU)")
+    p.add_argument("--dtype", default=None, help="engine dtype (default: as the server: measured)")
     p.add_argument("--skip-hf", action="store_true", help="skip the HF and peft baselines")
     p.add_argument("--profile", action="store_true", help="split one mixed decode step by code path")
     args = p.parse_args()
@@ -463,7 +463,7 @@ def other_load(since: tuple[float, float, float]) -> float:
     return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
 
 
-def print_header(args, prompts, others: float) -> None:
+def print_header(args, core: EngineCore, prompts, others: float) -> None:
     import peft
 
     print(f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}")
@@ -475,7 +475,10 @@ def print_header(args, prompts, others: float) -> None:
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, peft {peft.__version__}")  # fmt: skip
     lens = sorted(len(p) for p in prompts)
-    print(f"setting: {args.model} fp32 CPU, batch {args.batch}, {args.num_adapters} distinct adapters of "
+    dtype = str(core.loaded.dtype).removeprefix("torch.")
+    kernels = core.loaded.kernels.describe() if core.loaded.kernels else "not tuned"
+    print(f"engine: {dtype}; {kernels}")
+    print(f"setting: {args.model} CPU (HF, peft fp32), batch {args.batch}, {args.num_adapters} adapters of "
           f"rank {args.rank} on {len(ALL_TARGET_MODULES)} projections (round-robin), {args.new_tokens} new "
           f"tokens per request (EOS ignored), prompts {lens[0]}-{lens[-1]} tokens, median of {args.repeats} "
           f"runs after 1 warm-up")  # fmt: skip
@@ -506,7 +509,16 @@ def print_checks(rows: dict[str, Result]) -> None:
         same_mixed = sum(a == b for a, b in zip(ours_mixed.tokens, hf[1].tokens, strict=True))
         print(f"; identical tokens to HF: base {same_base}/{batch}, mixed vs peft {same_mixed}/{batch}",
               end="")  # fmt: skip
+        agree = [common_prefix(a, b) for a, b in zip(ours_base.tokens, hf[0].tokens, strict=True)]
+        agree += [common_prefix(a, b) for a, b in zip(ours_mixed.tokens, hf[1].tokens, strict=True)]
+        print(f"; greedy tokens before the first difference: mean {statistics.mean(agree):.1f} of "
+              f"{len(ours_base.tokens[0])}", end="")  # fmt: skip
     print()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def print_ratios(rows: dict[str, Result]) -> None:
@@ -547,7 +559,7 @@ def main() -> None:
     if not args.skip_hf:
         systems.update(hf_systems(core, prompts, args))
     rows = time_interleaved(systems, args)
-    print_header(args, prompts, other_load(start))
+    print_header(args, core, prompts, other_load(start))
     print_table(rows)
     print_checks(rows)
     print_ratios(rows)
