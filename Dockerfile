@@ -16,7 +16,8 @@
 #       --build-arg RUNTIME_APT_PACKAGES="gcc libc6-dev python3-dev" .
 #   docker run --gpus all ...
 # (Python comes from the base's apt when the base has none; Triton compiles small launchers with
-# the system C compiler at first use, hence the runtime packages.) See docs/operations.md.
+# the system C compiler at first use, hence the runtime packages; on CPU the default gcc builds
+# the LoRA kernel of server/ops/lora_native.c at first start.) See docs/operations.md.
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---- build: a virtual environment with loraplex, torch and the converted embedded model ----
@@ -46,7 +47,7 @@ RUN PYTHON=/opt/loraplex/venv/bin/python TORCH_PIN="${TORCH_PIN}" TORCH_INDEX_UR
 
 # ---- runtime: the same base, the venv and the converted model, a non-root user ----
 FROM ${BASE_IMAGE} AS runtime
-ARG RUNTIME_APT_PACKAGES=""
+ARG RUNTIME_APT_PACKAGES="gcc libc6-dev"
 ENV DEBIAN_FRONTEND=noninteractive
 # ${packages} is a list: split on purpose (SC2086).
 # hadolint ignore=DL3008,SC2086

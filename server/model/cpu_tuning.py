@@ -9,8 +9,9 @@ from one machine. For the model's own GEMM shapes at a decode-sized batch we tim
 - the base GEMM kernel in that dtype: ``x·Wᵀ`` or ``(W·xᵀ)ᵀ`` (MKL / oneDNN on plain weights), or
   oneDNN on weights reordered once into its blocked layout (``onednn``: 1.7x faster in bf16 and
   2.5x in fp32 at batch 8 on a Zen 5; bit-identical to plain in bf16, not in fp32);
-- the dtype of the LoRA slot buffers (bf16 batched products are slow on some CPUs, so the
-  side path may stay in fp32 under a bf16 base: more bytes, but faster and more exact);
+- the decode-step LoRA side path: torch's batched products or the compiled kernel of
+  ``server/ops/lora_native.c`` (one call per module instead of ~8 ops), with the slots in fp32 or
+  in the base dtype (bf16 batched products in torch are 2x slower than fp32 on a Zen 5);
 - the number of torch threads (all cores, or one fewer, which leaves a core to the HTTP side).
 
 The sample weights are random, of the model's real shapes, and large enough (> 2x a typical L3)
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-TUNING_FORMAT = 1  # bump when what is measured changes, so old cached choices are not reused
+TUNING_FORMAT = 2  # bump when what is measured changes, so old cached choices are not reused
 DECODE_ROWS = 8  # the batch the choices are measured at (decode steps are this size or near it)
 SAMPLE_BYTES = 96 << 20  # weights touched per timed pass: beyond L3, so memory-bound as in decode
 TIMED_PASSES = 5
@@ -53,6 +54,7 @@ class GemmShapes:
     layer: tuple[tuple[int, int], ...]  # fused q|k|v, o, gate|up, down
     lm_head: tuple[int, int]
     num_layers: int
+    slices: tuple[tuple[int, ...], ...] = ()  # output slice widths of each module of ``layer``
 
     @classmethod
     def of(cls, config) -> GemmShapes:
@@ -60,7 +62,8 @@ class GemmShapes:
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
         q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
         layer = ((q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter))
-        return cls(layer, (config.vocab_size, hidden), config.num_hidden_layers)
+        slices = ((q, kv, kv), (hidden,), (inter, inter), (hidden,))
+        return cls(layer, (config.vocab_size, hidden), config.num_hidden_layers, slices)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class CpuKernelChoice:
     dtype: str  # compute dtype of the base model (the user's --dtype when given)
     gemm: str  # base GEMM kernel: one of GEMM_KERNELS
     lora_dtype: str  # dtype of the LoRA slot buffers and the side-path products
+    lora_kernel: str  # decode-step side path: "torch" (batched products) or "native" (lora_native.c)
     num_threads: int
     cpu: str
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -89,7 +93,8 @@ class CpuKernelChoice:
         timings = ", ".join(f"{k} {v:.1f}" for k, v in self.timings_ms.items())
         how = f"measured in {self.seconds:.1f} s" if self.source == "measured" else "cached"
         return (
-            f"cpu tuning: {self.cpu} -> {self.dtype} base, {layout} GEMMs, LoRA in {self.lora_dtype}, "
+            f"cpu tuning: {self.cpu} -> {self.dtype} base, {layout} GEMMs, LoRA {self.lora_kernel} in "
+            f"{self.lora_dtype}, "
             f"{self.num_threads} threads ({how}; ms per decode pass: {timings})"
         )
 
@@ -124,7 +129,7 @@ def choose(shapes: GemmShapes, dtype: str | None, cache_dir: Path) -> CpuKernelC
     cached = _read_cached(path)
     if cached is not None:
         return cached
-    choice = measure(shapes, dtype, cores)
+    choice = measure(shapes, dtype, cores, cache_dir)
     _write_cached(path, choice)
     return choice
 
@@ -153,7 +158,9 @@ def _write_cached(path: Path, choice: CpuKernelChoice) -> None:
         log.warning("could not cache the CPU tuning in %s: %s", path, exc)
 
 
-def measure(shapes: GemmShapes, dtype: str | None, cores: int) -> CpuKernelChoice:
+def measure(
+    shapes: GemmShapes, dtype: str | None, cores: int, cache_dir: Path | None = None
+) -> CpuKernelChoice:
     """Time the candidates on random weights of the model's shapes; pick the fastest of each.
 
     Candidates run interleaved, one pass each per round, so a burst of load from another process
@@ -174,17 +181,12 @@ def measure(shapes: GemmShapes, dtype: str | None, cores: int) -> CpuKernelChoic
         best = min(timings, key=timings.get)
         best_dtype, best_label = best.split(" ", 1)
         best_gemm = next(kernel for kernel, label in GEMM_KERNELS.items() if label == best_label)
-        if best_dtype != "float32":
-            lora = {f"LoRA {name}": _lora_pass(shapes, DTYPES[name]) for name in ("float32", best_dtype)}
-            timings.update(_time_interleaved(lora))
-        lora_dtype = (
-            best_dtype
-            if best_dtype == "float32"
-            else min(("float32", best_dtype), key=lambda name: timings[f"LoRA {name}"])
-        )
-        threads = _pick_threads(gemms[best], cores, timings, scale)
+        best_pass = gemms[best]
+        del weights, gemms  # only the winner's sample stays alive, for the thread count
+        lora_kernel, lora_dtype = _pick_lora(shapes, best_dtype, cache_dir, timings)
+        threads = _pick_threads(best_pass, cores, timings, scale)
     return CpuKernelChoice(
-        dtype=best_dtype, gemm=best_gemm, lora_dtype=lora_dtype, num_threads=threads,
+        dtype=best_dtype, gemm=best_gemm, lora_dtype=lora_dtype, lora_kernel=lora_kernel, num_threads=threads,
         cpu=cpu_identity(), timings_ms=timings, seconds=time.perf_counter() - started,
     )  # fmt: skip
 
@@ -217,15 +219,45 @@ def _gemm_pass(
     return one_pass
 
 
-def _lora_pass(shapes: GemmShapes, dtype: torch.dtype, slots: int = 8, rank: int = 16) -> Callable[[], None]:
-    """The shrink + expand batched products of 8 slots at rank 16, over every layer's shapes."""
-    a = [torch.randn(slots, i, rank, dtype=dtype) for _ in range(shapes.num_layers) for _, i in shapes.layer]
-    b = [torch.randn(slots, rank, o, dtype=dtype) for _ in range(shapes.num_layers) for o, _ in shapes.layer]
-    x = {i: torch.randn(slots, 1, i, dtype=dtype) for _, i in shapes.layer}
+def _pick_lora(shapes: GemmShapes, base_dtype: str, cache_dir: Path | None, timings: dict) -> tuple[str, str]:
+    """(kernel, slot dtype) of the fastest decode-step side path: 8 slots at rank 16, every layer.
+
+    Candidates: torch's batched products and the compiled kernel (where it builds here), each with
+    fp32 slots and, under a bf16 base, bf16 slots.
+    """
+    from server.ops import lora_native, lora_torch
+
+    native = lora_native.load(cache_dir)
+    kernels = {"torch": lora_torch.add_lora} | ({"native": native.add_lora} if native else {})
+    dtypes = dict.fromkeys(("float32", base_dtype))
+    passes = {
+        f"LoRA {kernel} {name}": _lora_pass(shapes, op, DTYPES[name], DTYPES[base_dtype])
+        for name in dtypes
+        for kernel, op in kernels.items()
+    }
+    lora_times = _time_interleaved(passes)
+    timings.update(lora_times)
+    _, kernel, name = min(lora_times, key=lora_times.get).split()
+    return kernel, name
+
+
+def _lora_pass(shapes: GemmShapes, add_lora, slot_dtype, base_dtype, slots: int = 8, rank: int = 16):
+    """One decode step's side path through ``add_lora``: 8 tokens on 8 slots, over every layer."""
+    from server.ops.lora_torch import LoRASegments
+
+    segments = LoRASegments.build(list(range(slots)), torch.device("cpu"), [rank] * slots)
+    modules = []
+    for _ in range(shapes.num_layers):
+        for (out, inp), widths in zip(shapes.layer, shapes.slices, strict=True):
+            bounds = tuple((sum(widths[:n]), sum(widths[: n + 1])) for n in range(len(widths)))
+            a = torch.randn(slots, rank, len(widths), inp, dtype=slot_dtype)  # [S, R, N, in]
+            b = torch.randn(slots, rank, out, dtype=slot_dtype)  # [S, R, out]
+            x, y = torch.randn(slots, inp, dtype=base_dtype), torch.zeros(slots, out, dtype=base_dtype)
+            modules.append((y, x, a, b, bounds))
 
     def one_pass() -> None:
-        for ai, bi in zip(a, b, strict=True):
-            torch.bmm(torch.bmm(x[ai.shape[1]], ai), bi)
+        for y, x, a, b, bounds in modules:
+            add_lora(y, x, a, b, segments, bounds)
 
     return one_pass
 

@@ -53,8 +53,7 @@ def pick_cpu_kernels(model_config: ModelConfig, checkpoint: Checkpoint) -> CpuKe
     shapes = cpu_tuning.GemmShapes.of(checkpoint.config)
     if sum(o * i for o, i in shapes.layer) * shapes.num_layers * 4 < MIN_TUNED_WEIGHT_BYTES:
         return None
-    cache_dir = Path(model_config.cache_dir).expanduser() if model_config.cache_dir else default_cache_dir()
-    kernels = cpu_tuning.choose(shapes, model_config.dtype, cache_dir)
+    kernels = cpu_tuning.choose(shapes, model_config.dtype, _cache_dir(model_config))
     torch.set_num_threads(kernels.num_threads)
     log.info("%s", kernels.describe())
     return kernels
@@ -71,6 +70,21 @@ def model_context_limit(config, requested: int | None) -> int:
     return requested or limit
 
 
+def pick_lora_op(kernels: CpuKernelChoice | None, model_config: ModelConfig):
+    """The compiled side path when the measurement chose it, for decode and prefill steps alike:
+    it builds no oneDNN kernel per new segment length, as torch's bf16 products do."""
+    if kernels is None or kernels.lora_kernel != "native":
+        return None
+    from server.ops import lora_native
+
+    native = lora_native.load(_cache_dir(model_config))
+    return None if native is None else native.add_lora  # None: cannot be built now, torch path
+
+
+def _cache_dir(model_config: ModelConfig) -> Path:
+    return Path(model_config.cache_dir).expanduser() if model_config.cache_dir else default_cache_dir()
+
+
 def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> LoadedModel:
     checkpoint = resolve_checkpoint(model_config)
     device = pick_device(model_config.device)
@@ -84,6 +98,7 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
         "target_names": engine_config.target_modules,
         "lora_dtype": kernels.torch_lora_dtype if kernels is not None and dtype != torch.float32 else None,
         "gemm": kernels.gemm if kernels is not None else "x_wt",
+        "lora_op": pick_lora_op(kernels, model_config),
     }
     model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs).eval()
     log.info("loaded %s on %s in %s, max_model_len=%d", checkpoint.name, device, dtype, max_model_len)

@@ -15,6 +15,7 @@ so peft adapters that target any subset of the original projections map onto it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -66,6 +67,7 @@ class MultiLoRALinear(nn.Module):
         target_names: tuple[str, ...],
         lora_dtype: torch.dtype | None = None,  # None: the weight's dtype
         gemm: str = "x_wt",  # base GEMM kernel (cpu_tuning.GEMM_KERNELS, measured per CPU)
+        lora_op: Callable | None = None,  # the side-path op (lora_torch.add_lora's signature); None: default
     ) -> None:
         super().__init__()
         if sum(slice_sizes) != weight.shape[0]:
@@ -97,7 +99,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer(
             "lora_b", weight.new_zeros(shape_b, dtype=dtype), persistent=False
         )  # [S, R, out]
-        self._add_lora = _pick_add_lora(weight.device)
+        self._add_lora = lora_op or _pick_add_lora(weight.device)
         # A merged copy (W + s·B·A, made by ``prepare``) to use instead of ``gemm_weight`` for the
         # current forward; set and cleared by the engine around the forward of a merged copy's batch.
         self.active_weight: torch.Tensor | None = None

@@ -1,0 +1,299 @@
+"""LoRA side path as one fused C call per projection module: the CPU kernel for decode-like steps.
+
+``NativeLoRA.add_lora`` has the signature and meaning of ``lora_torch.add_lora`` (layouts and
+semantics are documented there): for every token t of a LoRA segment (start, end, slot) and every
+output slice n = (lo, hi), ``y[t, lo:hi] += (lora_a[slot, :, n] @ x[t]) @ lora_b[slot, :, lo:hi]``.
+Where the torch path runs ~8 small ops per module (bmm shrink, permute, per-slice bmm expand,
+adds), this runs one C loop that reads each used slot's rank-true A and B rows once per block of
+up to 8 tokens, accumulates in fp32 and adds into y once (bf16 y: rounded once, to nearest even).
+Base-only tokens (slot -1) are never read or written.
+
+The C source (``lora_native.c``, next to this file) is compiled on first use for the machine it
+runs on (``-O3 -march=native``: AVX2, AVX-512 or NEON, whatever this CPU has) into
+``<cache_dir>/kernels/lora_native-<hash>.so``; the hash covers the source, the compiler's
+version, the flags and the CPU identity, so a cache dir shared between machines never loads a
+library built for another CPU. ``load()`` returns None (one warning logged) where that is not
+possible; callers then keep the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from server.ops.lora_torch import LoRASegments
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lora_native.c")
+CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")  # no -fopenmp: torch has its own runtime
+SUPPORTED_PLATFORMS = {("Linux", "x86_64"), ("Linux", "aarch64")}
+COMPILE_TIMEOUT_S = 120
+# The C side's dtype bits: 1 = y is bf16, 2 = x is bf16, 4 = A and B are bf16 (else fp32)
+_BITS = {torch.float32: 0, torch.bfloat16: 1}
+DTYPE_CODES = {
+    (yd, xd, wd, wd): yb | xb << 1 | wb << 2
+    for yd, yb in _BITS.items()
+    for xd, xb in _BITS.items()
+    for wd, wb in _BITS.items()
+}
+MAX_CACHED_SLICES = 256  # distinct output_slices tuples remembered (a model has ~4)
+# lora_native_add's CallArgs: y, y row stride, x, x row stride, A and its slot / rank / slice
+# strides, B and its slot / rank strides, dtype bits, rank, slices, in features, the slices and
+# segments arrays, G, threads. One packed buffer: ~0.7 µs through ctypes, 19 arguments ~2.7 µs.
+_CALL_ARGS = struct.Struct("=19q")
+
+
+class NativeUnavailable(Exception):
+    """Why the kernel cannot be built or loaded here (logged once by ``load``)."""
+
+
+def load(cache_dir: Path | str | None = None) -> NativeLoRA | None:
+    """The compiled kernel (built on first use, then cached on disk), or None where it cannot be.
+
+    None comes with one warning line saying why: an unsupported platform, no C compiler, a failed
+    compile, an unwritable cache dir or a library that does not load. Never raises for those.
+    """
+    if cache_dir is None:
+        from server.model.loader import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    lib = _load_library(Path(cache_dir).expanduser().resolve())
+    return None if lib is None else NativeLoRA(lib)
+
+
+@functools.cache
+def _load_library(cache_dir: Path) -> ctypes.CDLL | None:
+    """The shared library for this CPU under ``cache_dir``; compiled at most once per process."""
+    try:
+        lib = ctypes.CDLL(str(_build(cache_dir)))  # CDLL: the GIL is released during calls
+    except (NativeUnavailable, OSError) as e:
+        log.warning("native LoRA kernel unavailable, keeping the torch path: %s", e)
+        return None
+    lib.lora_native_add.argtypes = (ctypes.c_char_p,)  # a packed CallArgs (immutable bytes)
+    lib.lora_native_add.restype = ctypes.c_int
+    lib.lora_native_set_spin_ns.argtypes = (ctypes.c_int64,)
+    lib.lora_native_set_spin_ns.restype = None
+    return lib
+
+
+def _build(cache_dir: Path) -> Path:
+    """Path of the library built for this machine, compiling it first when it is not cached."""
+    if (platform.system(), platform.machine()) not in SUPPORTED_PLATFORMS:
+        raise NativeUnavailable(f"unsupported platform {platform.system()} {platform.machine()}")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise NativeUnavailable("no C compiler (cc or gcc) on PATH")
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as e:
+        raise NativeUnavailable(f"kernel source missing: {e}") from e
+    target = cache_dir / "kernels" / f"lora_native-{_build_key(compiler, source)}.so"
+    if not target.exists():
+        _compile(compiler, target)
+    return target
+
+
+def _build_key(compiler: str, source: bytes) -> str:
+    """Hash of everything the built library depends on: source, compiler, flags and the CPU."""
+    from server.model.cpu_tuning import cpu_identity
+
+    version = _run([compiler, "--version"], "compiler --version").stdout
+    parts = [source, version.encode(), " ".join(CFLAGS).encode(), cpu_identity().encode()]
+    parts.append(_cpuinfo_flags().encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _cpuinfo_flags() -> str:
+    """The first ``flags`` (x86) or ``Features`` (arm) line of /proc/cpuinfo ('' if none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile SOURCE into ``target`` via a temp file and os.replace (safe for concurrent processes)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        raise NativeUnavailable(f"cannot write to {target.parent}: {e}") from e
+    try:
+        _run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], "compile")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("compiled the native LoRA kernel into %s", target)
+
+
+def _run(command: list[str], what: str) -> subprocess.CompletedProcess:
+    """Run a compiler command; NativeUnavailable (with its stderr tail) when it fails."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeUnavailable(f"{what} failed: {e}") from e
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise NativeUnavailable(f"{what} failed (exit {done.returncode}): {tail}")
+    return done
+
+
+class NativeLoRA:
+    """The loaded kernel. ``num_threads``: threads per call (the caller plus pthread workers).
+
+    One thread is the default. On a 2-core Zen 5 VM, 2 threads cut a decode pass of LoRA calls
+    alone by ~10% but gained nothing inside a real step, where torch's GEMM threads hold the
+    other core between LoRA calls and waking a sleeping worker costs tens of µs. Workers only
+    claim what the caller has not started, so 2 threads are never much slower either. Calls
+    from several Python threads at once are safe: one of them uses the workers at a time, the
+    others run on their own thread.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, num_threads: int = 1):
+        self._add = lib.lora_native_add
+        self._set_spin = lib.lora_native_set_spin_ns
+        self.num_threads = num_threads
+        self._segments = (None, None)  # (last LoRASegments seen, its C array and bounds)
+        self._slices: dict[int, tuple] = {}  # id(output_slices) -> (the tuple, C array, max hi)
+
+    def set_worker_spin_ns(self, ns: int) -> None:
+        """How long an idle worker spins for the next call before sleeping (process-wide, default 0).
+
+        Spinning makes back-to-back LoRA calls faster but takes the core from torch's threads.
+        """
+        self._set_spin(ns)
+
+    def add_lora(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        segments: LoRASegments,
+        output_slices: tuple[tuple[int, int], ...],
+    ) -> None:
+        """``lora_torch.add_lora`` in one C call: y [T, out] += LoRA(x [T, in]) in place.
+
+        lora_a [S, R, N, in] and lora_b [S, R, out_total] are (rank-true) views in fp32 or bf16,
+        unit innermost stride, any outer strides; x and y fp32 or bf16 with unit column stride.
+        ValueError for anything else (CUDA tensors, float16, mismatched shapes, slots or
+        columns out of range) instead of reading out of bounds.
+        """
+        if not segments.has_lora:
+            return
+        segs_addr, num_segs, tokens_end, max_slot = self._segments_entry(segments)
+        slices_addr, num_slices, max_hi = self._slices_entry(output_slices)
+        code = DTYPE_CODES.get((y.dtype, x.dtype, lora_a.dtype, lora_b.dtype))
+        shapes = y.shape, x.shape, lora_a.shape, lora_b.shape
+        strides = y.stride(), x.stride(), lora_a.stride(), lora_b.stride()
+        bounds = num_slices, max_hi, tokens_end, max_slot
+        on_cpu = y.is_cpu and x.is_cpu and lora_a.is_cpu and lora_b.is_cpu
+        if code is None or not on_cpu or not _fits(shapes, strides, bounds):
+            _refuse(y, x, lora_a, lora_b, bounds)
+        a_shape, a_st, b_st = shapes[2], strides[2], strides[3]
+        args = _CALL_ARGS.pack(
+            *(y.data_ptr(), strides[0][0], x.data_ptr(), strides[1][0]),
+            *(lora_a.data_ptr(), a_st[0], a_st[1], a_st[2], lora_b.data_ptr(), b_st[0], b_st[1]),
+            *(code, a_shape[1], num_slices, a_shape[3], slices_addr, segs_addr, num_segs, self.num_threads),
+        )
+        if self._add(args) != 0:
+            raise MemoryError("native LoRA kernel: out of memory for its scratch buffers")
+
+    def _segments_entry(self, segments: LoRASegments) -> tuple:
+        """(address of int64 [G][3] seg_bounds, G, last token + 1, highest slot); cached per step."""
+        last, entry = self._segments
+        if last is segments:
+            return entry[1:]
+        bounds = segments.seg_bounds
+        if any(start < 0 or end < start or slot < 0 for start, end, slot in bounds):
+            raise ValueError(f"malformed segments {bounds}")
+        array = (ctypes.c_int64 * (3 * len(bounds)))(*(v for bound in bounds for v in bound))
+        ends, slots = (end for _, end, _ in bounds), (slot for _, _, slot in bounds)
+        entry = (array, ctypes.addressof(array), len(bounds), max(ends), max(slots))  # array: kept alive
+        self._segments = (segments, entry)
+        return entry[1:]
+
+    def _slices_entry(self, output_slices: tuple[tuple[int, int], ...]) -> tuple:
+        """(address of int64 [N][2] slices, N, largest hi); cached per tuple object.
+
+        Slices must not overlap: the C side accumulates all slices of a token in one column buffer.
+        """
+        cached = self._slices.get(id(output_slices))
+        if cached is not None and cached[0] is output_slices:
+            return cached[2:]
+        ordered = sorted(output_slices)
+        overlap = any(hi > next_lo for (_, hi), (next_lo, _) in itertools.pairwise(ordered))
+        if not output_slices or overlap or any(not 0 <= lo <= hi for lo, hi in output_slices):
+            raise ValueError(f"malformed output slices {output_slices} (each 0 <= lo <= hi, none overlap)")
+        if len(self._slices) >= MAX_CACHED_SLICES:
+            self._slices.clear()
+        array = (ctypes.c_int64 * (2 * len(output_slices)))(*(v for pair in output_slices for v in pair))
+        max_hi = max(hi for _, hi in output_slices)
+        cached = (output_slices, array, ctypes.addressof(array), len(output_slices), max_hi)
+        self._slices[id(output_slices)] = cached
+        return cached[2:]
+
+
+def _fits(shapes, strides, bounds) -> bool:
+    """Whether the layouts are ones the C side reads and writes within bounds (the fast check)."""
+    (y_shape, x_shape, a_shape, b_shape), (y_st, x_st, a_st, b_st) = shapes, strides
+    num_slices, max_hi, tokens_end, max_slot = bounds
+    return (
+        (len(y_shape), len(x_shape), len(a_shape), len(b_shape)) == (2, 2, 4, 3)
+        and (y_st[1], x_st[1], a_st[3], b_st[2]) == (1, 1, 1, 1)
+        and (y_st[0] >= y_shape[1] or y_shape[0] <= 1)
+        and a_shape[2] == num_slices
+        and a_shape[3] == x_shape[1]
+        and (b_shape[0], b_shape[1]) == (a_shape[0], a_shape[1])
+        and max_hi <= b_shape[2]
+        and max_hi <= y_shape[1]
+        and tokens_end <= x_shape[0]
+        and tokens_end <= y_shape[0]
+        and max_slot < a_shape[0]
+    )
+
+
+def _refuse(y, x, lora_a, lora_b, bounds) -> None:
+    """Raise the ValueError that says what about these inputs the kernel does not support."""
+    if not (y.is_cpu and x.is_cpu and lora_a.is_cpu and lora_b.is_cpu):
+        raise ValueError("native LoRA kernel: all tensors must be on the CPU")
+    if (y.dtype, x.dtype, lora_a.dtype, lora_b.dtype) not in DTYPE_CODES:
+        raise ValueError(
+            f"native LoRA kernel: dtypes y={y.dtype} x={x.dtype} A={lora_a.dtype} B={lora_b.dtype} "
+            "unsupported (fp32 or bf16; A and B alike)"
+        )
+    if (y.dim(), x.dim(), lora_a.dim(), lora_b.dim()) != (2, 2, 4, 3):
+        raise ValueError("native LoRA kernel: expected y [T, out], x [T, in], A [S, R, N, in], B [S, R, out]")
+    if (y.stride(1), x.stride(1), lora_a.stride(3), lora_b.stride(2)) != (1, 1, 1, 1):
+        raise ValueError("native LoRA kernel: innermost dims of y, x, A and B must be contiguous")
+    if y.shape[0] > 1 and y.stride(0) < y.shape[1]:
+        raise ValueError("native LoRA kernel: rows of y overlap")
+    num_slices, max_hi, tokens_end, max_slot = bounds
+    num_slots, rank, n, in_features = lora_a.shape
+    if n != num_slices or lora_b.shape[:2] != (num_slots, rank) or x.shape[1] != in_features:
+        raise ValueError(
+            f"native LoRA kernel: A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}, x {tuple(x.shape)} "
+            f"and {num_slices} slices disagree"
+        )
+    if max_hi > lora_b.shape[2] or max_hi > y.shape[1]:
+        raise ValueError(f"native LoRA kernel: slices reach column {max_hi}, beyond B or y")
+    raise ValueError(
+        f"native LoRA kernel: segments reach token {tokens_end - 1} and slot {max_slot}, beyond "
+        f"x {tuple(x.shape)}, y {tuple(y.shape)} or the {num_slots} slots"
+    )
