@@ -68,7 +68,8 @@ def slot_holds(cache: AdapterCache, slot: int, adapter_dir: Path) -> bool:
     lora_a, _ = read_peft_dir(adapter_dir, 64).tensors[(0, "q_proj")]
     module = cache.writer_modules[(0, "q_proj")]
     index = module.lora_names.index("q_proj")
-    return torch.equal(module.lora_a[slot, index, : lora_a.shape[0]], lora_a.to(module.lora_a.dtype))
+    held = module.lora_a[slot, : lora_a.shape[0], index]  # lora_a is [S, R, N, in]
+    return torch.equal(held, lora_a.to(module.lora_a.dtype))
 
 
 def test_every_transition_in_order(tiny_llama_dir, adapter_dirs, tmp_path):

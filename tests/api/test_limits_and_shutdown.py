@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import BASE_MODEL, MAX_MODEL_LEN
+from tests.api.conftest import BASE_MODEL
 from tests.api.server_process import ServerProcess as Server
 from tests.api.server_process import start_server
 from tests.api.server_process import stop as _stop
@@ -69,11 +69,14 @@ def assert_finished_normally(events: list[dict | str], max_tokens: int) -> None:
     assert usage["usage"]["completion_tokens"] == max_tokens
 
 
+# Long enough that an unaborted request runs well past a 2 s drain timeout on a fast CPU (the tiny
+# model decodes over 1,000 tokens/s alone).
+LONG_CONTEXT = 8192
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(
-        tmp_path_factory.mktemp("limits") / "model", max_position_embeddings=MAX_MODEL_LEN
-    )
+    return write_tiny_llama(tmp_path_factory.mktemp("limits") / "model", max_position_embeddings=LONG_CONTEXT)
 
 
 def launch(root: Path, model_dir: Path, *flags: str) -> Server:
@@ -268,7 +271,7 @@ def test_sigterm_drains_then_ends_what_is_left_with_an_error_event(tmp_path, mod
     server = launch(tmp_path, model_dir, "--max-num-seqs", "1", "--drain-timeout", "2")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http:
-            with http.stream("POST", "/v1/completions", json=stream_request(MAX_MODEL_LEN - 8)) as running:
+            with http.stream("POST", "/v1/completions", json=stream_request(LONG_CONTEXT - 8)) as running:
                 events = sse_data(running)
                 received = [next(events)]
                 server.process.send_signal(signal.SIGTERM)
