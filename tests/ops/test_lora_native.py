@@ -14,6 +14,7 @@ import torch
 
 from server.ops import lora_native
 from server.ops.lora_torch import LoRASegments, add_lora_reference
+from tests.ops.test_lora_torch import _slot_buffers
 
 CPU = torch.device("cpu")
 QKV = ((0, 32), (32, 40), (40, 48))
@@ -31,16 +32,6 @@ def kernel(cache_dir):
     if native is None:
         pytest.skip("native LoRA kernel unavailable here (see the warning logged by load())")
     return native
-
-
-def _slot_buffers(gen, num_slots, slices, max_rank, in_features, slot_ranks, dtype):
-    """[S, R, N, in] and [S, R, out] buffers holding each slot's adapter at its own rank, zeros above."""
-    lora_a = torch.zeros(num_slots, max_rank, len(slices), in_features, dtype=dtype)
-    lora_b = torch.zeros(num_slots, max_rank, slices[-1][1], dtype=dtype)
-    for slot, rank in enumerate(slot_ranks):
-        lora_a[slot, :rank] = torch.randn(rank, len(slices), in_features, generator=gen).to(dtype)
-        lora_b[slot, :rank] = (torch.randn(rank, slices[-1][1], generator=gen) / rank**0.5).to(dtype)
-    return lora_a, lora_b
 
 
 def _run_case(kernel, segs, slices, slot_ranks, max_rank, *, in_features=24, base=torch.float32,
