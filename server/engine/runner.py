@@ -92,10 +92,10 @@ class ModelRunner:
         )
 
     def _decode_fields(self, decodes: list[tuple[int, Sequence, int]]) -> dict:
-        """Padded KV rows and mask for the decode group: [Bd, Lmax] and [Bd, 1, 1, Lmax]."""
+        """Padded KV rows, mask and lengths for the decode group: [Bd, Lmax], [Bd, 1, 1, Lmax], [Bd]."""
         if not decodes:
             return {"decode_token_index": None, "decode_kv_index": None, "decode_kv_bias": None,
-                    "decode_is_all_tokens": False}  # fmt: skip
+                    "decode_kv_lens": None, "decode_is_all_tokens": False}  # fmt: skip
         bs = self.kv_cache.block_size
         max_blocks = -(-max(ctx for _, _, ctx in decodes) // bs)
         # Padded to whole blocks, so the attention products keep one shape for a block's worth of
@@ -116,6 +116,7 @@ class ModelRunner:
             "decode_token_index": self._tensor(token_index),
             "decode_kv_index": kv_index,
             "decode_kv_bias": bias,
+            "decode_kv_lens": ctx,
             "decode_is_all_tokens": token_index == list(range(len(token_index))),
         }
 

@@ -12,6 +12,8 @@ from one machine. For the model's own GEMM shapes at a decode-sized batch we tim
 - the decode-step LoRA side path: torch's batched products or the compiled kernel of
   ``server/ops/lora_native.c`` (one call per module instead of ~8 ops), with the slots in fp32 or
   in the base dtype (bf16 batched products in torch are 2x slower than fp32 on a Zen 5);
+- the decode step's RoPE + KV-cache write + attention: torch ops or the compiled kernels of
+  ``server/ops/attention_native.c`` (one call each, reading the paged cache in place);
 - the number of torch threads (all cores, or one fewer, which leaves a core to the HTTP side).
 
 The sample weights are random, of the model's real shapes, and large enough (> 2x a typical L3)
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-TUNING_FORMAT = 2  # bump when what is measured changes, so old cached choices are not reused
+TUNING_FORMAT = 3  # bump when what is measured changes, so old cached choices are not reused
 DECODE_ROWS = 8  # the batch the choices are measured at (decode steps are this size or near it)
 SAMPLE_BYTES = 96 << 20  # weights touched per timed pass: beyond L3, so memory-bound as in decode
 TIMED_PASSES = 5
@@ -55,6 +57,7 @@ class GemmShapes:
     lm_head: tuple[int, int]
     num_layers: int
     slices: tuple[tuple[int, ...], ...] = ()  # output slice widths of each module of ``layer``
+    heads: tuple[int, int, int] = (0, 0, 0)  # attention: query heads, kv heads, head size (0: unknown)
 
     @classmethod
     def of(cls, config) -> GemmShapes:
@@ -63,7 +66,8 @@ class GemmShapes:
         q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
         layer = ((q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter))
         slices = ((q, kv, kv), (hidden,), (inter, inter), (hidden,))
-        return cls(layer, (config.vocab_size, hidden), config.num_hidden_layers, slices)
+        heads = (config.num_attention_heads, config.num_key_value_heads, head_dim)
+        return cls(layer, (config.vocab_size, hidden), config.num_hidden_layers, slices, heads)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class CpuKernelChoice:
     timings_ms: dict[str, float] = field(default_factory=dict)
     source: str = "measured"  # or "cached"
     seconds: float = 0.0  # how long measuring took
+    attention_kernel: str = "torch"  # decode-step RoPE, KV write and attention: "torch" or "native"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -94,7 +99,7 @@ class CpuKernelChoice:
         how = f"measured in {self.seconds:.1f} s" if self.source == "measured" else "cached"
         return (
             f"cpu tuning: {self.cpu} -> {self.dtype} base, {layout} GEMMs, LoRA {self.lora_kernel} in "
-            f"{self.lora_dtype}, "
+            f"{self.lora_dtype}, attention {self.attention_kernel}, "
             f"{self.num_threads} threads ({how}; ms per decode pass: {timings})"
         )
 
@@ -184,10 +189,12 @@ def measure(
         best_pass = gemms[best]
         del weights, gemms  # only the winner's sample stays alive, for the thread count
         lora_kernel, lora_dtype = _pick_lora(shapes, best_dtype, cache_dir, timings)
+        attention_kernel = _pick_attention(shapes, DTYPES[best_dtype], cache_dir, timings)
         threads = _pick_threads(best_pass, cores, timings, scale)
     return CpuKernelChoice(
         dtype=best_dtype, gemm=best_gemm, lora_dtype=lora_dtype, lora_kernel=lora_kernel, num_threads=threads,
         cpu=cpu_identity(), timings_ms=timings, seconds=time.perf_counter() - started,
+        attention_kernel=attention_kernel,
     )  # fmt: skip
 
 
@@ -258,6 +265,53 @@ def _lora_pass(shapes: GemmShapes, add_lora, slot_dtype, base_dtype, slots: int 
     def one_pass() -> None:
         for y, x, a, b, bounds in modules:
             add_lora(y, x, a, b, segments, bounds)
+
+    return one_pass
+
+
+def _pick_attention(shapes: GemmShapes, dtype: torch.dtype, cache_dir: Path | None, timings: dict) -> str:
+    """The faster decode-step attention: ``attention_torch`` or the compiled ``attention_native``
+    (where it builds here), timed over every layer at 8 sequences of 64-128 cached tokens."""
+    from server.ops import attention_native, attention_torch
+
+    if 0 in shapes.heads:
+        return "torch"
+    native = attention_native.load(cache_dir)
+    kernels = {"torch": attention_torch} | ({"native": native} if native else {})
+    passes = {f"attention {name}": _attention_pass(shapes, ops, dtype) for name, ops in kernels.items()}
+    attention_times = _time_interleaved(passes)
+    timings.update(attention_times)
+    return min(attention_times, key=attention_times.get).split()[1]
+
+
+def _attention_pass(shapes: GemmShapes, ops, dtype: torch.dtype, seqs: int = DECODE_ROWS, block: int = 16):
+    """One decode step's RoPE + KV write + attention through ``ops``, over every layer."""
+    num_heads, num_kv_heads, head_dim = shapes.heads
+    lens = torch.tensor([64 + (37 * i) % 64 for i in range(seqs)])  # [Bd] 64..127 tokens
+    max_len = -(-int(lens.max()) // block) * block
+    index = torch.arange(seqs)[:, None] * max_len + torch.arange(max_len)[None, :]  # [Bd, Lmax], contiguous
+    bias = torch.zeros(seqs, 1, 1, max_len).masked_fill_(
+        (torch.arange(max_len) >= lens[:, None])[:, None, None], float("-inf")
+    )
+    write = index.gather(1, (lens - 1)[:, None]).view(-1)  # each sequence's newest row
+    cos = torch.randn(seqs, head_dim, dtype=dtype)
+    sin = torch.randn(seqs, head_dim, dtype=dtype)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    cache_shape = (num_kv_heads, seqs * max_len, head_dim)
+    layers = [
+        (
+            torch.randn(seqs, width, dtype=dtype),
+            torch.randn(cache_shape, dtype=dtype),
+            torch.randn(cache_shape, dtype=dtype),
+        )
+        for _ in range(shapes.num_layers)
+    ]
+    scale = head_dim**-0.5
+
+    def one_pass() -> None:
+        for qkv, k_cache, v_cache in layers:
+            q = ops.rope_and_cache(qkv, cos, sin, write, k_cache, v_cache, num_heads, num_kv_heads)
+            ops.decode_attention(q, k_cache, v_cache, index, lens, bias, scale)
 
     return one_pass
 

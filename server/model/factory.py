@@ -81,6 +81,15 @@ def pick_lora_op(kernels: CpuKernelChoice | None, model_config: ModelConfig):
     return None if native is None else native.add_lora  # None: cannot be built now, torch path
 
 
+def pick_attention_ops(kernels: CpuKernelChoice | None, model_config: ModelConfig):
+    """The compiled decode attention when the measurement chose it; None: ``attention_torch``."""
+    if kernels is None or kernels.attention_kernel != "native":
+        return None
+    from server.ops import attention_native
+
+    return attention_native.load(_cache_dir(model_config))  # None: cannot be built now, torch path
+
+
 def _cache_dir(model_config: ModelConfig) -> Path:
     return Path(model_config.cache_dir).expanduser() if model_config.cache_dir else default_cache_dir()
 
@@ -100,6 +109,7 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
         "gemm": kernels.gemm if kernels is not None else "x_wt",
         "lora_op": pick_lora_op(kernels, model_config),
     }
-    model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs).eval()
+    attention_ops = pick_attention_ops(kernels, model_config)
+    model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs, attention_ops).eval()
     log.info("loaded %s on %s in %s, max_model_len=%d", checkpoint.name, device, dtype, max_model_len)
     return LoadedModel(model, checkpoint, dtype, device, max_model_len, kernels)

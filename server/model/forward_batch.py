@@ -32,6 +32,7 @@ class ForwardBatch:
     decode_token_index: torch.Tensor | None  # [Bd] int64, flat token index of each decode sequence
     decode_kv_index: torch.Tensor | None  # [Bd, Lmax] int64, KV rows of each decode seq (padded with 0)
     decode_kv_bias: torch.Tensor | None  # [Bd, 1, 1, Lmax] fp32: 0 where a KV row is real, -inf in pads
+    decode_kv_lens: torch.Tensor | None  # [Bd] int64, real KV rows of each decode seq (its first ones)
     decode_is_all_tokens: bool  # the decode sequences are the whole batch, in token order
     prefills: tuple[PrefillChunk, ...]
     logits_index: torch.Tensor  # [B_sample] int64, tokens whose next-token logits are needed

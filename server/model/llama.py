@@ -17,6 +17,7 @@ from torch import nn
 from server.model.cpu_tuning import prepare_weight
 from server.model.forward_batch import ForwardBatch
 from server.model.lora_linear import MultiLoRALinear, base_linear
+from server.ops import attention_torch
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [H_kv, num_kv_rows, D]
 
@@ -41,13 +42,6 @@ def rope_cos_sin(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D], cos/sin [T, 1, D] → rotated x (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
@@ -61,8 +55,11 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, weights: dict[str, torch.Tensor], linear_kwargs: dict) -> None:
+    def __init__(
+        self, config, weights: dict[str, torch.Tensor], linear_kwargs: dict, attention_ops=attention_torch
+    ):
         super().__init__()
+        self.attention_ops = attention_ops  # rope_and_cache + decode_attention: attention_torch's signatures
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -93,17 +90,13 @@ class DecoderLayer(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, hidden, residual, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch):
-        """hidden, residual [T, hidden]; cos/sin [T, 1, D] → (hidden, residual) after this layer."""
+        """hidden, residual [T, hidden]; cos/sin [T, D] → (hidden, residual) after this layer."""
         residual = hidden if residual is None else residual + hidden
         qkv = self.qkv_proj(self.input_layernorm(residual), batch.lora)  # [T, (H + 2·H_kv)·D]
-        num_tokens = qkv.shape[0]
-        qk = qkv[:, : (self.num_heads + self.num_kv_heads) * self.head_dim]
-        qk = apply_rope(qk.view(num_tokens, -1, self.head_dim), cos, sin)  # [T, H + H_kv, D]
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, (self.num_heads + self.num_kv_heads) * self.head_dim :].view(num_tokens, -1, self.head_dim)
         k_cache, v_cache = kv
-        k_cache.index_copy_(1, batch.kv_write_index, k.transpose(0, 1).to(k_cache.dtype))  # head-major
-        v_cache.index_copy_(1, batch.kv_write_index, v.transpose(0, 1).to(v_cache.dtype))
+        q = self.attention_ops.rope_and_cache(
+            qkv, cos, sin, batch.kv_write_index, k_cache, v_cache, self.num_heads, self.num_kv_heads
+        )  # [T, H, D]; this step's K/V rows are in the cache now
         attn = self._attention(q, k_cache, v_cache, batch)  # [T, H·D]
         residual = residual + self.o_proj(attn, batch.lora)
         gate_up = self.gate_up_proj(self.post_attention_layernorm(residual), batch.lora)  # [T, 2·I]
@@ -114,7 +107,7 @@ class DecoderLayer(nn.Module):
         """q [T, H, D] against the cached K/V of each token's sequence → [T, H·D]."""
         if batch.decode_token_index is not None and not batch.prefills and batch.decode_is_all_tokens:
             return self._decode_attention(q, k_cache, v_cache, batch).view(q.shape[0], -1)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if batch.decode_token_index is not None:
             qd = q.index_select(0, batch.decode_token_index)  # [Bd, H, D]
             out.index_copy_(0, batch.decode_token_index, self._decode_attention(qd, k_cache, v_cache, batch))
@@ -129,25 +122,10 @@ class DecoderLayer(nn.Module):
         return out.view(out.shape[0], -1)
 
     def _decode_attention(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
-        """q [Bd, H, D], one query per decode sequence → [Bd, H, D] over its cached K/V.
-
-        Plain batched products over (kv head, sequence) instead of SDPA, which for one query per
-        sequence costs 3x more on CPU in bf16. The head-major cache makes every operand a view:
-        no transposing copies. Scores and softmax are in fp32, as in SDPA.
-        """
-        num_seqs, max_len = batch.decode_kv_index.shape
-        rows = batch.decode_kv_index.view(-1)  # [Bd·Lmax]
-        k = k_cache.index_select(1, rows).view(-1, max_len, self.head_dim)  # [H_kv·Bd, Lmax, D]
-        v = v_cache.index_select(1, rows).view(-1, max_len, self.head_dim)
-        groups = self.num_heads // self.num_kv_heads
-        qg = q.view(num_seqs, self.num_kv_heads, groups, self.head_dim).transpose(0, 1)  # [H_kv, Bd, g, D]
-        scores = torch.bmm(
-            qg.reshape(-1, groups, self.head_dim), k.transpose(1, 2)
-        ).float()  # [H_kv·Bd, g, Lmax]
-        scores = scores.view(self.num_kv_heads, num_seqs, groups, max_len).mul_(self.scale)
-        probs = torch.softmax(scores.add_(batch.decode_kv_bias.view(1, num_seqs, 1, max_len)), dim=-1)
-        out = torch.bmm(probs.to(v.dtype).view(-1, groups, max_len), v)  # [H_kv·Bd, g, D]
-        return out.view(self.num_kv_heads, num_seqs, groups, self.head_dim).transpose(0, 1).reshape(q.shape)
+        """q [Bd, H, D], one query per decode sequence → [Bd, H, D] over its cached K/V."""
+        return self.attention_ops.decode_attention(
+            q, k_cache, v_cache, batch.decode_kv_index, batch.decode_kv_lens, batch.decode_kv_bias, self.scale
+        )
 
 
 def _causal_mask(num_queries: int, ctx_len: int, device: torch.device) -> torch.Tensor:
@@ -163,7 +141,15 @@ def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
 class LlamaForServing(nn.Module):
     """The whole causal LM: embeddings → decoder layers → norm → LM head on sampled tokens only."""
 
-    def __init__(self, config, weights: dict[str, torch.Tensor], max_positions: int, linear_kwargs: dict):
+    def __init__(
+        self,
+        config,
+        weights: dict[str, torch.Tensor],
+        max_positions: int,
+        linear_kwargs: dict,
+        attention_ops=None,
+    ):
+        """``attention_ops``: the decode step's attention kernels (default: ``attention_torch``)."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Parameter(weights.pop("model.embed_tokens.weight"), requires_grad=False)
@@ -171,7 +157,7 @@ class LlamaForServing(nn.Module):
         self.lm_head = self.embed_tokens if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self.norm = RMSNorm(weights.pop("model.norm.weight"), config.rms_norm_eps)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, _layer_weights(weights, i), linear_kwargs)
+            DecoderLayer(config, _layer_weights(weights, i), linear_kwargs, attention_ops or attention_torch)
             for i in range(config.num_hidden_layers)
         )
         self.gemm = linear_kwargs.get("gemm", "x_wt")
@@ -185,8 +171,8 @@ class LlamaForServing(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: KVCaches) -> torch.Tensor:
         """One step over the flat batch → next-token logits [B_sample, V] in fp32."""
         hidden = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
-        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.rope_sin[batch.positions].unsqueeze(1)
+        cos = self.rope_cos.index_select(0, batch.positions)  # [T, D]
+        sin = self.rope_sin.index_select(0, batch.positions)
         residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, kv, batch)

@@ -29,40 +29,12 @@
 #include <string.h>
 #include <time.h>
 
-#define LANES 16        /* fp32 partial sums per row of a dot product: 1-2 vector registers */
+#include "native_common.h"
+
 #define ROWS 4          /* rows of A (shrink) or of B (expand) per pass over x or the accumulators */
 #define TOKEN_BLOCK 8   /* at most this many tokens of one segment share each weight row in L1 */
 #define ACC_FLOATS 8192 /* fp32 accumulators of a token block (32 KiB): tokens x output columns */
 #define MAX_THREADS 8
-
-typedef uint16_t bf16_t;
-
-/* ---------------------------------------------------------------- bf16 <-> fp32 by bits */
-
-static inline float bf16_to_f32(bf16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Round to nearest even; NaN stays a (quiet) NaN. */
-static inline bf16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    uint32_t quiet_nan = (u >> 16) | 0x40u;
-    return (bf16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
-}
-
-/* ---------------------------------------------------------------- inner loops, one per dtype */
-
-/* Sum of LANES partial sums as a tree: vectorizable, where an in-order sum is a serial chain. */
-static inline float hsum(float *a) {
-    for (int width = LANES / 2; width > 0; width /= 2)
-        for (int j = 0; j < width; j++) a[j] += a[j + width];
-    return a[0];
-}
 
 /*
  * Software prefetch PREFETCH_AHEAD bytes ahead into L2 while reading A's rows. Measured on a

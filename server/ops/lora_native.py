@@ -9,38 +9,26 @@ up to 8 tokens, accumulates in fp32 and adds into y once (bf16 y: rounded once, 
 Base-only tokens (slot -1) are never read or written.
 
 The C source (``lora_native.c``, next to this file) is compiled on first use for the machine it
-runs on (``-O3 -march=native``: AVX2, AVX-512 or NEON, whatever this CPU has) into
-``<cache_dir>/kernels/lora_native-<hash>.so``; the hash covers the source, the compiler's
-version, the flags and the CPU identity, so a cache dir shared between machines never loads a
-library built for another CPU. ``load()`` returns None (one warning logged) where that is not
-possible; callers then keep the torch path.
+runs on and cached under ``<cache_dir>/kernels`` (``native_build``). ``load()`` returns None (one
+warning logged) where that is not possible; callers then keep the torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import itertools
 import logging
-import os
-import platform
-import shutil
 import struct
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from server.ops.lora_torch import LoRASegments
+from server.ops.native_build import NativeSource, load_library
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lora_native.c")
-CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")  # no -fopenmp: torch has its own runtime
-SUPPORTED_PLATFORMS = {("Linux", "x86_64"), ("Linux", "aarch64")}
-COMPILE_TIMEOUT_S = 120
+SOURCE = NativeSource("lora_native", Path(__file__).with_name("lora_native.c"))
 # The C side's dtype bits: 1 = y is bf16, 2 = x is bf16, 4 = A and B are bf16 (else fp32)
 _BITS = {torch.float32: 0, torch.bfloat16: 1}
 DTYPE_CODES = {
@@ -56,102 +44,23 @@ MAX_CACHED_SLICES = 256  # distinct output_slices tuples remembered (a model has
 _CALL_ARGS = struct.Struct("=19q")
 
 
-class NativeUnavailable(Exception):
-    """Why the kernel cannot be built or loaded here (logged once by ``load``)."""
-
-
 def load(cache_dir: Path | str | None = None) -> NativeLoRA | None:
     """The compiled kernel (built on first use, then cached on disk), or None where it cannot be.
 
-    None comes with one warning line saying why: an unsupported platform, no C compiler, a failed
-    compile, an unwritable cache dir or a library that does not load. Never raises for those.
+    None comes with one warning line saying why (see ``native_build``). Never raises for those.
     """
     if cache_dir is None:
         from server.model.loader import default_cache_dir
 
         cache_dir = default_cache_dir()
-    lib = _load_library(Path(cache_dir).expanduser().resolve())
-    return None if lib is None else NativeLoRA(lib)
-
-
-@functools.cache
-def _load_library(cache_dir: Path) -> ctypes.CDLL | None:
-    """The shared library for this CPU under ``cache_dir``; compiled at most once per process."""
-    try:
-        lib = ctypes.CDLL(str(_build(cache_dir)))  # CDLL: the GIL is released during calls
-    except (NativeUnavailable, OSError) as e:
-        log.warning("native LoRA kernel unavailable, keeping the torch path: %s", e)
+    lib = load_library(SOURCE, Path(cache_dir))
+    if lib is None:
         return None
     lib.lora_native_add.argtypes = (ctypes.c_char_p,)  # a packed CallArgs (immutable bytes)
     lib.lora_native_add.restype = ctypes.c_int
     lib.lora_native_set_spin_ns.argtypes = (ctypes.c_int64,)
     lib.lora_native_set_spin_ns.restype = None
-    return lib
-
-
-def _build(cache_dir: Path) -> Path:
-    """Path of the library built for this machine, compiling it first when it is not cached."""
-    if (platform.system(), platform.machine()) not in SUPPORTED_PLATFORMS:
-        raise NativeUnavailable(f"unsupported platform {platform.system()} {platform.machine()}")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise NativeUnavailable("no C compiler (cc or gcc) on PATH")
-    try:
-        source = SOURCE.read_bytes()
-    except OSError as e:
-        raise NativeUnavailable(f"kernel source missing: {e}") from e
-    target = cache_dir / "kernels" / f"lora_native-{_build_key(compiler, source)}.so"
-    if not target.exists():
-        _compile(compiler, target)
-    return target
-
-
-def _build_key(compiler: str, source: bytes) -> str:
-    """Hash of everything the built library depends on: source, compiler, flags and the CPU."""
-    from server.model.cpu_tuning import cpu_identity
-
-    version = _run([compiler, "--version"], "compiler --version").stdout
-    parts = [source, version.encode(), " ".join(CFLAGS).encode(), cpu_identity().encode()]
-    parts.append(_cpuinfo_flags().encode())
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-
-
-def _cpuinfo_flags() -> str:
-    """The first ``flags`` (x86) or ``Features`` (arm) line of /proc/cpuinfo ('' if none)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
-
-
-def _compile(compiler: str, target: Path) -> None:
-    """Compile SOURCE into ``target`` via a temp file and os.replace (safe for concurrent processes)."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-    except OSError as e:
-        raise NativeUnavailable(f"cannot write to {target.parent}: {e}") from e
-    try:
-        _run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], "compile")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("compiled the native LoRA kernel into %s", target)
-
-
-def _run(command: list[str], what: str) -> subprocess.CompletedProcess:
-    """Run a compiler command; NativeUnavailable (with its stderr tail) when it fails."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise NativeUnavailable(f"{what} failed: {e}") from e
-    if done.returncode != 0:
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        raise NativeUnavailable(f"{what} failed (exit {done.returncode}): {tail}")
-    return done
+    return NativeLoRA(lib)
 
 
 class NativeLoRA:

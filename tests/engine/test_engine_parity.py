@@ -112,3 +112,50 @@ def test_peft_adapter_matches_peft_model(tiny_llama, tmp_path, case):
     with torch.no_grad():
         expected_tokens = hf_greedy(reference, PROMPTS[0], 16)
     assert tokens_of(run_to_completion(core)["g"]) == expected_tokens
+
+
+@pytest.fixture
+def native_cpu_kernels(monkeypatch, tmp_path):
+    """The start-up choice as a CPU that picks the compiled kernels would make it, fp32 GEMMs.
+
+    Tiny test models are never tuned (their timings are noise), so the choice is put in place
+    of the measurement; everything after it (the factory's wiring, the kernels) is the real path.
+    """
+    from server.model import factory
+    from server.model.cpu_tuning import CpuKernelChoice
+    from server.ops import attention_native, lora_native
+
+    if attention_native.load(tmp_path) is None or lora_native.load(tmp_path) is None:
+        pytest.skip("no C compiler here: the torch path is used")
+    choice = CpuKernelChoice(
+        dtype="float32", gemm="x_wt", lora_dtype="float32", lora_kernel="native", num_threads=1,
+        cpu="test", attention_kernel="native",
+    )  # fmt: skip
+    monkeypatch.setattr(factory, "pick_cpu_kernels", lambda model_config, checkpoint: choice)
+    monkeypatch.setattr(factory, "_cache_dir", lambda model_config: tmp_path)
+
+
+def test_native_cpu_kernels_keep_parity_with_hf_and_peft(tiny_llama, tmp_path, native_cpu_kernels):
+    from server.ops.attention_native import NativeAttention
+
+    core = make_core(tiny_llama)
+    assert isinstance(core.loaded.model.layers[0].attention_ops, NativeAttention)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    for i, prompt in enumerate(PROMPTS):
+        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=24, **GREEDY), None)
+    results = run_to_completion(core)
+    for i, prompt in enumerate(PROMPTS):  # 4 sequences of different lengths decode in one batch
+        assert tokens_of(results[f"r{i}"]) == hf_greedy(hf, prompt, 24), f"prompt {i}"
+    case = ADAPTER_CASES[-1]
+    adapter_dir = save_peft_adapter(tiny_llama, tmp_path / "adapter", seed=5, **case)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), adapter_dir
+    ).eval()
+    core.add_adapter("a", adapter_dir)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        core.add_request(f"g{i}", prompt, SamplingParams(max_tokens=16, **GREEDY), "a" if i != 1 else None)
+    results = run_to_completion(core)
+    with torch.no_grad():
+        assert tokens_of(results["g0"]) == hf_greedy(reference, PROMPTS[0], 16)
+        assert tokens_of(results["g2"]) == hf_greedy(reference, PROMPTS[2], 16)
+    assert tokens_of(results["g1"]) == hf_greedy(hf, PROMPTS[1], 16)  # a base request in the same batch

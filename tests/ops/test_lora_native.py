@@ -12,8 +12,9 @@ import threading
 import pytest
 import torch
 
-from server.ops import lora_native
+from server.ops import lora_native, native_build
 from server.ops.lora_torch import LoRASegments, add_lora_reference
+from server.ops.native_build import NativeSource
 from tests.ops.test_lora_torch import _slot_buffers
 
 CPU = torch.device("cpu")
@@ -174,31 +175,32 @@ def test_unsupported_inputs_are_refused(kernel):
 
 
 def test_no_compiler_means_none_and_one_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(lora_native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: None)
     assert lora_native.load(tmp_path) is None
     assert lora_native.load(tmp_path) is None  # decided once per process: one warning
-    warnings = [r for r in caplog.records if r.name == lora_native.__name__ and r.levelname == "WARNING"]
+    warnings = [r for r in caplog.records if r.name == native_build.__name__ and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "no C compiler" in warnings[0].getMessage()
 
 
 def test_failed_compile_or_platform_means_none(tmp_path, monkeypatch):
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(lora_native, "SOURCE", bad)
+    monkeypatch.setattr(lora_native, "SOURCE", NativeSource("lora_native", bad, headers=()))
     assert lora_native.load(tmp_path / "a") is None
     assert not list((tmp_path / "a" / "kernels").iterdir()), "no half-written library left behind"
-    monkeypatch.setattr(lora_native.platform, "machine", lambda: "riscv64")
-    with pytest.raises(lora_native.NativeUnavailable, match="platform"):
-        lora_native._build(tmp_path / "b")
+    monkeypatch.setattr(native_build.platform, "machine", lambda: "riscv64")
+    with pytest.raises(native_build.NativeUnavailable, match="platform"):
+        native_build.build(lora_native.SOURCE, tmp_path / "b")
 
 
 def test_the_library_is_cached_on_disk_per_build_key(tmp_path, monkeypatch):
-    first = lora_native._build(tmp_path)
-    compiler, source = shutil.which("cc") or shutil.which("gcc"), lora_native.SOURCE.read_bytes()
-    key = lora_native._build_key(compiler, source)
+    source = lora_native.SOURCE
+    first = native_build.build(source, tmp_path)
+    compiler, text = shutil.which("cc") or shutil.which("gcc"), source.text()
+    key = native_build.build_key(source, compiler, text)
     assert first == tmp_path / "kernels" / f"lora_native-{key}.so"
-    monkeypatch.setattr(lora_native, "_compile", lambda *args: pytest.fail("recompiled a cached library"))
-    assert lora_native._build(tmp_path) == first
-    assert lora_native._build_key(compiler, source + b"\n") != key
-    monkeypatch.setattr(lora_native, "CFLAGS", (*lora_native.CFLAGS, "-DOTHER"))
-    assert lora_native._build_key(compiler, source) != key
+    monkeypatch.setattr(native_build, "_compile", lambda *args: pytest.fail("recompiled a cached library"))
+    assert native_build.build(source, tmp_path) == first
+    assert native_build.build_key(source, compiler, text + b"\n") != key
+    other_flags = NativeSource(source.name, source.path, (*source.cflags, "-DOTHER"))
+    assert native_build.build_key(other_flags, compiler, text) != key

@@ -1,0 +1,78 @@
+"""The start-up CPU measurement: what it times, what it picks, and its cache."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from server.model import cpu_tuning
+from server.model.cpu_tuning import GemmShapes
+from server.ops import attention_native
+
+CONFIG = SimpleNamespace(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    num_hidden_layers=2, vocab_size=100,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shapes_of_a_config():
+    shapes = GemmShapes.of(CONFIG)
+    assert shapes.layer == ((64 + 2 * 32, 64), (64, 64), (256, 64), (64, 128))
+    assert shapes.slices == ((64, 32, 32), (64,), (128, 128), (64,))
+    assert shapes.heads == (4, 2, 16)
+
+
+def test_measure_times_every_candidate_and_picks_the_fastest_of_each(tmp_path):
+    choice = cpu_tuning.measure(GemmShapes.of(CONFIG), None, 2, tmp_path)
+    timings = choice.timings_ms
+    assert {"float32 x·Wᵀ", "bfloat16 x·Wᵀ", "LoRA torch float32", "attention torch"} <= timings.keys()
+    if attention_native.load(tmp_path) is not None:
+        assert "attention native" in timings
+    gemm_label = cpu_tuning.GEMM_KERNELS[choice.gemm]
+    gemms = {k: v for k, v in timings.items() if k.split(" ", 1)[0] in cpu_tuning.CANDIDATE_DTYPES}
+    assert timings[f"{choice.dtype} {gemm_label}"] == min(gemms.values())
+    attention = {k: v for k, v in timings.items() if k.startswith("attention ")}
+    assert timings[f"attention {choice.attention_kernel}"] == min(attention.values())
+    lora = {k: v for k, v in timings.items() if k.startswith("LoRA ")}
+    assert timings[f"LoRA {choice.lora_kernel} {choice.lora_dtype}"] == min(lora.values())
+    line = choice.describe()
+    assert line.startswith("cpu tuning: ") and f"attention {choice.attention_kernel}" in line
+
+
+def test_a_fixed_dtype_is_the_only_one_measured(tmp_path):
+    choice = cpu_tuning.measure(GemmShapes.of(CONFIG), "float32", 2, tmp_path)
+    assert choice.dtype == "float32"
+    assert not any(k.startswith("bfloat16 ") for k in choice.timings_ms)
+
+
+def test_unknown_heads_keep_the_torch_attention(tmp_path):
+    shapes = GemmShapes.of(CONFIG)
+    no_heads = GemmShapes(shapes.layer, shapes.lm_head, shapes.num_layers, shapes.slices)
+    assert cpu_tuning._pick_attention(no_heads, torch.float32, tmp_path, {}) == "torch"
+
+
+def test_the_choice_is_cached_per_cpu_and_shapes(tmp_path, monkeypatch):
+    shapes = GemmShapes.of(CONFIG)
+    first = cpu_tuning.choose(shapes, "float32", tmp_path)
+    assert first.source == "measured"
+    files = list((tmp_path / "tuning").glob("cpu-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["attention_kernel"] == first.attention_kernel
+    monkeypatch.setattr(cpu_tuning, "measure", lambda *a, **k: pytest.fail("measured again"))
+    again = cpu_tuning.choose(shapes, "float32", tmp_path)
+    assert again.source == "cached" and again.attention_kernel == first.attention_kernel
+    assert again.gemm == first.gemm and again.lora_kernel == first.lora_kernel
+    monkeypatch.undo()
+    cpu_tuning.choose(
+        GemmShapes.of(SimpleNamespace(**{**vars(CONFIG), "num_hidden_layers": 3})), "float32", tmp_path
+    )
+    assert len(list((tmp_path / "tuning").glob("cpu-*.json"))) == 2, "other shapes: another entry"
