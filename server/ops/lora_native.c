@@ -20,14 +20,12 @@
  * the CPU has (AVX2, AVX-512, NEON) without intrinsics or -ffast-math.
  *
  * Threads: the chunks of a call (one segment's tokens, up to token_block at a time) may be shared
- * between the caller and up to MAX_THREADS - 1 persistent pthread workers (no OpenMP: torch
- * ships its own runtime); see "persistent worker pool" below.
+ * by up to MAX_THREADS OpenMP threads of torch's own runtime; see run_parallel below.
  */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "native_common.h"
 
@@ -303,153 +301,20 @@ static int run_all(const Job *j, int64_t chunks) {
     return rc;
 }
 
-/* ---------------------------------------------------------------- persistent worker pool */
-
 /*
- * Work sharing by claiming, so that a worker that wakes late costs nothing: the caller posts
- * the call as `work` = generation << 32 | next chunk << 16 | chunks and then claims chunks
- * itself, one at a time; woken workers claim what is left. A claim is a CAS on `work` that
- * checks the generation, so a worker still holding an old generation never touches a newer
- * call. A call ends when `done` == chunks; until then its Job (on the caller's stack) lives.
- * Waking a sleeping vCPU costs tens of µs in a VM: the caller never waits for the wake-up.
+ * The chunks shared by `threads` OpenMP threads. Built with -fopenmp, this library needs
+ * libgomp.so.1, and the loader resolves that to the libgomp torch has already loaded: the same
+ * thread team as torch's GEMMs, whose workers are still spinning from the last one when a call
+ * starts (a pool of our own had to wait for that spin to end before its workers got the core).
  */
-#define GENERATION(w) ((uint32_t)((w) >> 32))
-#define NEXT_CHUNK(w) ((int64_t)(((w) >> 16) & 0xFFFF))
-#define NUM_CHUNKS(w) ((int64_t)((w) & 0xFFFF))
-#define MAX_POOLED_CHUNKS 0xFFFF
-
-static struct {
-    pthread_mutex_t call_lock; /* held by the one call that uses the workers */
-    pthread_mutex_t lock;      /* guards the condition variables */
-    pthread_cond_t start_cv, done_cv;
-    int num_workers;
-    uint64_t work;      /* atomic: see above */
-    const Job *job;     /* the current call; read only by a thread that holds one of its chunks */
-    int64_t done;       /* atomic: chunks of the current call finished */
-    int rc;             /* atomic: OR of the chunks' return codes */
-} pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER,
-          .lock = PTHREAD_MUTEX_INITIALIZER,
-          .start_cv = PTHREAD_COND_INITIALIZER,
-          .done_cv = PTHREAD_COND_INITIALIZER};
-
-/* How long an idle worker spins for the next call before sleeping; spinning takes the core from torch. */
-static int64_t spin_ns = 0;
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-/* Claim the next chunk of generation `gen`; -1 when that call has none left (or is over). */
-static int64_t claim_chunk(uint32_t gen) {
-    uint64_t w = __atomic_load_n(&pool.work, __ATOMIC_ACQUIRE);
-    for (;;) {
-        if (GENERATION(w) != gen || NEXT_CHUNK(w) >= NUM_CHUNKS(w)) return -1;
-        if (__atomic_compare_exchange_n(&pool.work, &w, w + (1u << 16), 1, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            return NEXT_CHUNK(w);
-    }
-}
-
-/* Run chunks of generation `gen` until none is left; the last one done wakes the caller. */
-static void help(uint32_t gen, int64_t chunks) {
-    for (int64_t c; (c = claim_chunk(gen)) >= 0;) {
-        const int rc = run_chunk(pool.job, c); /* pool.job is this call's: our chunk keeps it alive */
-        if (rc) __atomic_or_fetch(&pool.rc, rc, __ATOMIC_RELAXED);
-        if (__atomic_add_fetch(&pool.done, 1, __ATOMIC_ACQ_REL) == chunks) {
-            pthread_mutex_lock(&pool.lock);
-            pthread_cond_broadcast(&pool.done_cv);
-            pthread_mutex_unlock(&pool.lock);
-        }
-    }
-}
-
-/* Block until `work` carries a generation other than `seen` (spinning spin_ns first). */
-static uint64_t wait_for_work(uint32_t seen) {
-    const int64_t deadline = spin_ns > 0 ? now_ns() + spin_ns : 0;
-    for (int i = 1; deadline; i++) {
-        uint64_t w = __atomic_load_n(&pool.work, __ATOMIC_ACQUIRE);
-        if (GENERATION(w) != seen) return w;
-        if ((i & 63) == 0 && now_ns() >= deadline) break;
-        cpu_relax();
-    }
-    uint64_t w;
-    pthread_mutex_lock(&pool.lock);
-    while (GENERATION(w = __atomic_load_n(&pool.work, __ATOMIC_ACQUIRE)) == seen)
-        pthread_cond_wait(&pool.start_cv, &pool.lock);
-    pthread_mutex_unlock(&pool.lock);
-    return w;
-}
-
-static void *worker_main(void *arg) {
-    uint32_t seen = (uint32_t)(uintptr_t)arg; /* the generation when this worker was created */
-    for (;;) {
-        const uint64_t w = wait_for_work(seen);
-        seen = GENERATION(w);
-        help(seen, NUM_CHUNKS(w));
-    }
-    return NULL;
-}
-
-/* A forked child has none of the parent's threads: start over. */
-static void pool_after_fork_child(void) {
-    pthread_mutex_init(&pool.call_lock, NULL);
-    pthread_mutex_init(&pool.lock, NULL);
-    pthread_cond_init(&pool.start_cv, NULL);
-    pthread_cond_init(&pool.done_cv, NULL);
-    pool.num_workers = 0;
-}
-
-/* Grow the pool to `wanted` threads in all (caller included); returns how many there are. */
-static int pool_reserve(int wanted) {
-    static int atfork_done = 0;
-    if (!atfork_done) atfork_done = pthread_atfork(NULL, NULL, pool_after_fork_child) == 0;
-    while (pool.num_workers + 1 < wanted) {
-        pthread_t tid;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        /* Stable while we hold call_lock: only a call that holds it posts a new generation. */
-        void *gen = (void *)(uintptr_t)GENERATION(__atomic_load_n(&pool.work, __ATOMIC_ACQUIRE));
-        int failed = pthread_create(&tid, &attr, worker_main, gen);
-        pthread_attr_destroy(&attr);
-        if (failed) break;
-        pool.num_workers++;
-    }
-    return pool.num_workers + 1;
-}
-
-/* Post the call to the workers, claim chunks alongside them, and wait until all are done. */
-static int run_pooled(const Job *j, int64_t chunks) {
-    const uint32_t gen = GENERATION(__atomic_load_n(&pool.work, __ATOMIC_ACQUIRE)) + 1;
-    pool.job = j;
-    __atomic_store_n(&pool.done, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&pool.rc, 0, __ATOMIC_RELAXED);
-    pthread_mutex_lock(&pool.lock);
-    __atomic_store_n(&pool.work, (uint64_t)gen << 32 | (uint64_t)chunks, __ATOMIC_RELEASE);
-    pthread_cond_broadcast(&pool.start_cv);
-    pthread_mutex_unlock(&pool.lock);
-    help(gen, chunks);
-    /* Only chunks a worker has claimed and is running are left: wait for them. */
-    for (int i = 0; i < 4096 && __atomic_load_n(&pool.done, __ATOMIC_ACQUIRE) != chunks; i++) cpu_relax();
-    pthread_mutex_lock(&pool.lock);
-    while (__atomic_load_n(&pool.done, __ATOMIC_ACQUIRE) != chunks) pthread_cond_wait(&pool.done_cv, &pool.lock);
-    pthread_mutex_unlock(&pool.lock);
-    return __atomic_load_n(&pool.rc, __ATOMIC_RELAXED);
+static int run_parallel(const Job *j, int64_t chunks, int threads) {
+    int rc = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : rc)
+    for (int64_t c = 0; c < chunks; c++) rc |= run_chunk(j, c);
+    return rc;
 }
 
 /* ---------------------------------------------------------------- exported entry points */
-
-/* Set how long idle workers spin before sleeping (ns, >= 0; default 0). */
-void lora_native_set_spin_ns(int64_t ns) { spin_ns = ns < 0 ? 0 : ns; }
 
 /*
  * The arguments of one call as the Python side packs them: 19 int64, pointers as integers
@@ -486,8 +351,8 @@ static Job job_of(const CallArgs *c) {
 
 /*
  * y += LoRA(x) for the segments; see the top of this file. `packed` holds a CallArgs (any
- * alignment). Returns 0, or 1 when out of memory for the scratch buffers. When another call
- * holds the worker threads, this one runs on the calling thread alone.
+ * alignment). Returns 0, or 1 when out of memory for the scratch buffers. Safe to call from
+ * several threads at once (OpenMP gives each calling thread its own team).
  */
 int lora_native_add(const void *packed) {
     CallArgs c;
@@ -495,10 +360,6 @@ int lora_native_add(const void *packed) {
     if (c.rank <= 0 || c.num_slices <= 0 || c.in_features <= 0) return 0;
     const Job j = job_of(&c);
     const int64_t chunks = count_chunks(&j);
-    if (c.num_threads <= 1 || chunks <= 1 || chunks > MAX_POOLED_CHUNKS) return run_all(&j, chunks);
-    if (pthread_mutex_trylock(&pool.call_lock) != 0) return run_all(&j, chunks); /* workers busy */
-    int threads = pool_reserve((int)(c.num_threads < MAX_THREADS ? c.num_threads : MAX_THREADS));
-    int rc = threads > 1 ? run_pooled(&j, chunks) : run_all(&j, chunks);
-    pthread_mutex_unlock(&pool.call_lock);
-    return rc;
+    if (c.num_threads <= 1 || chunks <= 1) return run_all(&j, chunks);
+    return run_parallel(&j, chunks, (int)(c.num_threads < MAX_THREADS ? c.num_threads : MAX_THREADS));
 }

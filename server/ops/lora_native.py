@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from server.ops.lora_torch import LoRASegments
-from server.ops.native_build import NativeSource, load_library
+from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
 
 log = logging.getLogger(__name__)
 
-SOURCE = NativeSource("lora_native", Path(__file__).with_name("lora_native.c"))
+SOURCE = NativeSource("lora_native", Path(__file__).with_name("lora_native.c"), (*BASE_CFLAGS, "-fopenmp"))
 # The C side's dtype bits: 1 = y is bf16, 2 = x is bf16, 4 = A and B are bf16 (else fp32)
 _BITS = {torch.float32: 0, torch.bfloat16: 1}
 DTYPE_CODES = {
@@ -58,35 +58,32 @@ def load(cache_dir: Path | str | None = None) -> NativeLoRA | None:
         return None
     lib.lora_native_add.argtypes = (ctypes.c_char_p,)  # a packed CallArgs (immutable bytes)
     lib.lora_native_add.restype = ctypes.c_int
-    lib.lora_native_set_spin_ns.argtypes = (ctypes.c_int64,)
-    lib.lora_native_set_spin_ns.restype = None
     return NativeLoRA(lib)
 
 
-class NativeLoRA:
-    """The loaded kernel. ``num_threads``: threads per call (the caller plus pthread workers).
+PARALLEL_MIN_TOKENS = 32  # calls over at least this many tokens (prefill) use ``prefill_threads``
 
-    One thread is the default. On a 2-core Zen 5 VM, 2 threads cut a decode pass of LoRA calls
-    alone by ~10% but gained nothing inside a real step, where torch's GEMM threads hold the
-    other core between LoRA calls and waking a sleeping worker costs tens of µs. Workers only
-    claim what the caller has not started, so 2 threads are never much slower either. Calls
-    from several Python threads at once are safe: one of them uses the workers at a time, the
-    others run on their own thread.
+
+class NativeLoRA:
+    """The loaded kernel. Threads per call (the caller plus pthread workers): ``num_threads`` for
+    decode-sized calls, ``prefill_threads`` (default: torch's thread count) from
+    PARALLEL_MIN_TOKENS tokens on.
+
+    The extra threads are torch's own OpenMP team (see ``run_parallel`` in the C file). One
+    thread is the decode default: on a 2-core Zen 5 VM, 2 threads made a mixed decode step of
+    SmolLM2-135M only ~3% faster (23.9 vs 24.6 ms, median of 8, within the noise), while the
+    LoRA share of an 8-prompt prefill step (318 tokens, bf16 slots) fell from 95-150 ms with
+    1 thread to 40-80 ms with 2. A private pthread pool gained nothing inside a real step: its
+    workers waited for torch's spinning OpenMP workers to give up the core. Calls from several
+    Python threads at once are safe.
     """
 
-    def __init__(self, lib: ctypes.CDLL, num_threads: int = 1):
+    def __init__(self, lib: ctypes.CDLL, num_threads: int = 1, prefill_threads: int | None = None):
         self._add = lib.lora_native_add
-        self._set_spin = lib.lora_native_set_spin_ns
         self.num_threads = num_threads
+        self.prefill_threads = prefill_threads
         self._segments = (None, None)  # (last LoRASegments seen, its C array and bounds)
         self._slices: dict[int, tuple] = {}  # id(output_slices) -> (the tuple, C array, max hi)
-
-    def set_worker_spin_ns(self, ns: int) -> None:
-        """How long an idle worker spins for the next call before sleeping (process-wide, default 0).
-
-        Spinning makes back-to-back LoRA calls faster but takes the core from torch's threads.
-        """
-        self._set_spin(ns)
 
     def add_lora(
         self,
@@ -119,10 +116,24 @@ class NativeLoRA:
         args = _CALL_ARGS.pack(
             *(y.data_ptr(), strides[0][0], x.data_ptr(), strides[1][0]),
             *(lora_a.data_ptr(), a_st[0], a_st[1], a_st[2], lora_b.data_ptr(), b_st[0], b_st[1]),
-            *(code, a_shape[1], num_slices, a_shape[3], slices_addr, segs_addr, num_segs, self.num_threads),
+            *(
+                code,
+                a_shape[1],
+                num_slices,
+                a_shape[3],
+                slices_addr,
+                segs_addr,
+                num_segs,
+                self._threads(tokens_end),
+            ),
         )
         if self._add(args) != 0:
             raise MemoryError("native LoRA kernel: out of memory for its scratch buffers")
+
+    def _threads(self, num_tokens: int) -> int:
+        if num_tokens < PARALLEL_MIN_TOKENS:
+            return self.num_threads
+        return self.prefill_threads or max(self.num_threads, torch.get_num_threads())
 
     def _segments_entry(self, segments: LoRASegments) -> tuple:
         """(address of int64 [G][3] seg_bounds, G, last token + 1, highest slot); cached per step."""
