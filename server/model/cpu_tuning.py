@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-TUNING_FORMAT = 3  # bump when what is measured changes, so old cached choices are not reused
+TUNING_FORMAT = 4  # bump when what is measured changes, so old cached choices are not reused
 DECODE_ROWS = 8  # the batch the choices are measured at (decode steps are this size or near it)
 SAMPLE_BYTES = 96 << 20  # weights touched per timed pass: beyond L3, so memory-bound as in decode
 TIMED_PASSES = 5
@@ -84,6 +84,7 @@ class CpuKernelChoice:
     source: str = "measured"  # or "cached"
     seconds: float = 0.0  # how long measuring took
     attention_kernel: str = "torch"  # decode-step RoPE, KV write and attention: "torch" or "native"
+    lora_threads: int = 1  # threads of a decode-step call of the native LoRA kernel
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -97,9 +98,10 @@ class CpuKernelChoice:
         layout = GEMM_KERNELS[self.gemm]
         timings = ", ".join(f"{k} {v:.1f}" for k, v in self.timings_ms.items())
         how = f"measured in {self.seconds:.1f} s" if self.source == "measured" else "cached"
+        lora_threads = f" on {self.lora_threads} threads" if self.lora_threads > 1 else ""
         return (
             f"cpu tuning: {self.cpu} -> {self.dtype} base, {layout} GEMMs, LoRA {self.lora_kernel} in "
-            f"{self.lora_dtype}, attention {self.attention_kernel}, "
+            f"{self.lora_dtype}{lora_threads}, attention {self.attention_kernel}, "
             f"{self.num_threads} threads ({how}; ms per decode pass: {timings})"
         )
 
@@ -188,13 +190,13 @@ def measure(
         best_gemm = next(kernel for kernel, label in GEMM_KERNELS.items() if label == best_label)
         best_pass = gemms[best]
         del weights, gemms  # only the winner's sample stays alive, for the thread count
-        lora_kernel, lora_dtype = _pick_lora(shapes, best_dtype, cache_dir, timings)
+        lora_kernel, lora_dtype, lora_threads = _pick_lora(shapes, best_dtype, cache_dir, timings)
         attention_kernel = _pick_attention(shapes, DTYPES[best_dtype], cache_dir, timings)
         threads = _pick_threads(best_pass, cores, timings, scale)
     return CpuKernelChoice(
         dtype=best_dtype, gemm=best_gemm, lora_dtype=lora_dtype, lora_kernel=lora_kernel, num_threads=threads,
         cpu=cpu_identity(), timings_ms=timings, seconds=time.perf_counter() - started,
-        attention_kernel=attention_kernel,
+        attention_kernel=attention_kernel, lora_threads=lora_threads,
     )  # fmt: skip
 
 
@@ -226,26 +228,34 @@ def _gemm_pass(
     return one_pass
 
 
-def _pick_lora(shapes: GemmShapes, base_dtype: str, cache_dir: Path | None, timings: dict) -> tuple[str, str]:
-    """(kernel, slot dtype) of the fastest decode-step side path: 8 slots at rank 16, every layer.
+def _pick_lora(
+    shapes: GemmShapes, base_dtype: str, cache_dir: Path | None, timings: dict
+) -> tuple[str, str, int]:
+    """(kernel, slot dtype, threads) of the fastest decode-step side path: 8 slots at rank 16.
 
     Candidates: torch's batched products and the compiled kernel (where it builds here), each with
-    fp32 slots and, under a bf16 base, bf16 slots.
+    fp32 slots and, under a bf16 base, bf16 slots; the compiled kernel on one thread and on all of
+    torch's (its OpenMP team is torch's, so a pass alone sees the same team a real step does).
     """
     from server.ops import lora_native, lora_torch
 
-    native = lora_native.load(cache_dir)
-    kernels = {"torch": lora_torch.add_lora} | ({"native": native.add_lora} if native else {})
-    dtypes = dict.fromkeys(("float32", base_dtype))
-    passes = {
-        f"LoRA {kernel} {name}": _lora_pass(shapes, op, DTYPES[name], DTYPES[base_dtype])
-        for name in dtypes
-        for kernel, op in kernels.items()
+    threads = torch.get_num_threads()
+    kernels = {"LoRA torch": ("torch", 1, lora_torch.add_lora)}
+    for count in dict.fromkeys((1, threads)):
+        native = lora_native.load(cache_dir)
+        if native is not None:
+            native.num_threads = count
+            label = "LoRA native" + (f" {count} threads" if count > 1 else "")
+            kernels[label] = ("native", count, native.add_lora)
+    candidates = {
+        f"{label} {name}": (kernel, name, count, _lora_pass(shapes, op, DTYPES[name], DTYPES[base_dtype]))
+        for name in dict.fromkeys(("float32", base_dtype))
+        for label, (kernel, count, op) in kernels.items()
     }
-    lora_times = _time_interleaved(passes)
+    lora_times = _time_interleaved({label: c[3] for label, c in candidates.items()})
     timings.update(lora_times)
-    _, kernel, name = min(lora_times, key=lora_times.get).split()
-    return kernel, name
+    kernel, name, count, _ = candidates[min(lora_times, key=lora_times.get)]
+    return kernel, name, count
 
 
 def _lora_pass(shapes: GemmShapes, add_lora, slot_dtype, base_dtype, slots: int = 8, rank: int = 16):

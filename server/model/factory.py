@@ -78,7 +78,10 @@ def pick_lora_op(kernels: CpuKernelChoice | None, model_config: ModelConfig):
     from server.ops import lora_native
 
     native = lora_native.load(_cache_dir(model_config))
-    return None if native is None else native.add_lora  # None: cannot be built now, torch path
+    if native is None:
+        return None  # cannot be built now: the torch path
+    native.num_threads = kernels.lora_threads
+    return native.add_lora
 
 
 def pick_attention_ops(kernels: CpuKernelChoice | None, model_config: ModelConfig):

@@ -44,7 +44,10 @@ def test_measure_times_every_candidate_and_picks_the_fastest_of_each(tmp_path):
     attention = {k: v for k, v in timings.items() if k.startswith("attention ")}
     assert timings[f"attention {choice.attention_kernel}"] == min(attention.values())
     lora = {k: v for k, v in timings.items() if k.startswith("LoRA ")}
-    assert timings[f"LoRA {choice.lora_kernel} {choice.lora_dtype}"] == min(lora.values())
+    threads = f" {choice.lora_threads} threads" if choice.lora_threads > 1 else ""
+    assert timings[f"LoRA {choice.lora_kernel}{threads} {choice.lora_dtype}"] == min(lora.values())
+    if attention_native.load(tmp_path) is not None and torch.get_num_threads() > 1:
+        assert f"LoRA native {torch.get_num_threads()} threads float32" in timings
     line = choice.describe()
     assert line.startswith("cpu tuning: ") and f"attention {choice.attention_kernel}" in line
 
