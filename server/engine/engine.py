@@ -184,11 +184,16 @@ class Engine:
             return []
 
     def _publish(self, deltas: list[TokenDelta]) -> None:
+        """Hand a step's deltas to their streams: one wake-up per event loop, not one per delta
+        (each ``call_soon_threadsafe`` writes the loop's self-pipe and wakes its thread)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenDelta]]] = {}
         for delta in deltas:
             target = self._streams.get(delta.request_id)
             if target is not None:
                 loop, stream = target
-                loop.call_soon_threadsafe(stream.put_nowait, delta)
+                by_loop.setdefault(loop, []).append((stream, delta))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
 
 class RequestStream:
@@ -221,6 +226,12 @@ class RequestStream:
             self._finished = True
             self.engine.abort(self.request_id)
         self.engine._streams.pop(self.request_id, None)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, TokenDelta]]) -> None:
+    """On the event loop: each delta into its request's stream."""
+    for stream, delta in items:
+        stream.put_nowait(delta)
 
 
 def _as_list(delta: TokenDelta | None) -> list[TokenDelta]:
