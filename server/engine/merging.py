@@ -24,16 +24,16 @@ Only the engine thread calls into this module (the async ``Engine`` forwards ope
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from adapters.format import LoRAWeights
+from server.model.host_memory import release_freed_memory
 
 
 class CopyState(enum.Enum):
@@ -258,7 +258,7 @@ class MergeManager:
             self._by_index.pop(copy.index, None)
             copy.weights = {}  # the merged tensors are freed here
         if dropped:
-            _return_freed_memory_to_os()
+            release_freed_memory()
 
     def _forget(self, copy: MergedCopy) -> None:
         """Drop a copy that never served (cancelled or over budget)."""
@@ -315,9 +315,3 @@ class MergePolicy:
                 unmerge.append(adapter_id)
         self._hot_steps = +self._hot_steps  # drop zero counts so the dict stays small
         return PolicyDecisions(sorted(merge, key=lambda a: -shares.get(a, 0.0)), unmerge)
-
-
-def _return_freed_memory_to_os() -> None:
-    """glibc keeps large freed blocks in its heap; malloc_trim hands them back (no-op elsewhere)."""
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -11,6 +11,7 @@ import torch
 from server.config import EngineConfig, ModelConfig
 from server.model import cpu_tuning
 from server.model.cpu_tuning import CpuKernelChoice
+from server.model.host_memory import keep_freed_memory
 from server.model.llama import LlamaForServing, load_weights
 from server.model.loader import Checkpoint, default_cache_dir, iter_safetensors, resolve_checkpoint
 
@@ -101,6 +102,8 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
     checkpoint = resolve_checkpoint(model_config)
     device = pick_device(model_config.device)
     kernels = pick_cpu_kernels(model_config, checkpoint) if device.type == "cpu" else None
+    if device.type == "cpu":
+        keep_freed_memory()  # a step's large tensors come back from the heap, not fresh pages
     dtype = pick_dtype(model_config.dtype, device, kernels)
     max_model_len = model_context_limit(checkpoint.config, engine_config.max_model_len)
     weights = load_weights(iter_safetensors(checkpoint.path), dtype, device)

@@ -1,0 +1,53 @@
+"""glibc keeps a step's large freed tensors for reuse instead of page-faulting them in again."""
+
+from __future__ import annotations
+
+import multiprocessing
+import platform
+
+import pytest
+
+from server.model import host_memory
+
+
+def page_faults_of_logits_steps(keep: bool) -> int:
+    """Minor page faults of what 20 decode steps do with their logits (an LM-head GEMM through
+    oneDNN's packed weights as the CPU engine runs it, bf16 [8, 49152] out, then fp32, then the
+    sampler's copy), after 30 steps that let the heap and glibc's adaptive thresholds settle."""
+    import resource
+
+    import torch
+
+    from server.model.cpu_tuning import base_gemm, prepare_weight
+
+    if keep:
+        assert host_memory.keep_freed_memory()
+    torch.set_num_threads(2)
+    weight = prepare_weight(torch.randn(49152, 576, dtype=torch.bfloat16), "onednn")
+    x = torch.randn(8, 576, dtype=torch.bfloat16)
+
+    def step() -> None:
+        base_gemm(x, weight, None, False).float().to(torch.float32, copy=True)
+
+    for _ in range(30):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
+def test_large_blocks_are_reused_instead_of_faulted_in_again():
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # fresh processes: default malloc
+        default = pool.apply(page_faults_of_logits_steps, (False,))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        kept = pool.apply(page_faults_of_logits_steps, (True,))
+    pages = 20 * 8 * 49152 * (2 + 4 + 4) // 4096  # what the 20 steps allocate
+    assert default > pages // 4, f"glibc's defaults fault the logits in again ({default} faults)"
+    assert kept < pages // 50, f"kept blocks must not fault again ({kept} faults for {pages} pages)"
+
+
+def test_release_is_safe_to_call_any_time():
+    host_memory.release_freed_memory()
+    host_memory.release_freed_memory()
