@@ -6,8 +6,8 @@ heap above the trim threshold (twice the mmap threshold) goes back to the kernel
 allocates the same large tensors every time (the logits, prefill activations), so each step
 page-faulted many of them in again, and in a VM a fault costs microseconds: the logits path of a
 decode step (SmolLM2's LM head through oneDNN, the fp32 cast, the sampler's copy) faulted 552
-pages a step and took 2.7-3.0 ms, against 0 faults and 1.8-2.0 ms with these settings. ``keep_freed_memory`` raises the mmap threshold
-to its maximum (32 MiB on 64-bit) and the trim threshold to 256 MiB, so these blocks are reused
+pages a step and took 2.7-3.0 ms, against 0 faults and 1.8-2.0 ms with these settings.
+``keep_freed_memory`` raises the mmap threshold to its maximum (32 MiB on 64-bit) and the trim threshold to 256 MiB, so these blocks are reused
 from the heap. Larger blocks (whole weight matrices, merged copies of big models) are still
 mapped and unmapped. Where a large owner lets go on purpose (a merged copy is dropped),
 ``release_freed_memory`` hands free heap pages back to the kernel.
