@@ -7,10 +7,10 @@ allocates the same large tensors every time (the logits, prefill activations), s
 page-faulted many of them in again, and in a VM a fault costs microseconds: the logits path of a
 decode step (SmolLM2's LM head through oneDNN, the fp32 cast, the sampler's copy) faulted 552
 pages a step and took 2.7-3.0 ms, against 0 faults and 1.8-2.0 ms with these settings.
-``keep_freed_memory`` raises the mmap threshold to its maximum (32 MiB on 64-bit) and the trim threshold to 256 MiB, so these blocks are reused
-from the heap. Larger blocks (whole weight matrices, merged copies of big models) are still
-mapped and unmapped. Where a large owner lets go on purpose (a merged copy is dropped),
-``release_freed_memory`` hands free heap pages back to the kernel.
+``keep_freed_memory`` raises the mmap threshold to its maximum (32 MiB on 64-bit) and the trim
+threshold to 256 MiB, so these blocks are reused from the heap. Larger blocks (whole weight
+matrices, merged copies of big models) are still mapped and unmapped. Where a large owner lets
+go on purpose (a merged copy is dropped), ``release_freed_memory`` hands free heap pages back.
 
 Measured on a 2-core Zen 5 VM, SmolLM2-135M, 8 requests on 8 adapters, in one process with the
 two settings interleaved (median of 6): prefill step 427 -> 217 ms, decode step 28.3 -> 25.7 ms.
