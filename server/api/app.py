@@ -25,7 +25,13 @@ from server.api import admin, convert, dashboard
 from server.api.auth import Authenticator, caller
 from server.api.auth import admin as admin_key
 from server.api.errors import install_error_handlers
-from server.api.limits import DEFAULT_MAX_BODY_BYTES, UPLOAD_OVERHEAD_BYTES, BodySizeLimit, admit
+from server.api.limits import (
+    DEFAULT_MAX_BODY_BYTES,
+    UPLOAD_OVERHEAD_BYTES,
+    Admission,
+    BodySizeLimit,
+    Reservation,
+)
 from server.api.output import (
     ChatFormatter,
     ClientDisconnected,
@@ -53,7 +59,7 @@ class AppState:
     served_model_name: str
     registry: AdapterRegistry | None
     auth: Authenticator
-    max_queue: int  # requests that may wait beyond the running batch before new ones get 429
+    admission: Admission  # max_num_seqs + max_queue requests in flight; more get 429
     draining: bool = False  # set by the first SIGTERM (server.api.shutdown)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -66,7 +72,9 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     ``model`` names an adapter of ``registry`` in the caller's tenant. ``keyring`` None: single-tenant.
     ``metrics_auth`` "admin": ``/metrics`` needs an admin key (see ``ServerConfig``)."""
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA inference server")
-    app.state.loraplex = AppState(engine, served_model_name, registry, Authenticator(keyring), max_queue)
+    app.state.loraplex = AppState(
+        engine, served_model_name, registry, Authenticator(keyring), Admission(max_queue)
+    )
     max_adapter_bytes = registry.limits.max_weights_bytes if registry else FormatLimits().max_weights_bytes
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes,
                        max_upload_bytes=max_adapter_bytes + UPLOAD_OVERHEAD_BYTES)  # fmt: skip
@@ -117,28 +125,32 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
-    admit(state.engine, state.draining, state.max_queue, min(max(body.n or 1, 1), convert.MAX_CHOICES))
-    adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
-    generation_input = await run_in_threadpool(convert.completion_input, body, state.engine, adapter)
-    formatter = CompletionFormatter(
-        f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
-    )
-    return await _generate(request, body, generation_input, formatter, principal)
+    with state.admission.reserve(state.engine, state.draining, _num_choices(body)) as reservation:
+        adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
+        generation_input = await run_in_threadpool(convert.completion_input, body, state.engine, adapter)
+        formatter = CompletionFormatter(
+            f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
+        )
+        return await _generate(request, body, generation_input, formatter, principal, reservation)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
-    admit(state.engine, state.draining, state.max_queue, min(max(body.n or 1, 1), convert.MAX_CHOICES))
-    adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
-    generation_input = await run_in_threadpool(convert.chat_input, body, state.engine, adapter)
-    formatter = ChatFormatter(
-        f"chatcmpl-{uuid.uuid4().hex}",
-        body.model,
-        state.engine.tokenizer,
-        generation_input.sampling.logprobs,
-    )
-    return await _generate(request, body, generation_input, formatter, principal)
+    with state.admission.reserve(state.engine, state.draining, _num_choices(body)) as reservation:
+        adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
+        generation_input = await run_in_threadpool(convert.chat_input, body, state.engine, adapter)
+        formatter = ChatFormatter(
+            f"chatcmpl-{uuid.uuid4().hex}",
+            body.model,
+            state.engine.tokenizer,
+            generation_input.sampling.logprobs,
+        )
+        return await _generate(request, body, generation_input, formatter, principal, reservation)
+
+
+def _num_choices(body: SamplingFields) -> int:
+    return min(max(body.n or 1, 1), convert.MAX_CHOICES)
 
 
 async def _generate(
@@ -147,8 +159,12 @@ async def _generate(
     inputs: convert.GenerationInput,
     formatter: Formatter,
     principal: Principal,
+    reservation: Reservation,
 ) -> Response:
-    """Submit (EngineError → 4xx), then stream SSE chunks or return one body with usage."""
+    """Submit (EngineError → 4xx), then stream SSE chunks or return one body with usage.
+
+    ``reservation`` (the request's admitted place) is released once the engine counts the streams.
+    """
     state = _state(request)
     engine = state.engine
     observer = metrics.request_observer(request, inputs.adapter or state.served_model_name, principal.tenant)
@@ -162,6 +178,8 @@ async def _generate(
         for stream in streams:
             await stream.aclose()
         raise
+    finally:
+        reservation.release()  # submitted streams are in engine.num_unfinished from here on
     merged = merge_streams(streams)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

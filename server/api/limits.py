@@ -3,9 +3,11 @@
 - ``BodySizeLimit`` (ASGI middleware): a body over its route's limit is a 413, from its
   Content-Length header at once, or from the bytes counted while it streams in (chunked uploads).
   Adapter uploads get the adapter size limit; every other route a small JSON limit.
-- ``admit``: 503 (with Retry-After) while the engine is not running or the server drains, 429 (with
-  Retry-After) when ``max_queue`` requests already wait beyond the running batch. It runs before
-  the prompt is tokenized, so an overloaded server spends nothing on refused requests.
+- ``Admission``: 503 (with Retry-After) while the engine is not running or the server drains, 429
+  (with Retry-After) when ``max_queue`` requests already wait beyond the running batch. It runs
+  before the prompt is tokenized, so an overloaded server spends nothing on refused requests, and
+  an admitted request holds its place from the check on (while it is resolved and tokenized, before
+  the engine counts it), so a burst cannot overrun the limit.
 """
 
 from __future__ import annotations
@@ -64,17 +66,47 @@ async def _no_body() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-def admit(engine, is_draining: bool, max_waiting: int, num_choices: int = 1) -> None:
-    """Raise 503 or 429 unless a new generation request (``num_choices`` engine requests) may be
-    queued now."""
-    retry = {"Retry-After": str(RETRY_AFTER_S)}
-    if is_draining:
-        raise ApiError(503, "The server is shutting down; retry on another replica.", type="server_error",
-                       code="draining", headers=retry)  # fmt: skip
-    if not engine.is_running:
-        raise ApiError(503, "The engine is not running.", type="server_error", headers=retry)
-    if engine.num_unfinished + num_choices > engine.core.config.max_num_seqs + max_waiting:
-        raise ApiError(
-            429, f"The server is at capacity ({engine.num_unfinished} requests in flight); retry later.",
-            type="rate_limit_error", code="queue_full", headers=retry,
-        )  # fmt: skip
+class Admission:
+    """At most ``max_num_seqs + max_queue`` engine requests running, waiting, or admitted and still
+    being prepared (adapter resolved, prompt tokenized). Used on the event loop only: the check and
+    the reservation happen with no await between them, so concurrent requests see each other."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.preparing = 0  # engine requests admitted and not submitted yet
+
+    def reserve(self, engine, is_draining: bool, num_choices: int = 1) -> Reservation:
+        """A place for ``num_choices`` engine requests, or 503 / 429 (ApiError) at once."""
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        if is_draining:
+            raise ApiError(503, "The server is shutting down; retry on another replica.", type="server_error",
+                           code="draining", headers=retry)  # fmt: skip
+        if not engine.is_running:
+            raise ApiError(503, "The engine is not running.", type="server_error", code="engine_stopped",
+                           headers=retry)  # fmt: skip
+        in_flight = engine.num_unfinished + self.preparing
+        if in_flight + num_choices > engine.core.config.max_num_seqs + self.max_queue:
+            raise ApiError(
+                429, f"The server is at capacity ({in_flight} requests in flight); retry later.",
+                type="rate_limit_error", code="queue_full", headers=retry,
+            )  # fmt: skip
+        self.preparing += num_choices
+        return Reservation(self, num_choices)
+
+
+class Reservation:
+    """A request's place from admission until the engine counts it (``release``, idempotent; also
+    on leaving the ``with`` block, e.g. when tokenizing or validation fails)."""
+
+    def __init__(self, admission: Admission, num_choices: int) -> None:
+        self._admission, self._count = admission, num_choices
+
+    def release(self) -> None:
+        self._admission.preparing -= self._count
+        self._count = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()

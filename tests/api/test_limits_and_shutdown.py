@@ -131,6 +131,68 @@ def test_a_full_server_answers_429_with_retry_after_at_once_before_tokenizing(ht
     assert http.post("/v1/completions", json=SHORT).status_code == 200, "the slot is free again"
 
 
+BURST_SEQS, BURST_QUEUE, BURST_SIZE = 4, 4, 50
+
+
+@pytest.fixture(scope="module")
+def small_queue(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
+    """4 running and 4 waiting at most: 8 requests in flight."""
+    flags = ("--max-num-seqs", str(BURST_SEQS), "--max-queue", str(BURST_QUEUE))
+    server = launch(tmp_path_factory.mktemp("small-queue"), model_dir, *flags)
+    try:
+        yield server
+    finally:
+        _stop(server.process)
+
+
+def test_a_burst_cannot_overrun_the_admission_limit(small_queue):
+    """50 streamed requests sent at once (each longer than the burst takes to arrive): exactly
+    max_num_seqs + max_queue get their stream, every other one a 429 queue_full with Retry-After;
+    then the server serves normally again."""
+    barrier = threading.Barrier(BURST_SIZE)
+    outcomes: list[tuple[int, dict | None, str | None]] = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def one(i: int) -> None:
+        with httpx.Client(base_url=small_queue.url, timeout=60) as client:
+            barrier.wait()
+            body = stream_request(LONG_CONTEXT - 16) | {"prompt": f"x{i}"}
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                error = None
+                if response.status_code != 200:
+                    response.read()
+                    error = response.json()
+                with lock:
+                    outcomes.append((response.status_code, error, response.headers.get("retry-after")))
+                if response.status_code == 200:
+                    next(sse_data(response))  # the stream started; hold it until all have answers
+                    release.wait(60)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(BURST_SIZE)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(outcomes) < BURST_SIZE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    release.set()  # the admitted clients close their streams: their requests are aborted
+    for thread in threads:
+        thread.join(60)
+    statuses = [status for status, _, _ in outcomes]
+    assert len(statuses) == BURST_SIZE
+    assert statuses.count(200) == BURST_SEQS + BURST_QUEUE, sorted(statuses)
+    assert statuses.count(429) == BURST_SIZE - BURST_SEQS - BURST_QUEUE, sorted(statuses)
+    for status, error, retry_after in outcomes:
+        if status == 429:
+            assert error["error"]["code"] == "queue_full" and error["error"]["type"] == "rate_limit_error"
+            assert retry_after == "1"
+    with httpx.Client(base_url=small_queue.url, timeout=30) as client:
+        deadline = time.monotonic() + 30  # the aborted requests leave within a step or two
+        while client.post("/v1/completions", json=SHORT).status_code == 429 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.post("/v1/completions", json=SHORT).status_code == 200
+
+
 # ---- 413 ----
 def _raw_http(port: int, head: bytes, timeout_s: float = 5) -> tuple[int, dict]:
     """Send ``head`` (request line + headers, no body) and read one response: (status, JSON body)."""
