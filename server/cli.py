@@ -217,10 +217,12 @@ def _run_server(engine, served_name: str, registry, keyring, server_config: Serv
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.connections import guarded_protocol
     from server.api.shutdown import DrainingServer
 
     app = create_app(engine, served_name, registry, keyring, max_queue=server_config.max_queue,
-                     metrics_auth=server_config.metrics_auth)  # fmt: skip
+                     metrics_auth=server_config.metrics_auth,
+                     request_timeout=server_config.request_timeout)  # fmt: skip
     host, port = server_config.host, server_config.port
     if keyring is None:
         log.warning(
@@ -230,7 +232,10 @@ def _run_server(engine, served_name: str, registry, keyring, server_config: Serv
         )  # fmt: skip
     else:
         log.info("serving %r on http://%s:%s with %d API keys", served_name, host, port, len(keyring))
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+        http=guarded_protocol(server_config.request_timeout, server_config.max_connections),
+    )  # fmt: skip
     DrainingServer(config, app.state.loraplex, server_config.drain_timeout).run()
     return 0
 

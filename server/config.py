@@ -144,6 +144,9 @@ class ServerConfig:
       told about) is refused.
     - ``max_queue``: requests that may wait beyond the running batch; more get 429. 0: none wait.
     - ``drain_timeout``: seconds in-flight requests may run after SIGTERM (0: end them at once).
+    - ``request_timeout``: seconds a request's headers may take to arrive in all, and its body
+      between two chunks; then 408 (``server.api.connections``).
+    - ``max_connections``: open connections at once; one more gets a 503 and is closed.
     - ``metrics_auth``: who may read ``GET /metrics``: ``none`` (anyone who reaches the port, as
       in vLLM) or ``admin`` (an admin API key; needs a keys file). ``vllm:lora_requests_info``
       names the adapters running, so a server shared by tenants should not leave it open.
@@ -154,6 +157,8 @@ class ServerConfig:
     max_queue: int = 256
     drain_timeout: float = 30.0
     metrics_auth: str = "none"
+    request_timeout: float = 30.0
+    max_connections: int = 1024
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
@@ -166,3 +171,8 @@ class ServerConfig:
             math.isfinite(self.drain_timeout) and self.drain_timeout >= 0,
             f"drain_timeout must be a finite number of seconds >= 0, got {self.drain_timeout}",
         )
+        _require(
+            math.isfinite(self.request_timeout) and self.request_timeout > 0,
+            f"request_timeout must be a finite number of seconds > 0, got {self.request_timeout}",
+        )
+        _require(self.max_connections >= 1, f"max_connections must be >= 1, got {self.max_connections}")

@@ -98,6 +98,18 @@ SERVE_OPTIONS = (
         "seconds in-flight requests may finish after SIGTERM, >= 0",
     ),
     Option(
+        "request-timeout",
+        float,
+        ServerConfig.request_timeout,
+        "seconds for a request's headers in all and its body between chunks, > 0; then 408",
+    ),
+    Option(
+        "max-connections",
+        int,
+        ServerConfig.max_connections,
+        "open connections at once, >= 1; one more gets 503 and is closed",
+    ),
+    Option(
         "metrics-auth",
         str,
         ServerConfig.metrics_auth,
@@ -107,7 +119,15 @@ SERVE_OPTIONS = (
 KEYS_FILE = next(option for option in SERVE_OPTIONS if option.flag == "keys-file")
 LIST_OPTIONS = ("adapter-roots",)  # comma-separated as flag or env var; a list of strings in a config file
 MODEL_FIELDS = ("model", "dtype", "device")
-SERVER_FIELDS = ("host", "port", "max_queue", "drain_timeout", "metrics_auth")
+SERVER_FIELDS = (
+    "host",
+    "port",
+    "max_queue",
+    "drain_timeout",
+    "metrics_auth",
+    "request_timeout",
+    "max_connections",
+)
 ENGINE_FIELDS = (
     "max_loras", "max_lora_rank", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
     "max_cpu_adapters_bytes", "merge_policy", "max_merged_copies", "max_merged_bytes", "merge_share",
