@@ -174,7 +174,12 @@ async def merge_adapter(
     deadline = time.monotonic() + _LOAD_TIMEOUT_S
     while copy.state is CopyState.BUILDING:  # builds off the engine thread; poll picks it up
         if time.monotonic() > deadline:
-            raise ApiError(503, "the merged copy is still being built; retry", type="server_error")
+            raise ApiError(
+                503,
+                "the merged copy is still being built; retry",
+                type="server_error",
+                code="merge_in_progress",
+            )
         await asyncio.sleep(_MERGE_POLL_S)
         await engine.call(engine.core.merges.poll)
     if copy.state is not CopyState.READY:
@@ -208,7 +213,9 @@ async def _in_host_memory(registry: AdapterRegistry, record: AdapterRecord) -> N
         if status.error is not None:
             raise ApiError(422, f"adapter failed to load: {status.error}", code="invalid_adapter")
         if time.monotonic() > deadline:
-            raise ApiError(503, "the adapter is still loading; retry", type="server_error")
+            raise ApiError(
+                503, "the adapter is still loading; retry", type="server_error", code="adapter_loading"
+            )
         await asyncio.sleep(_MERGE_POLL_S)
 
 

@@ -24,7 +24,7 @@ from server import metrics
 from server.api import admin, convert, dashboard
 from server.api.auth import Authenticator, caller
 from server.api.auth import admin as admin_key
-from server.api.connections import BodyTimeout
+from server.api.connections import BodyGuard
 from server.api.errors import install_error_handlers
 from server.api.limits import (
     DEFAULT_MAX_BODY_BYTES,
@@ -47,6 +47,7 @@ from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCa
 from server.engine.engine import Engine
 
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the response"
 router = APIRouter()
 
@@ -67,12 +68,13 @@ class AppState:
 
 def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry | None = None,
                keyring: KeyRing | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               metrics_auth: str = "none", request_timeout: float | None = None) -> FastAPI:  # fmt: skip
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics_auth: str = "none",
+               request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> FastAPI:  # fmt: skip
     """The app serving ``engine``: ``model`` = ``served_model_name`` is the base model; any other
     ``model`` names an adapter of ``registry`` in the caller's tenant. ``keyring`` None: single-tenant.
     ``metrics_auth`` "admin": ``/metrics`` needs an admin key (see ``ServerConfig``).
-    ``request_timeout``: a body that stalls that long between chunks is a 408 (None: no limit)."""
+    ``request_timeout``: a body that stalls that long between chunks is a 408; one still arriving
+    when the server drains is a 503 (``server.api.connections.BodyGuard``)."""
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA inference server")
     app.state.loraplex = AppState(
         engine, served_model_name, registry, Authenticator(keyring), Admission(max_queue)
@@ -80,8 +82,8 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     max_adapter_bytes = registry.limits.max_weights_bytes if registry else FormatLimits().max_weights_bytes
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes,
                        max_upload_bytes=max_adapter_bytes + UPLOAD_OVERHEAD_BYTES)  # fmt: skip
-    if request_timeout is not None:
-        app.add_middleware(BodyTimeout, timeout_s=request_timeout)
+    state = app.state.loraplex
+    app.add_middleware(BodyGuard, timeout_s=request_timeout, is_draining=lambda: state.draining)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin.router)

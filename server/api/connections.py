@@ -10,16 +10,19 @@ and a cap on open connections.
     when the request's headers are complete. A header trickle (slowloris) cannot stretch it: it
     is a total, not an idle timer. On expiry the client gets a 408 with an OpenAI-style JSON body
     and the connection is closed. uvicorn itself has no such deadline.
-- ``BodyTimeout`` (ASGI middleware): once the headers are in, each chunk of the body must arrive
+- ``BodyGuard`` (ASGI middleware): once the headers are in, each chunk of the body must arrive
   within ``timeout_s`` of the previous one (an upload that keeps moving may take longer in all);
-  a stalled body is a 408 ``request_timeout``. Messages after the body (waiting for a
-  disconnect) are never timed.
+  a stalled body is a 408 ``request_timeout``. A body still arriving when the server starts to
+  drain (SIGTERM) is a 503 ``draining`` with Retry-After: its request was never admitted, so it
+  is refused cleanly instead of being cut off when uvicorn closes the connection. Messages after
+  the body (waiting for a disconnect) are never timed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -114,11 +117,20 @@ def guarded_protocol(timeout_s: float, max_connections: int) -> type[H11Protocol
     return GuardedProtocol
 
 
-class BodyTimeout:
-    """A 408 when a request body stalls for ``timeout_s`` between chunks (see the module doc)."""
+class ServerDraining(HTTPException):
+    code = "draining"
 
-    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
-        self.app, self.timeout_s = app, timeout_s
+    def __init__(self) -> None:
+        super().__init__(503, "The server is shutting down; retry on another replica.",
+                         headers={"Retry-After": "1"})  # fmt: skip
+
+
+class BodyGuard:
+    """408 for a body that stalls ``timeout_s`` between chunks, 503 for one still arriving while
+    ``is_draining()`` (see the module doc)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float, is_draining: Callable[[], bool]) -> None:
+        self.app, self.timeout_s, self.is_draining = app, timeout_s, is_draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,6 +145,8 @@ class BodyTimeout:
                 message = await asyncio.wait_for(receive(), self.timeout_s)
             except TimeoutError:
                 raise RequestTimeout("body", self.timeout_s) from None
+            if self.is_draining() and message.get("more_body", False):
+                raise ServerDraining
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
             return message

@@ -57,6 +57,7 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None
 
     def add(self, delta: TokenDelta) -> None:
         self.text_offsets.extend([len(self.text)] * len(delta.token_ids))
@@ -65,7 +66,7 @@ class Generation:
         self.logprobs.extend(delta.logprobs)
         self.finish_reason = delta.finish_reason
         self.prompt_tokens, self.completion_tokens = delta.num_prompt_tokens, delta.num_output_tokens
-        self.error = delta.error
+        self.error, self.error_code = delta.error, delta.error_code
 
     @property
     def failed(self) -> bool:
@@ -89,8 +90,11 @@ class Generation:
     def failure(self) -> ApiError:
         """The error a generation that ended with abort/error is reported as."""
         if self.finish_reason == "abort":
-            return ApiError(503, "The request was aborted before it finished.", type="server_error")
-        return ApiError(500, self.error or "The generation failed.", type="server_error")
+            return ApiError(503, "The request was aborted before it finished.", type="server_error",
+                            code="request_aborted")  # fmt: skip
+        status = 503 if self.error_code == "draining" else 500
+        return ApiError(status, self.error or "The generation failed.", type="server_error",
+                        code=self.error_code or "internal_error")  # fmt: skip
 
 
 def _logprob(value: float | None) -> float:
@@ -295,7 +299,8 @@ async def sse_events(
                 yield _sse(event)
         except Exception:
             log.exception("streaming response %s failed", formatter.request_id)
-            yield _sse(ApiError(500, "The server had an error while streaming.", type="server_error").body())
+            yield _sse(ApiError(500, "The server had an error while streaming.", type="server_error",
+                                code="internal_error").body())  # fmt: skip
         yield _DONE
     finally:
         await stream.aclose()  # aborts the request if it is still running (client went away)

@@ -40,6 +40,6 @@ class DrainingServer(uvicorn.Server):
             time.sleep(_POLL_S)
         if engine.num_unfinished:
             log.warning("drain timeout: ending %d requests with an error", engine.num_unfinished)
-            engine.fail_all("the server is shutting down")
+            engine.fail_all("the server is shutting down", code="draining")
             time.sleep(_FLUSH_S)
         self.should_exit = True

@@ -62,6 +62,9 @@ class TokenDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    error_code: str | None = (
+        None  # with ``error``: an OpenAI-style code (``draining``, ``adapter_load_failed``, ...)
+    )
 
 
 @dataclass(frozen=True)
@@ -267,13 +270,15 @@ class EngineCore:
             text += detok.flush()
         return self._delta(seq, [token], [logprob], text)
 
-    def _delta(self, seq: Sequence, tokens, logprobs, text: str, error: str | None = None) -> TokenDelta:
+    def _delta(
+        self, seq: Sequence, tokens, logprobs, text: str, error: str | None = None, code: str | None = None
+    ) -> TokenDelta:
         reason = seq.finish_reason.value if seq.finish_reason else None
         if seq.is_finished:
             self._seqs.pop(seq.request_id, None)
             self._detok.pop(seq.request_id, None)
         return TokenDelta(seq.request_id, tokens, text, logprobs, reason, len(seq.prompt_token_ids),
-                          len(seq.output_token_ids), error)  # fmt: skip
+                          len(seq.output_token_ids), error, code)  # fmt: skip
 
     def _fail_unloadable(self) -> list[TokenDelta]:
         """Waiting requests whose adapter failed to load (or vanished) end with an error."""
@@ -285,18 +290,19 @@ class EngineCore:
                 if self.adapters.state(seq.adapter_id) is not AdapterState.FAILED:
                     continue
                 error = f"adapter {seq.adapter_id!r} failed to load: {self.adapters.error(seq.adapter_id)}"
+                code = "adapter_load_failed"
             else:
-                error = f"adapter {seq.adapter_id!r} was removed"
+                error, code = f"adapter {seq.adapter_id!r} was removed", "adapter_removed"
             self.scheduler.finish(seq, FinishReason.ERROR)
-            deltas.append(self._delta(seq, [], [], "", error))
+            deltas.append(self._delta(seq, [], [], "", error, code))
         return deltas
 
-    def fail_all(self, error: str) -> list[TokenDelta]:
-        """End every request with an error (after an unexpected failure of the step)."""
+    def fail_all(self, error: str, code: str = "internal_error") -> list[TokenDelta]:
+        """End every request with an error (after an unexpected failure of the step, or at shutdown)."""
         deltas = []
         for seq in list(self._seqs.values()):
             self.scheduler.finish(seq, FinishReason.ERROR)
-            deltas.append(self._delta(seq, [], [], "", error))
+            deltas.append(self._delta(seq, [], [], "", error, code))
         return deltas
 
 

@@ -106,9 +106,9 @@ class Engine:
         self._commands.put(command)
         return await future
 
-    def fail_all(self, error: str) -> None:
+    def fail_all(self, error: str, code: str = "internal_error") -> None:
         """End every request in flight with ``error`` (e.g. the drain timeout ran out at shutdown)."""
-        self._commands.put(lambda: self.core.fail_all(error))
+        self._commands.put(lambda: self.core.fail_all(error, code))
 
     @property
     def num_unfinished(self) -> int:

@@ -7,6 +7,7 @@ show draining: what finishes in time finishes, what does not ends with an SSE er
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -348,7 +349,7 @@ def test_sigterm_drains_then_ends_what_is_left_with_an_error_event(tmp_path, mod
             assert received[-1] == "[DONE]"
             error = received[-2]["error"]
             assert set(error) == ERROR_KEYS and error["type"] == "server_error"
-            assert "shutting down" in error["message"]
+            assert "shutting down" in error["message"] and error["code"] == "draining"
             assert all("error" not in e for e in received[:-2]), "only the last event is an error"
             assert len(received) > 3, "tokens were streamed before the drain timeout"
             assert 1.5 < ended_after_s < 6, f"the stream ended {ended_after_s:.1f}s after SIGTERM"
@@ -379,6 +380,54 @@ def test_sigterm_lets_a_request_that_finishes_in_time_finish_then_exits(tmp_path
         assert_finished_normally(received, max_tokens)
         assert server.process.wait(timeout=20) == 0
         assert time.monotonic() - signalled < 15, "the drain waited for nothing"
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def test_sigterm_answers_an_upload_still_arriving_with_a_clean_503(tmp_path, model_dir):
+    """An adapter upload whose body is still arriving when SIGTERM comes gets 503 draining (an
+    OpenAI-style body, Retry-After) as soon as its next chunk arrives, never a 500; the log has no
+    traceback and the process exits 0."""
+    server = launch(tmp_path, model_dir, "--drain-timeout", "5")
+    boundary = "loraplexboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nlate\r\n'
+        f"--{boundary}\r\nContent-Disposition: form-data; "
+        'name="files"; filename="adapter_model.safetensors"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    total = len(head) + 4 * 65536
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode() + head
+                + b"\0" * 65536
+            )  # fmt: skip
+            time.sleep(0.5)  # the server is reading the body
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(b"\0" * 65536)  # the next chunk arrives while the server drains
+            sock.settimeout(10)
+            raw = b""
+            try:
+                while chunk := sock.recv(65536):
+                    raw += chunk
+            except ConnectionResetError:
+                pass
+        status_line, _, rest = raw.partition(b"\r\n")
+        assert status_line.split()[1] == b"503", raw[:300]
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert b"retry-after: 1" in headers.lower()
+        error = json.loads(body)["error"]
+        assert set(error) == ERROR_KEYS and error["code"] == "draining"
+        assert server.process.wait(timeout=20) == 0
+        log = server.log_tail(100_000)
+        assert "Traceback" not in log and " 500 " not in log, log[-3000:]
     finally:
         if server.process.poll() is None:
             server.process.kill()
