@@ -36,6 +36,7 @@ LOCAL = "local"  # an adapter directory inside the allowed root
 VOCAB_SIZE = 260  # tests/engine/tiny.py
 MAX_EXAMPLES = 30
 MAX_SECONDS_PER_OPERATION = 30
+MAX_STREAM_EVENTS = 256
 CALL_TIMEOUT_S = 5  # any request slower than this on a tiny model at max_model_len 64 is hung
 ERROR_KEYS = {"message", "type", "param", "code"}
 OPERATIONS = [  # every /v1/ operation of the schema (test_every_api_operation_is_fuzzed checks)
@@ -61,6 +62,9 @@ class Fuzzer:
 
     def __init__(self, app, registry: AdapterRegistry, adapter_dir: Path, roots: Path) -> None:
         self.schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        # schemathesis cuts an in-process event stream at 20 events by default (and returns what it
+        # has, without [DONE]); a stream here has at most max_model_len (64) tokens plus a few events.
+        self.schema.config.max_stream_events = MAX_STREAM_EVENTS
         self.client = TestClient(app, raise_server_exceptions=False)  # a 500 is a response to check
         self.registry, self.adapter_dir, self.roots = registry, adapter_dir, roots
 
