@@ -5,11 +5,10 @@ and a cap on open connections.
 - ``guarded_protocol(timeout_s, max_connections)``: uvicorn's h11 protocol, plus
   - a cap: a connection beyond ``max_connections`` open ones gets a 503 ``too_many_connections``
     (OpenAI-style JSON, ``Retry-After``) and is closed at once, before it costs a request;
-  - a deadline that starts
-  with a connection (or with the first byte of the next request on a kept-alive one) and ends
-    when the request's headers are complete. A header trickle (slowloris) cannot stretch it: it
-    is a total, not an idle timer. On expiry the client gets a 408 with an OpenAI-style JSON body
-    and the connection is closed. uvicorn itself has no such deadline.
+  - a deadline that starts with a connection (or with the first byte of the next request on a
+    kept-alive one) and ends when the request's headers are complete. A header trickle
+    (slowloris) cannot stretch it: it is a total, not an idle timer. On expiry the client gets a
+    408 with an OpenAI-style JSON body and the connection is closed. uvicorn itself has no such deadline.
 - ``BodyGuard`` (ASGI middleware): once the headers are in, each chunk of the body must arrive
   within ``timeout_s`` of the previous one (an upload that keeps moving may take longer in all);
   a stalled body is a 408 ``request_timeout``. A body still arriving when the server starts to
@@ -28,6 +27,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.api.errors import ApiError
+from server.api.limits import DRAINING_MESSAGE, RETRY_AFTER_S
+
 TIMEOUT_CODE = "request_timeout"
 
 
@@ -38,12 +40,9 @@ class RequestTimeout(HTTPException):
         super().__init__(408, f"The request {what} did not arrive within {timeout_s:g} seconds.")
 
 
-def _error_response(
-    status: str, message: str, error_type: str, code: str, retry_after: int | None = None
-) -> bytes:
-    """A complete HTTP/1.1 response with the OpenAI error body, for a connection about to be closed."""
-    error = {"message": message, "type": error_type, "param": None, "code": code}
-    body = json.dumps({"error": error})
+def _error_response(status: str, error: ApiError, retry_after: int | None = None) -> bytes:
+    """A complete HTTP/1.1 response with ``error``'s body, for a connection about to be closed."""
+    body = json.dumps(error.body())
     retry = f"retry-after: {retry_after}\r\n" if retry_after is not None else ""
     head = (
         f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n{retry}"
@@ -55,12 +54,12 @@ def _error_response(
 def guarded_protocol(timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """An H11Protocol subclass (for ``uvicorn.Config(http=...)``) with the header deadline and the
     connection cap of the module doc."""
-    timed_out = _error_response("408 Request Timeout", RequestTimeout("headers", timeout_s).detail,
-                                "invalid_request_error", TIMEOUT_CODE)  # fmt: skip
-    too_many = _error_response(
-        "503 Service Unavailable", f"The server has {max_connections} connections open; retry later.",
-        "server_error", "too_many_connections", retry_after=1,
-    )  # fmt: skip
+    timed_out = _error_response(
+        "408 Request Timeout", ApiError(408, RequestTimeout("headers", timeout_s).detail, code=TIMEOUT_CODE)
+    )
+    full = ApiError(503, f"The server has {max_connections} connections open; retry later.",
+                    type="server_error", code="too_many_connections")  # fmt: skip
+    too_many = _error_response("503 Service Unavailable", full, retry_after=RETRY_AFTER_S)
 
     class GuardedProtocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
@@ -88,7 +87,7 @@ def guarded_protocol(timeout_s: float, max_connections: int) -> type[H11Protocol
                 return
             super().data_received(data)
             if self._request_in_progress():
-                self._disarm()  # the headers are complete: BodyTimeout and the app take over
+                self._disarm()  # the headers are complete: BodyGuard and the app take over
             elif self._deadline is None and not self.transport.is_closing():
                 self._arm()  # the first bytes of the next request on a kept-alive connection
 
@@ -121,8 +120,7 @@ class ServerDraining(HTTPException):
     code = "draining"
 
     def __init__(self) -> None:
-        super().__init__(503, "The server is shutting down; retry on another replica.",
-                         headers={"Retry-After": "1"})  # fmt: skip
+        super().__init__(503, DRAINING_MESSAGE, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class BodyGuard:

@@ -20,6 +20,7 @@ from server.api.errors import ApiError
 DEFAULT_MAX_BODY_BYTES = 16 * 1024**2  # generous for prompts given as token ids
 UPLOAD_OVERHEAD_BYTES = 1024**2  # multipart framing and the config file around the weights
 RETRY_AFTER_S = 1
+DRAINING_MESSAGE = "The server is shutting down; retry on another replica."
 UPLOAD_PATH = "/v1/adapters"
 
 
@@ -79,8 +80,7 @@ class Admission:
         """A place for ``num_choices`` engine requests, or 503 / 429 (ApiError) at once."""
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         if is_draining:
-            raise ApiError(503, "The server is shutting down; retry on another replica.", type="server_error",
-                           code="draining", headers=retry)  # fmt: skip
+            raise ApiError(503, DRAINING_MESSAGE, type="server_error", code="draining", headers=retry)
         if not engine.is_running:
             raise ApiError(503, "The engine is not running.", type="server_error", code="engine_stopped",
                            headers=retry)  # fmt: skip

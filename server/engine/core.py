@@ -62,9 +62,8 @@ class TokenDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
-    error_code: str | None = (
-        None  # with ``error``: an OpenAI-style code (``draining``, ``adapter_load_failed``, ...)
-    )
+    # with ``error``: an OpenAI-style code (``draining``, ``adapter_load_failed``, ...)
+    error_code: str | None = None
 
 
 @dataclass(frozen=True)

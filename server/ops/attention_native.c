@@ -33,15 +33,6 @@
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 32 /* query heads per kv head */
 
-static inline void load_vec(float *restrict dst, const void *src, int64_t n, int is_bf16) {
-    if (is_bf16) {
-        const bf16_t *restrict s = src;
-        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
-    } else {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    }
-}
-
 static inline void store_vec(void *dst, const float *restrict src, int64_t n, int is_bf16) {
     if (is_bf16) {
         bf16_t *restrict d = dst;
@@ -54,11 +45,10 @@ static inline void store_vec(void *dst, const float *restrict src, int64_t n, in
 /* A cache row as fp32: converted into `scratch` (bf16), or the row itself (fp32: no copy). */
 static inline const float *cache_row(float *restrict scratch, const void *src, int64_t n, int is_bf16) {
     if (!is_bf16) return (const float *)src;
-    load_vec(scratch, src, n, 1);
+    load_row(scratch, src, n, 1);
     return scratch;
 }
 
-static inline size_t esize(int is_bf16) { return is_bf16 ? 2 : 4; }
 
 /* ---------------------------------------------------------------- RoPE + KV write */
 
@@ -77,16 +67,16 @@ static void rope_row(float *restrict out, const float *restrict x, const float *
 
 int loraplex_rope_and_cache(const RopeArgs *a) {
     const int64_t D = a->head_dim, H = a->num_heads, HKV = a->num_kv_heads;
-    const size_t ae = esize((int)a->act_bf16), ce = esize((int)a->cache_bf16);
+    const size_t ae = elem_size((int)a->act_bf16), ce = elem_size((int)a->cache_bf16);
     const int64_t *rows = (const int64_t *)a->rows;
     float c[MAX_HEAD_DIM], s[MAX_HEAD_DIM], x[MAX_HEAD_DIM], y[MAX_HEAD_DIM];
     for (int64_t t = 0; t < a->num_tokens; t++) {
         char *tok = (char *)a->qkv + (size_t)(t * a->qkv_rs) * ae;
-        load_vec(c, (const char *)a->cos + (size_t)(t * D) * ae, D, (int)a->act_bf16);
-        load_vec(s, (const char *)a->sin + (size_t)(t * D) * ae, D, (int)a->act_bf16);
+        load_row(c, (const char *)a->cos + (size_t)(t * D) * ae, D, (int)a->act_bf16);
+        load_row(s, (const char *)a->sin + (size_t)(t * D) * ae, D, (int)a->act_bf16);
         const int64_t row = rows[t];
         for (int64_t h = 0; h < H + HKV; h++) {
-            load_vec(x, tok + (size_t)(h * D) * ae, D, (int)a->act_bf16);
+            load_row(x, tok + (size_t)(h * D) * ae, D, (int)a->act_bf16);
             rope_row(y, x, c, s, D);
             if (h < H) {
                 store_vec(tok + (size_t)(h * D) * ae, y, D, (int)a->act_bf16);
@@ -96,7 +86,7 @@ int loraplex_rope_and_cache(const RopeArgs *a) {
             }
         }
         for (int64_t g = 0; g < HKV; g++) {
-            load_vec(x, tok + (size_t)((H + HKV + g) * D) * ae, D, (int)a->act_bf16);
+            load_row(x, tok + (size_t)((H + HKV + g) * D) * ae, D, (int)a->act_bf16);
             store_vec((char *)a->v_cache + (size_t)(g * a->kv_hs + row * D) * ce, x, D, (int)a->cache_bf16);
         }
     }
@@ -207,7 +197,7 @@ static inline __attribute__((always_inline)) void attend_group(const DecodeArgs 
                                                                float scale, float *scores, const int64_t D,
                                                                const int act_bf16, const int cache_bf16) {
     const int64_t G = a->num_heads / a->num_kv_heads, L = ((const int64_t *)a->lens)[b];
-    const size_t ae = esize(act_bf16), ce = esize(cache_bf16);
+    const size_t ae = elem_size(act_bf16), ce = elem_size(cache_bf16);
     const int64_t *idx = (const int64_t *)a->idx + b * a->idx_rs;
     const char *kbase = (const char *)a->k_cache + (size_t)(g * a->kv_hs) * ce;
     const char *vbase = (const char *)a->v_cache + (size_t)(g * a->kv_hs) * ce;
@@ -215,7 +205,7 @@ static inline __attribute__((always_inline)) void attend_group(const DecodeArgs 
     float total[MAX_GROUP];
     for (int64_t i = 0; i < G; i++) {
         const char *qh = (const char *)a->q + (size_t)(b * a->q_rs + (g * G + i) * D) * ae;
-        load_vec(q[i], qh, D, act_bf16);
+        load_row(q[i], qh, D, act_bf16);
     }
     for (int64_t l = 0; l < L; l++) {
         const float *k = cache_row(row, kbase + (size_t)(idx[l] * D) * ce, D, cache_bf16);

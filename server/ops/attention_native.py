@@ -34,11 +34,7 @@ _DECODE_ARGS = struct.Struct("=17q")  # DecodeArgs
 
 def load(cache_dir: Path | str | None = None) -> NativeAttention | None:
     """The compiled kernels (built on first use, then cached on disk), or None where they cannot be."""
-    if cache_dir is None:
-        from server.model.loader import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    lib = load_library(SOURCE, Path(cache_dir))
+    lib = load_library(SOURCE, cache_dir)
     if lib is None:
         return None
     for fn in (lib.loraplex_rope_and_cache, lib.loraplex_decode_attention):

@@ -111,16 +111,6 @@ typedef void (*dots_fn)(const void *const[ROWS], const float *restrict, int64_t,
 typedef void (*axpys_fn)(float *restrict, const float[ROWS], const void *const[ROWS], int64_t);
 typedef void (*axpy_fn)(float *restrict, float, const void *, int64_t);
 
-/* dst[k] = fp32(src[k]): one activation row. */
-static void load_row(float *restrict dst, const void *src, int64_t len, int is_bf16) {
-    if (is_bf16) {
-        const bf16_t *restrict s = (const bf16_t *)src;
-        for (int64_t k = 0; k < len; k++) dst[k] = bf16_to_f32(s[k]);
-    } else {
-        memcpy(dst, src, (size_t)len * sizeof(float));
-    }
-}
-
 /* dst[c] += acc[c], rounded once into dst's dtype. */
 static void add_into_row(void *dst, const float *restrict acc, int64_t len, int is_bf16) {
     if (is_bf16) {
@@ -160,7 +150,6 @@ typedef struct {
     float *x, *h, *acc;
 } Scratch;
 
-static size_t elem_size(int is_bf16) { return is_bf16 ? sizeof(bf16_t) : sizeof(float); }
 
 /*
  * h[tb][n][r] = A[slot, r, n] . x[t0 + tb] for the nt tokens of one block. The R*N rows (r, n)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import logging
 import struct
 from pathlib import Path
 
@@ -25,8 +24,6 @@ import torch
 
 from server.ops.lora_torch import LoRASegments
 from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
-
-log = logging.getLogger(__name__)
 
 SOURCE = NativeSource("lora_native", Path(__file__).with_name("lora_native.c"), (*BASE_CFLAGS, "-fopenmp"))
 # The C side's dtype bits: 1 = y is bf16, 2 = x is bf16, 4 = A and B are bf16 (else fp32)
@@ -49,11 +46,7 @@ def load(cache_dir: Path | str | None = None) -> NativeLoRA | None:
 
     None comes with one warning line saying why (see ``native_build``). Never raises for those.
     """
-    if cache_dir is None:
-        from server.model.loader import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    lib = load_library(SOURCE, Path(cache_dir))
+    lib = load_library(SOURCE, cache_dir)
     if lib is None:
         return None
     lib.lora_native_add.argtypes = (ctypes.c_char_p,)  # a packed CallArgs (immutable bytes)

@@ -50,9 +50,14 @@ class NativeSource:
         )
 
 
-def load_library(source: NativeSource, cache_dir: Path) -> ctypes.CDLL | None:
-    """The shared library for this CPU under ``cache_dir`` (compiled at most once per process), or
-    None with one warning line saying why. Never raises for the reasons listed in the module doc."""
+def load_library(source: NativeSource, cache_dir: Path | str | None = None) -> ctypes.CDLL | None:
+    """The shared library for this CPU under ``cache_dir`` (default: loraplex's cache dir; compiled
+    at most once per process), or None with one warning line saying why. Never raises for the
+    reasons listed in the module doc."""
+    if cache_dir is None:
+        from server.model.loader import default_cache_dir
+
+        cache_dir = default_cache_dir()
     return _load_library(source, Path(cache_dir).expanduser().resolve())
 
 

@@ -1,10 +1,11 @@
 /*
- * native_common.h: what the C kernels of server/ops share (bf16 by bits, fp32 tree sums).
+ * native_common.h: what the C kernels of server/ops share (bf16 by bits, fp32 tree sums, row loads).
  * Included by lora_native.c and attention_native.c; its bytes are part of their build keys.
  */
 #ifndef LORAPLEX_NATIVE_COMMON_H
 #define LORAPLEX_NATIVE_COMMON_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -33,6 +34,19 @@ static inline float hsum(float *a) {
     for (int width = LANES / 2; width > 0; width /= 2)
         for (int j = 0; j < width; j++) a[j] += a[j + width];
     return a[0];
+}
+
+/* Bytes of one element: bf16 or fp32. */
+static inline size_t elem_size(int is_bf16) { return is_bf16 ? sizeof(bf16_t) : sizeof(float); }
+
+/* dst[k] = fp32(src[k]) for a row of bf16 or fp32. */
+static inline void load_row(float *restrict dst, const void *src, int64_t len, int is_bf16) {
+    if (is_bf16) {
+        const bf16_t *restrict s = (const bf16_t *)src;
+        for (int64_t k = 0; k < len; k++) dst[k] = bf16_to_f32(s[k]);
+    } else {
+        memcpy(dst, src, (size_t)len * sizeof(float));
+    }
 }
 
 #endif
