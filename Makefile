@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.loraplex-setup
+# Packages type-checked by `make lint` (mypy, strict: see [tool.mypy] in pyproject.toml).
+TYPED := server/ops server/model adapters
 
 .PHONY: setup serve test test-fast lint bench clean
 
@@ -32,9 +34,10 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy $(TYPED)
 
 bench: setup
 	$(PY) bench/engine.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -45,6 +45,17 @@ from adapters.cache_types import (  # the cache's public vocabulary, re-exported
 )
 from adapters.format import LoRAWeights
 
+__all__ = [
+    "AdapterCache",
+    "AdapterState",
+    "AdapterStatus",
+    "CacheStats",
+    "PinError",
+    "SlotWriter",
+    "Tier",
+    "Transition",
+]
+
 
 @dataclass(eq=False)
 class _Entry:
@@ -56,7 +67,7 @@ class _Entry:
     refcount: int = 0
     is_pinned: bool = False
     is_retired: bool = False  # unregistered while in use: freed when the last user releases it
-    load: Future | None = None
+    load: Future[LoRAWeights] | None = None
     load_started_s: float = 0.0
     error: Exception | None = None
 
@@ -201,6 +212,7 @@ class AdapterCache:
                 return None
             self._collect_load(entry)
             if entry.state is AdapterState.IN_SLOT:
+                assert entry.slot is not None  # IN_SLOT: it has one
                 self.stats.lookups[Tier.SLOT] += 1
                 self._slot_lru.move_to_end(entry.slot)
                 self._touch_host(entry)
@@ -221,6 +233,7 @@ class AdapterCache:
 
     @staticmethod
     def lease_slot(lease: _Entry) -> int:
+        assert lease.slot is not None  # a leased adapter keeps its slot until released
         return lease.slot
 
     def release(self, lease: _Entry) -> None:
@@ -248,6 +261,7 @@ class AdapterCache:
         if slot is None:
             return None
         self.stats.lookups[Tier.HOST] += 1
+        assert entry.weights is not None  # IN_HOST: it has host weights
         self.writer.write(slot, entry.weights)
         entry.slot = slot
         self._move(entry, Transition.ACTIVATE)
@@ -272,7 +286,10 @@ class AdapterCache:
         return weights
 
     def _collect_load(self, entry: _Entry) -> None:
-        if entry.state is not AdapterState.LOADING or not entry.load.done():
+        if entry.state is not AdapterState.LOADING:
+            return
+        assert entry.load is not None  # set with LOADING, cleared on leaving it
+        if not entry.load.done():
             return
         try:
             weights = entry.load.result()
@@ -311,6 +328,7 @@ class AdapterCache:
 
     def _release_host(self, entry: _Entry) -> None:
         if self._host_lru.pop(id(entry), None) is not None:
+            assert entry.weights is not None  # entries in the host LRU hold weights
             self._host_bytes -= entry.weights.num_bytes
         entry.weights = None
 

@@ -56,9 +56,9 @@ class PinError(ValueError):
 class CacheStats:
     """Monotonic counters for metrics; read without the lock (each field is updated atomically)."""
 
-    transitions: Counter = field(default_factory=Counter)  # Transition → count
-    lookups: Counter = field(default_factory=Counter)  # Tier → count of try_activate calls served there
-    load_seconds: deque = field(default_factory=lambda: deque(maxlen=1024))  # recent successful loads
+    transitions: Counter[Transition] = field(default_factory=Counter)  # Transition → count
+    lookups: Counter[Tier] = field(default_factory=Counter)  # Tier → count of try_activate calls served there
+    load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))  # recent successful loads
     load_seconds_sum: float = 0.0
     num_loads: int = 0
 

@@ -19,6 +19,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def _is_set(value: object) -> bool:
     return value not in (None, False, "", [], {})
 
 
-def _check_fields(raw: dict) -> None:
+def _check_fields(raw: Mapping[str, object]) -> None:
     """Refuse config fields that change the math, need code, or are unknown to us."""
     if raw.get("peft_type") != "LORA":
         raise AdapterFormatError(f"peft_type must be LORA, got {raw.get('peft_type')!r}")
@@ -158,18 +159,18 @@ def _check_fields(raw: dict) -> None:
             )
 
 
-def _check_rank_alpha(raw: dict, max_lora_rank: int) -> tuple[int, float]:
+def _check_rank_alpha(raw: Mapping[str, object], max_lora_rank: int) -> tuple[int, float]:
     rank = raw.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_lora_rank:
         raise AdapterFormatError(f"r must be an integer in [1, max_lora_rank={max_lora_rank}], got {rank!r}")
     alpha = raw.get("lora_alpha", PEFT_DEFAULT_ALPHA)
-    is_number = isinstance(alpha, int | float) and not isinstance(alpha, bool)
-    if not is_number or not 0 < alpha <= sys.float_info.max:  # exact for huge ints, False for NaN
+    # a number (bool is not one) in bounds: the comparison is exact for huge ints and False for NaN
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha <= sys.float_info.max:
         raise AdapterFormatError(f"lora_alpha must be a finite positive number, got {_short(alpha)}")
     return rank, float(alpha)
 
 
-def _module_names(raw: dict, field: str, *, required: bool) -> tuple[str, ...]:
+def _module_names(raw: Mapping[str, object], field: str, *, required: bool) -> tuple[str, ...]:
     """A list of module names (or ``"all-linear"`` for target_modules); regex strings are refused."""
     value = raw.get(field)
     if field == "target_modules" and value == ALL_LINEAR:
@@ -185,7 +186,7 @@ def _module_names(raw: dict, field: str, *, required: bool) -> tuple[str, ...]:
     return tuple(sorted(set(value)))
 
 
-def parse_config(raw: dict, max_lora_rank: int) -> LoRAConfig:
+def parse_config(raw: Mapping[str, object], max_lora_rank: int) -> LoRAConfig:
     """Validate a parsed adapter_config.json; raise AdapterFormatError naming the problem."""
     _check_fields(raw)
     rank, alpha = _check_rank_alpha(raw, max_lora_rank)
@@ -286,7 +287,7 @@ def parse_tensors(
     return {key: _pair(*key, half, config.rank) for key, half in halves.items()}
 
 
-def _read_config(path: Path, limits: FormatLimits) -> dict:
+def _read_config(path: Path, limits: FormatLimits) -> dict[str, object]:
     """adapter_config.json as a dict, its size checked before it is parsed."""
     with open(path, "rb") as file:
         data = file.read(limits.max_config_bytes + 1)

@@ -74,10 +74,10 @@ def read_header(
     return entries
 
 
-def _parse_json(raw: bytes) -> dict:
+def _parse_json(raw: bytes) -> dict[str, object]:
     """The header as a JSON object; duplicate keys, NaN/Infinity and deep nesting are refused."""
 
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
         keys = [key for key, _ in pairs]
         if len(set(keys)) != len(keys):
             raise SafetensorsFormatError("header has a duplicate key")
@@ -97,7 +97,7 @@ def _parse_json(raw: bytes) -> dict:
     return header
 
 
-def _parse_entries(header: dict, max_num_tensors: int) -> dict[str, TensorEntry]:
+def _parse_entries(header: dict[str, object], max_num_tensors: int) -> dict[str, TensorEntry]:
     """Check ``__metadata__`` and the tensor count, then every tensor entry."""
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):

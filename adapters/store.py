@@ -14,6 +14,7 @@ Version numbers come from a counter that survives deletes, so an adapter id is n
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -111,7 +112,7 @@ class AdapterStore(Protocol):
     def list(self, tenant: str | None = None) -> list[AdapterRecord]:
         """The latest version of each name, sorted by (tenant, name); ``None`` lists every tenant."""
 
-    def delete(self, tenant: str, name: str) -> list[AdapterRecord]:
+    def delete(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:  # ``list`` is the method above
         """Remove every version (metadata, then uploaded files; local dirs stay); KeyError if unknown."""
 
 
@@ -321,7 +322,8 @@ class SQLiteAdapterStore:
             (tenant, name),
         )
         query = "SELECT last_version FROM version_counters WHERE tenant = ? AND name = ?"
-        return db.execute(query, (tenant, name)).fetchone()[0]
+        version: int = db.execute(query, (tenant, name)).fetchone()[0]
+        return version
 
     def _make_dirs(self, directory: Path) -> None:
         """mkdir -p below adapters/, fsyncing each parent that gains an entry."""
@@ -330,7 +332,17 @@ class SQLiteAdapterStore:
                 parent.mkdir()
                 _fsync(parent.parent, directory=True)
 
-    def _insert(self, db, tenant, name, version, digest, config, path, source) -> AdapterRecord:
+    def _insert(
+        self,
+        db: sqlite3.Connection,
+        tenant: str,
+        name: str,
+        version: int,
+        digest: tuple[str, int],
+        config: LoRAConfig,
+        path: Path,
+        source: str,
+    ) -> AdapterRecord:
         values = (
             tenant, name, version, digest[0], config.rank, float(config.alpha), bool(config.use_rslora),
             tuple(config.target_modules), config.base_model_name_or_path, digest[1], time.time(),
@@ -344,7 +356,7 @@ class SQLiteAdapterStore:
 
     # ---- reads
 
-    def _select(self, db: sqlite3.Connection, where: str, params: tuple) -> list[AdapterRecord]:
+    def _select(self, db: sqlite3.Connection, where: str, params: tuple[object, ...]) -> list[AdapterRecord]:
         rows = db.execute(f"SELECT {_COLUMNS} FROM adapters a {where}", params).fetchall()
         return [
             AdapterRecord(t, n, v, sha, rank, alpha, bool(rs), tuple(json.loads(tm)), base, size, at,

@@ -33,9 +33,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from server.ops.attention_torch import AttentionOps
+    from server.ops.lora_torch import AddLoRA, OutputSlices
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,7 @@ class GemmShapes:
     heads: tuple[int, int, int] = (0, 0, 0)  # attention: query heads, kv heads, head size (0: unknown)
 
     @classmethod
-    def of(cls, config) -> GemmShapes:
+    def of(cls, config: PretrainedConfig) -> GemmShapes:
         hidden, inter = config.hidden_size, config.intermediate_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
         q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
@@ -185,7 +192,7 @@ def measure(
         }
         scale = shapes.num_layers / _sample_layers(shapes)  # report ms for the whole model's layers
         timings = {name: ms * scale for name, ms in _time_interleaved(gemms).items()}
-        best = min(timings, key=timings.get)
+        best = min(timings, key=timings.__getitem__)
         best_dtype, best_label = best.split(" ", 1)
         best_gemm = next(kernel for kernel, label in GEMM_KERNELS.items() if label == best_label)
         best_pass = gemms[best]
@@ -229,7 +236,7 @@ def _gemm_pass(
 
 
 def _pick_lora(
-    shapes: GemmShapes, base_dtype: str, cache_dir: Path | None, timings: dict
+    shapes: GemmShapes, base_dtype: str, cache_dir: Path | None, timings: dict[str, float]
 ) -> tuple[str, str, int]:
     """(kernel, slot dtype, threads) of the fastest decode-step side path: 8 slots at rank 16.
 
@@ -254,16 +261,24 @@ def _pick_lora(
     }
     lora_times = _time_interleaved({label: c[3] for label, c in candidates.items()})
     timings.update(lora_times)
-    kernel, name, count, _ = candidates[min(lora_times, key=lora_times.get)]
+    kernel, name, count, _ = candidates[min(lora_times, key=lora_times.__getitem__)]
     return kernel, name, count
 
 
-def _lora_pass(shapes: GemmShapes, add_lora, slot_dtype, base_dtype, slots: int = 8, rank: int = 16):
+def _lora_pass(
+    shapes: GemmShapes,
+    add_lora: AddLoRA,
+    slot_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    slots: int = 8,
+    rank: int = 16,
+) -> Callable[[], None]:
     """One decode step's side path through ``add_lora``: 8 tokens on 8 slots, over every layer."""
     from server.ops.lora_torch import LoRASegments
 
     segments = LoRASegments.build(list(range(slots)), torch.device("cpu"), [rank] * slots)
-    modules = []
+    # per module: y [S, out], x [S, in], A [S, R, N, in], B [S, R, out], output slices
+    modules: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, OutputSlices]] = []
     for _ in range(shapes.num_layers):
         for (out, inp), widths in zip(shapes.layer, shapes.slices, strict=True):
             bounds = tuple((sum(widths[:n]), sum(widths[: n + 1])) for n in range(len(widths)))
@@ -279,7 +294,9 @@ def _lora_pass(shapes: GemmShapes, add_lora, slot_dtype, base_dtype, slots: int 
     return one_pass
 
 
-def _pick_attention(shapes: GemmShapes, dtype: torch.dtype, cache_dir: Path | None, timings: dict) -> str:
+def _pick_attention(
+    shapes: GemmShapes, dtype: torch.dtype, cache_dir: Path | None, timings: dict[str, float]
+) -> str:
     """The faster decode-step attention: ``attention_torch`` or the compiled ``attention_native``
     (where it builds here), timed over every layer at 8 sequences of 64-128 cached tokens."""
     from server.ops import attention_native, attention_torch
@@ -291,10 +308,12 @@ def _pick_attention(shapes: GemmShapes, dtype: torch.dtype, cache_dir: Path | No
     passes = {f"attention {name}": _attention_pass(shapes, ops, dtype) for name, ops in kernels.items()}
     attention_times = _time_interleaved(passes)
     timings.update(attention_times)
-    return min(attention_times, key=attention_times.get).split()[1]
+    return min(attention_times, key=attention_times.__getitem__).split()[1]
 
 
-def _attention_pass(shapes: GemmShapes, ops, dtype: torch.dtype, seqs: int = DECODE_ROWS, block: int = 16):
+def _attention_pass(
+    shapes: GemmShapes, ops: AttentionOps, dtype: torch.dtype, seqs: int = DECODE_ROWS, block: int = 16
+) -> Callable[[], None]:
     """One decode step's RoPE + KV write + attention through ``ops``, over every layer."""
     num_heads, num_kv_heads, head_dim = shapes.heads
     lens = torch.tensor([64 + (37 * i) % 64 for i in range(seqs)])  # [Bd] 64..127 tokens
@@ -361,7 +380,8 @@ def _pick_threads(best_pass: Callable[[], None], cores: int, timings: dict[str, 
 def prepare_weight(weight: torch.Tensor, kernel: str) -> torch.Tensor:
     """``weight`` [out, in] as ``kernel`` reads it: reordered once for ``onednn``, else as it is."""
     if kernel == "onednn":
-        return torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_ROWS)
+        reordered: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight, DECODE_ROWS)
+        return reordered
     return weight
 
 
@@ -372,7 +392,8 @@ def base_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     ``w_xt`` computes a plain weight's product as (W·xᵀ)ᵀ.
     """
     if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        return y
     if w_xt:
         y = torch.mm(weight, x.T).T.contiguous()
         return y if bias is None else y.add_(bias)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,13 @@ from server.model.cpu_tuning import CpuKernelChoice
 from server.model.host_memory import keep_freed_memory
 from server.model.llama import LlamaForServing, load_weights
 from server.model.loader import Checkpoint, default_cache_dir, iter_safetensors, resolve_checkpoint
+from server.model.lora_linear import LinearKwargs
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from server.ops.attention_torch import AttentionOps
+    from server.ops.lora_torch import AddLoRA
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +47,8 @@ def pick_dtype(
 ) -> torch.dtype:
     """The user's dtype; else the measured one on CPU (fp32 where untuned), bf16 on CUDA."""
     if requested is not None:
-        return getattr(torch, requested)
+        dtype: torch.dtype = getattr(torch, requested)  # config validated the name
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16
     return kernels.torch_dtype if kernels is not None else torch.float32
@@ -60,9 +69,9 @@ def pick_cpu_kernels(model_config: ModelConfig, checkpoint: Checkpoint) -> CpuKe
     return kernels
 
 
-def model_context_limit(config, requested: int | None) -> int:
+def model_context_limit(config: PretrainedConfig, requested: int | None) -> int:
     """max_model_len: the request, bounded by the model's positions (and sliding window, if any)."""
-    limit = config.max_position_embeddings
+    limit: int = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True):
         limit = min(limit, window)  # no sliding-window attention here: stay inside the window
@@ -71,7 +80,7 @@ def model_context_limit(config, requested: int | None) -> int:
     return requested or limit
 
 
-def pick_lora_op(kernels: CpuKernelChoice | None, model_config: ModelConfig):
+def pick_lora_op(kernels: CpuKernelChoice | None, model_config: ModelConfig) -> AddLoRA | None:
     """The compiled side path when the measurement chose it, for decode and prefill steps alike:
     it builds no oneDNN kernel per new segment length, as torch's bf16 products do."""
     if kernels is None or kernels.lora_kernel != "native":
@@ -85,7 +94,7 @@ def pick_lora_op(kernels: CpuKernelChoice | None, model_config: ModelConfig):
     return native.add_lora
 
 
-def pick_attention_ops(kernels: CpuKernelChoice | None, model_config: ModelConfig):
+def pick_attention_ops(kernels: CpuKernelChoice | None, model_config: ModelConfig) -> AttentionOps | None:
     """The compiled decode attention when the measurement chose it; None: ``attention_torch``."""
     if kernels is None or kernels.attention_kernel != "native":
         return None
@@ -107,7 +116,7 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
     dtype = pick_dtype(model_config.dtype, device, kernels)
     max_model_len = model_context_limit(checkpoint.config, engine_config.max_model_len)
     weights = load_weights(iter_safetensors(checkpoint.path), dtype, device)
-    linear_kwargs = {
+    linear_kwargs: LinearKwargs = {
         "max_loras": engine_config.max_loras,
         "max_lora_rank": engine_config.max_lora_rank,
         "target_names": engine_config.target_modules,

@@ -44,7 +44,7 @@ def keep_freed_memory() -> bool:
     libc = _libc()
     if libc is None:
         return False
-    done = (
+    done: bool = (
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
         and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     )

@@ -9,6 +9,7 @@ gate|up), frozen, each wrapped in a MultiLoRALinear. Numerics follow transformer
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +17,17 @@ from torch import nn
 
 from server.model.cpu_tuning import prepare_weight
 from server.model.forward_batch import ForwardBatch
-from server.model.lora_linear import MultiLoRALinear, base_linear
+from server.model.lora_linear import LinearKwargs, MultiLoRALinear, base_linear
 from server.ops import attention_torch
+from server.ops.attention_torch import AttentionOps
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [H_kv, num_kv_rows, D]
 
 
-def rope_cos_sin(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(config: PretrainedConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_positions, D] in fp32, as transformers computes them for this config."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -43,6 +48,10 @@ def rope_cos_sin(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class RMSNorm(nn.Module):
+    if TYPE_CHECKING:  # nn.Module.__call__ (which runs forward) returns Any: give calls forward's types
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -56,8 +65,12 @@ class RMSNorm(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config, weights: dict[str, torch.Tensor], linear_kwargs: dict, attention_ops=attention_torch
-    ):
+        self,
+        config: PretrainedConfig,
+        weights: dict[str, torch.Tensor],
+        linear_kwargs: LinearKwargs,
+        attention_ops: AttentionOps = attention_torch,
+    ) -> None:
         super().__init__()
         self.attention_ops = attention_ops  # rope_and_cache + decode_attention: attention_torch's signatures
         self.num_heads = config.num_attention_heads
@@ -89,7 +102,15 @@ class DecoderLayer(nn.Module):
         )
         self.scale = self.head_dim**-0.5
 
-    def forward(self, hidden, residual, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch):
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual [T, hidden]; cos/sin [T, D] → (hidden, residual) after this layer."""
         residual = hidden if residual is None else residual + hidden
         qkv = self.qkv_proj(self.input_layernorm(residual), batch.lora)  # [T, (H + 2·H_kv)·D]
@@ -103,7 +124,9 @@ class DecoderLayer(nn.Module):
         inter = gate_up.shape[1] // 2
         return self.down_proj(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], batch.lora), residual
 
-    def _attention(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+    def _attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         """q [T, H, D] against the cached K/V of each token's sequence → [T, H·D]."""
         if batch.decode_token_index is not None and not batch.prefills and batch.decode_is_all_tokens:
             return self._decode_attention(q, k_cache, v_cache, batch).view(q.shape[0], -1)
@@ -121,10 +144,14 @@ class DecoderLayer(nn.Module):
             out[start:end] = op.squeeze(0).transpose(0, 1)
         return out.view(out.shape[0], -1)
 
-    def _decode_attention(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+    def _decode_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         """q [Bd, H, D], one query per decode sequence → [Bd, H, D] over its cached K/V."""
+        kv_index, kv_lens, kv_bias = batch.decode_kv_index, batch.decode_kv_lens, batch.decode_kv_bias
+        assert kv_index is not None and kv_lens is not None and kv_bias is not None  # set with decode tokens
         return self.attention_ops.decode_attention(
-            q, k_cache, v_cache, batch.decode_kv_index, batch.decode_kv_lens, batch.decode_kv_bias, self.scale
+            q, k_cache, v_cache, kv_index, kv_lens, kv_bias, self.scale
         )
 
 
@@ -135,20 +162,24 @@ def _causal_mask(num_queries: int, ctx_len: int, device: torch.device) -> torch.
 
 
 def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return None if any(t is None for t in tensors) else torch.cat(tensors)
+    present = [t for t in tensors if t is not None]
+    return None if len(present) < len(tensors) else torch.cat(present)
 
 
 class LlamaForServing(nn.Module):
     """The whole causal LM: embeddings → decoder layers → norm → LM head on sampled tokens only."""
 
+    rope_cos: torch.Tensor  # [P, D] buffer (registered in __init__)
+    rope_sin: torch.Tensor  # [P, D] buffer
+
     def __init__(
         self,
-        config,
+        config: PretrainedConfig,
         weights: dict[str, torch.Tensor],
         max_positions: int,
-        linear_kwargs: dict,
-        attention_ops=None,
-    ):
+        linear_kwargs: LinearKwargs,
+        attention_ops: AttentionOps | None = None,
+    ) -> None:
         """``attention_ops``: the decode step's attention kernels (default: ``attention_torch``)."""
         super().__init__()
         self.config = config
@@ -173,15 +204,17 @@ class LlamaForServing(nn.Module):
         hidden = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
         cos = self.rope_cos.index_select(0, batch.positions)  # [T, D]
         sin = self.rope_sin.index_select(0, batch.positions)
-        residual = None
+        residual: torch.Tensor | None = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, kv, batch)
+        assert residual is not None  # a model has at least one layer
         last = (residual + hidden).index_select(0, batch.logits_index)  # [B_sample, hidden]
         return base_linear(self.norm(last), self.lm_head_gemm_weight, None, self.gemm).float()
 
     def lora_layers(self) -> Iterator[tuple[int, MultiLoRALinear]]:
         """(layer index, module) for every module that holds LoRA slots."""
-        for i, layer in enumerate(self.layers):
+        layers = cast("Iterable[DecoderLayer]", self.layers)  # nn.ModuleList types its items as Module
+        for i, layer in enumerate(layers):
             for module in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
                 if module.has_lora_buffers:
                     yield i, module
@@ -194,7 +227,9 @@ def _layer_weights(weights: dict[str, torch.Tensor], index: int) -> dict[str, to
     return {k[len(prefix) :]: weights.pop(k) for k in keys}
 
 
-def load_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype, device) -> dict[str, torch.Tensor]:
+def load_weights(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Checkpoint tensors cast to the serving dtype on the serving device (rotary buffers dropped)."""
     return {
         name: tensor.to(device=device, dtype=dtype)

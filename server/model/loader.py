@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -146,7 +147,7 @@ def load_checkpoint_dir(path: Path, name: str) -> Checkpoint:
     return Checkpoint(path=path, config=config, tokenizer=tokenizer, name=name)
 
 
-def _check_no_remote_code(path: Path, raw_config: dict) -> None:
+def _check_no_remote_code(path: Path, raw_config: dict[str, Any]) -> None:
     tokenizer_config = path / "tokenizer_config.json"
     raw_tokenizer = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
     for file, raw in (("config.json", raw_config), ("tokenizer_config.json", raw_tokenizer)):
@@ -157,7 +158,7 @@ def _check_no_remote_code(path: Path, raw_config: dict) -> None:
             )
 
 
-def _check_architecture(path: Path, raw_config: dict) -> None:
+def _check_architecture(path: Path, raw_config: dict[str, Any]) -> None:
     architectures = raw_config.get("architectures") or []
     if not architectures and raw_config.get("model_type") in _MODEL_TYPES:
         architectures = [_MODEL_TYPES[raw_config["model_type"]]]
@@ -310,6 +311,6 @@ def _write_conversion(gguf_path: Path, out_dir: Path) -> None:
     )
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the saved weights are plain fp32, not GGUF
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by transformers, not declared on the model
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -13,6 +13,8 @@ from adapters.merge import merged_weight
 from server.model.llama import LlamaForServing
 from server.model.lora_linear import MultiLoRALinear
 
+_Pair = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out_n, r]) of one projection
+
 
 class LoRASlotWriter:
     def __init__(self, model: LlamaForServing, max_lora_rank: int) -> None:
@@ -54,7 +56,7 @@ class LoRASlotWriter:
 
     def write(self, slot: int, weights: LoRAWeights) -> None:
         """Copy an adapter into ``slot`` of every LoRA module (untargeted ones are zeroed)."""
-        per_module: dict[int, dict[str, tuple]] = {id(m): {} for m in self.modules.values()}
+        per_module: dict[int, dict[str, _Pair]] = {id(m): {} for m in self.modules.values()}
         for (layer, proj), pair in weights.tensors.items():
             per_module[id(self.modules[(layer, proj)])][proj] = pair
         self.slot_ranks[slot] = self.max_lora_rank  # while half-written, read it all
@@ -67,7 +69,7 @@ class LoRASlotWriter:
 
         A fused module (q|k|v, gate|up) is copied whole even when the adapter targets one slice.
         """
-        per_module: dict[MultiLoRALinear, list] = {}
+        per_module: dict[MultiLoRALinear, list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]]] = {}
         for (layer, proj), (lora_a, lora_b) in weights.tensors.items():
             module = self.modules[(layer, proj)]
             bounds = module.output_slices[module.slice_names.index(proj)]

@@ -15,17 +15,17 @@ so peft adapters that target any subset of the original projections map onto it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import nn
 
 from server.model.cpu_tuning import base_gemm, prepare_weight
 from server.ops import lora_torch
-from server.ops.lora_torch import LoRASegments
+from server.ops.lora_torch import AddLoRA, LoRASegments
 
 
-def _pick_add_lora(device: torch.device):
+def _pick_add_lora(device: torch.device) -> AddLoRA:
     if device.type == "cuda":
         from server.ops import lora_triton
 
@@ -49,12 +49,33 @@ def base_linear(
     return base_gemm(x, weight, bias, gemm == "w_xt" and x.shape[0] <= SMALL_BATCH_ROWS)
 
 
+class _RequiredLinearKwargs(TypedDict):
+    max_loras: int
+    max_lora_rank: int
+    target_names: tuple[str, ...]
+
+
+class LinearKwargs(_RequiredLinearKwargs, total=False):
+    """The keyword arguments of ``MultiLoRALinear`` shared by every layer of a model."""
+
+    lora_dtype: torch.dtype | None
+    gemm: str
+    lora_op: AddLoRA | None
+
+
 class MultiLoRALinear(nn.Module):
     """A frozen linear layer with ``max_loras`` LoRA slots over named output slices.
 
     ``slice_names[n]`` is the original projection (``q_proj``, …) whose outputs are the columns
     ``output_slices[n]`` of this layer. Only slices named in ``target_names`` accept adapters.
     """
+
+    lora_a: torch.Tensor  # [S, R, N, in] buffer (registered in __init__)
+    lora_b: torch.Tensor  # [S, R, out_total] buffer
+
+    if TYPE_CHECKING:  # nn.Module.__call__ (which runs forward) returns Any: give calls forward's types
+
+        def __call__(self, x: torch.Tensor, lora: LoRASegments) -> torch.Tensor: ...
 
     def __init__(
         self,
@@ -67,7 +88,7 @@ class MultiLoRALinear(nn.Module):
         target_names: tuple[str, ...],
         lora_dtype: torch.dtype | None = None,  # None: the weight's dtype
         gemm: str = "x_wt",  # base GEMM kernel (cpu_tuning.GEMM_KERNELS, measured per CPU)
-        lora_op: Callable | None = None,  # the side-path op (lora_torch.add_lora's signature); None: default
+        lora_op: AddLoRA | None = None,  # the side-path op (lora_torch.add_lora's signature); None: default
     ) -> None:
         super().__init__()
         if sum(slice_sizes) != weight.shape[0]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -46,12 +47,23 @@ class NativeAttention:
     """The loaded kernels. Index tensors are bounds-checked once per tensor object: a step builds
     one ``write_index`` and one ``kv_index`` and every layer passes the same ones."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL) -> None:
         self._rope = lib.loraplex_rope_and_cache
         self._decode = lib.loraplex_decode_attention
-        self._checked: dict[str, tuple] = {}  # what -> (tensor, rows it was checked against, result)
+        # what -> (tensor, rows it was checked against)
+        self._checked: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def rope_and_cache(self, qkv, cos, sin, write_index, k_cache, v_cache, num_heads: int, num_kv_heads: int):
+    def rope_and_cache(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write_index: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
         """``attention_torch.rope_and_cache``; q is rotated in place in ``qkv`` and returned as a view."""
         num_tokens, head_dim = qkv.shape[0], k_cache.shape[-1]
         if not _rope_inputs_fit(qkv, cos, sin, k_cache, v_cache, num_heads, num_kv_heads):
@@ -65,7 +77,16 @@ class NativeAttention:
         self._rope(args)
         return qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
 
-    def decode_attention(self, q, k_cache, v_cache, kv_index, kv_lens, kv_bias, scale: float):
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_index: torch.Tensor,
+        kv_lens: torch.Tensor,
+        kv_bias: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
         """``attention_torch.decode_attention`` (``kv_bias`` is not read: ``kv_lens`` bounds each row)."""
         num_seqs, num_heads, head_dim = q.shape
         if not _decode_inputs_fit(q, k_cache, v_cache, kv_index):
@@ -84,7 +105,7 @@ class NativeAttention:
             raise MemoryError("native attention kernel: out of memory for its scores scratch")
         return out
 
-    def _check_rows(self, what: str, index: torch.Tensor, shape, rows: int) -> None:
+    def _check_rows(self, what: str, index: torch.Tensor, shape: tuple[int, ...], rows: int) -> None:
         """An int64 CPU index of ``shape`` whose every value is a row of the cache (once per tensor)."""
         last = self._checked.get(what)
         if last is not None and last[0] is index and last[1] == rows:
@@ -115,10 +136,11 @@ class NativeAttention:
 
 
 def _float_bits(value: float) -> int:
-    return struct.unpack("=I", struct.pack("=f", value))[0]
+    bits: int = struct.unpack("=I", struct.pack("=f", value))[0]
+    return bits
 
 
-def _cache_fits(k_cache, v_cache, num_kv_heads: int, head_dim: int) -> bool:
+def _cache_fits(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> bool:
     return (
         k_cache.dim() == 3 and k_cache.shape == v_cache.shape and k_cache.shape[0] == num_kv_heads
         and 0 < head_dim <= MAX_HEAD_DIM and head_dim % 2 == 0 and k_cache.dtype == v_cache.dtype
@@ -127,7 +149,15 @@ def _cache_fits(k_cache, v_cache, num_kv_heads: int, head_dim: int) -> bool:
     )  # fmt: skip
 
 
-def _rope_inputs_fit(qkv, cos, sin, k_cache, v_cache, num_heads: int, num_kv_heads: int) -> bool:
+def _rope_inputs_fit(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> bool:
     """The fast check of every call (the bounds of write_index are checked apart)."""
     head_dim = k_cache.shape[-1]
     rows = (qkv.shape[0], head_dim)
@@ -140,7 +170,9 @@ def _rope_inputs_fit(qkv, cos, sin, k_cache, v_cache, num_heads: int, num_kv_hea
     )  # fmt: skip
 
 
-def _decode_inputs_fit(q, k_cache, v_cache, kv_index) -> bool:
+def _decode_inputs_fit(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_index: torch.Tensor
+) -> bool:
     num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[2], k_cache.shape[0]
     return (
         _cache_fits(k_cache, v_cache, num_kv_heads, head_dim) and num_kv_heads > 0
@@ -150,7 +182,7 @@ def _decode_inputs_fit(q, k_cache, v_cache, kv_index) -> bool:
     )  # fmt: skip
 
 
-def _explain_cache(k_cache, v_cache, num_kv_heads: int, head_dim: int) -> None:
+def _explain_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
     _require(
         k_cache.shape == v_cache.shape and k_cache.dim() == 3,
         "k_cache and v_cache must be [H_kv, rows, D] alike",
@@ -167,7 +199,15 @@ def _explain_cache(k_cache, v_cache, num_kv_heads: int, head_dim: int) -> None:
     _require(k_cache.is_cpu and v_cache.is_cpu, "caches must be on the CPU")
 
 
-def _explain_rope(qkv, cos, sin, k_cache, v_cache, num_heads: int, num_kv_heads: int) -> None:
+def _explain_rope(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> NoReturn:
     """Raise the ValueError that says what about these inputs the kernel does not support."""
     head_dim = k_cache.shape[-1]
     _explain_cache(k_cache, v_cache, num_kv_heads, head_dim)
@@ -187,7 +227,9 @@ def _explain_rope(qkv, cos, sin, k_cache, v_cache, num_heads: int, num_kv_heads:
     raise AssertionError("unreachable: the fast check and the explanation disagree")
 
 
-def _explain_decode(q, k_cache, v_cache, kv_index) -> None:
+def _explain_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_index: torch.Tensor
+) -> NoReturn:
     num_kv_heads, head_dim = k_cache.shape[0], q.shape[-1]
     _explain_cache(k_cache, v_cache, num_kv_heads, head_dim)
     _require(

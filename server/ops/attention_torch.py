@@ -13,7 +13,36 @@ Layouts (all on one device, one dtype for the activations, one for the cache):
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class AttentionOps(Protocol):
+    """The decode step's attention kernels: this module itself, or ``attention_native.NativeAttention``."""
+
+    def rope_and_cache(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write_index: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> torch.Tensor: ...
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_index: torch.Tensor,
+        kv_lens: torch.Tensor,
+        kv_bias: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor: ...
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,11 @@ import ctypes
 import itertools
 import struct
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from server.ops.lora_torch import LoRASegments
+from server.ops.lora_torch import LoRASegments, OutputSlices
 from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
 
 SOURCE = NativeSource("lora_native", Path(__file__).with_name("lora_native.c"), (*BASE_CFLAGS, "-fopenmp"))
@@ -39,6 +40,14 @@ MAX_CACHED_SLICES = 256  # distinct output_slices tuples remembered (a model has
 # strides, B and its slot / rank strides, dtype bits, rank, slices, in features, the slices and
 # segments arrays, G, threads. One packed buffer: ~0.7 µs through ctypes, 19 arguments ~2.7 µs.
 _CALL_ARGS = struct.Struct("=19q")
+
+Int64Array = ctypes.Array[ctypes.c_int64]
+# The C arrays cached by ``NativeLoRA``, each kept alive by its entry:
+_SegmentsEntry = tuple[Int64Array, int, int, int, int]  # (array, its address, G, tokens end, max slot)
+_SlicesEntry = tuple[OutputSlices, Int64Array, int, int, int]  # (the tuple, array, its address, N, max hi)
+_Shapes = tuple[torch.Size, torch.Size, torch.Size, torch.Size]  # y, x, lora_a, lora_b
+_Strides = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+_Bounds = tuple[int, int, int, int]  # (num slices, max hi, tokens end, max slot)
 
 
 def load(cache_dir: Path | str | None = None) -> NativeLoRA | None:
@@ -71,12 +80,13 @@ class NativeLoRA:
     Python threads at once are safe.
     """
 
-    def __init__(self, lib: ctypes.CDLL, num_threads: int = 1, prefill_threads: int | None = None):
+    def __init__(self, lib: ctypes.CDLL, num_threads: int = 1, prefill_threads: int | None = None) -> None:
         self._add = lib.lora_native_add
         self.num_threads = num_threads
         self.prefill_threads = prefill_threads
-        self._segments = (None, None)  # (last LoRASegments seen, its C array and bounds)
-        self._slices: dict[int, tuple] = {}  # id(output_slices) -> (the tuple, C array, max hi)
+        # (last LoRASegments seen, its C array and bounds)
+        self._segments: tuple[LoRASegments | None, _SegmentsEntry | None] = (None, None)
+        self._slices: dict[int, _SlicesEntry] = {}  # id(output_slices) -> (the tuple, C array, max hi)
 
     def add_lora(
         self,
@@ -85,7 +95,7 @@ class NativeLoRA:
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         segments: LoRASegments,
-        output_slices: tuple[tuple[int, int], ...],
+        output_slices: OutputSlices,
     ) -> None:
         """``lora_torch.add_lora`` in one C call: y [T, out] += LoRA(x [T, in]) in place.
 
@@ -99,9 +109,9 @@ class NativeLoRA:
         segs_addr, num_segs, tokens_end, max_slot = self._segments_entry(segments)
         slices_addr, num_slices, max_hi = self._slices_entry(output_slices)
         code = DTYPE_CODES.get((y.dtype, x.dtype, lora_a.dtype, lora_b.dtype))
-        shapes = y.shape, x.shape, lora_a.shape, lora_b.shape
-        strides = y.stride(), x.stride(), lora_a.stride(), lora_b.stride()
-        bounds = num_slices, max_hi, tokens_end, max_slot
+        shapes: _Shapes = y.shape, x.shape, lora_a.shape, lora_b.shape
+        strides: _Strides = y.stride(), x.stride(), lora_a.stride(), lora_b.stride()
+        bounds: _Bounds = num_slices, max_hi, tokens_end, max_slot
         on_cpu = y.is_cpu and x.is_cpu and lora_a.is_cpu and lora_b.is_cpu
         if code is None or not on_cpu or not _fits(shapes, strides, bounds):
             _refuse(y, x, lora_a, lora_b, bounds)
@@ -128,21 +138,21 @@ class NativeLoRA:
             return self.num_threads
         return self.prefill_threads or max(self.num_threads, torch.get_num_threads())
 
-    def _segments_entry(self, segments: LoRASegments) -> tuple:
+    def _segments_entry(self, segments: LoRASegments) -> tuple[int, int, int, int]:
         """(address of int64 [G][3] seg_bounds, G, last token + 1, highest slot); cached per step."""
-        last, entry = self._segments
-        if last is segments:
-            return entry[1:]
+        last, cached = self._segments
+        if last is segments and cached is not None:  # cached is None only while last is
+            return cached[1:]
         bounds = segments.seg_bounds
         if any(start < 0 or end < start or slot < 0 for start, end, slot in bounds):
             raise ValueError(f"malformed segments {bounds}")
         array = (ctypes.c_int64 * (3 * len(bounds)))(*(v for bound in bounds for v in bound))
         ends, slots = (end for _, end, _ in bounds), (slot for _, _, slot in bounds)
-        entry = (array, ctypes.addressof(array), len(bounds), max(ends), max(slots))  # array: kept alive
+        entry: _SegmentsEntry = (array, ctypes.addressof(array), len(bounds), max(ends), max(slots))
         self._segments = (segments, entry)
         return entry[1:]
 
-    def _slices_entry(self, output_slices: tuple[tuple[int, int], ...]) -> tuple:
+    def _slices_entry(self, output_slices: OutputSlices) -> tuple[int, int, int]:
         """(address of int64 [N][2] slices, N, largest hi); cached per tuple object.
 
         Slices must not overlap: the C side accumulates all slices of a token in one column buffer.
@@ -158,12 +168,12 @@ class NativeLoRA:
             self._slices.clear()
         array = (ctypes.c_int64 * (2 * len(output_slices)))(*(v for pair in output_slices for v in pair))
         max_hi = max(hi for _, hi in output_slices)
-        cached = (output_slices, array, ctypes.addressof(array), len(output_slices), max_hi)
-        self._slices[id(output_slices)] = cached
-        return cached[2:]
+        entry: _SlicesEntry = (output_slices, array, ctypes.addressof(array), len(output_slices), max_hi)
+        self._slices[id(output_slices)] = entry
+        return entry[2:]
 
 
-def _fits(shapes, strides, bounds) -> bool:
+def _fits(shapes: _Shapes, strides: _Strides, bounds: _Bounds) -> bool:
     """Whether the layouts are ones the C side reads and writes within bounds (the fast check)."""
     (y_shape, x_shape, a_shape, b_shape), (y_st, x_st, a_st, b_st) = shapes, strides
     num_slices, max_hi, tokens_end, max_slot = bounds
@@ -182,7 +192,9 @@ def _fits(shapes, strides, bounds) -> bool:
     )
 
 
-def _refuse(y, x, lora_a, lora_b, bounds) -> None:
+def _refuse(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, bounds: _Bounds
+) -> NoReturn:
     """Raise the ValueError that says what about these inputs the kernel does not support."""
     if not (y.is_cpu and x.is_cpu and lora_a.is_cpu and lora_b.is_cpu):
         raise ValueError("native LoRA kernel: all tensors must be on the CPU")

@@ -119,7 +119,7 @@ if TRITON_AVAILABLE:
 
 def _block(n: int, cap: int | None = None) -> int:
     """Power of two >= max(n, 16), optionally capped."""
-    size = max(MIN_BLOCK, triton.next_power_of_2(n))
+    size: int = max(MIN_BLOCK, triton.next_power_of_2(n))
     return size if cap is None else min(size, cap)
 
 

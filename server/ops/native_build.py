@@ -123,7 +123,7 @@ def _compile(source: NativeSource, compiler: str, target: Path) -> None:
     log.info("compiled the native %s kernel into %s", source.name, target)
 
 
-def _run(command: list[str], what: str) -> subprocess.CompletedProcess:
+def _run(command: list[str], what: str) -> subprocess.CompletedProcess[str]:
     """Run a compiler command; NativeUnavailable (with its stderr tail) when it fails."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
