@@ -17,12 +17,14 @@ Contracts:
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 from adapters.cache import AdapterCache, AdapterStatus
+from adapters.errors import UnknownAdapterError
 from adapters.format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -35,10 +37,6 @@ from adapters.format import (
 from adapters.store import AdapterRecord, AdapterStore
 
 _COPY_CHUNK_BYTES = 1 << 20
-
-
-class UnknownAdapterError(LookupError):
-    """No such adapter in this tenant (or the caller may not see it: the two look the same)."""
 
 
 class AdapterTooLargeError(AdapterFormatError):
@@ -93,7 +91,7 @@ class AdapterRegistry:
         """Remove every version; requests already running finish on theirs."""
         with self._lock:
             if (tenant, name) not in self._latest:
-                raise UnknownAdapterError(f"The model `{name}` does not exist.")
+                raise UnknownAdapterError(name)
             current = self._latest.pop((tenant, name))
             self._unserve(current)
             return self.store.delete(tenant, name)
@@ -102,7 +100,7 @@ class AdapterRegistry:
     def resolve(self, tenant: str, name: str) -> AdapterRecord:
         record = self._latest.get((tenant, name))
         if record is None:
-            raise UnknownAdapterError(f"The model `{name}` does not exist.")
+            raise UnknownAdapterError(name)
         return record
 
     def list(self, tenant: str | None = None) -> list[AdapterRecord]:
@@ -110,7 +108,7 @@ class AdapterRegistry:
         records = [r for (t, _), r in self._latest.items() if tenant is None or t == tenant]
         return sorted(records, key=lambda r: (r.tenant, r.name))
 
-    def versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+    def versions(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:  # ``list``: the method above
         self.resolve(tenant, name)
         return self.store.versions(tenant, name)
 

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, get_args
 
+from adapters.errors import UnknownAdapterError
 from adapters.format import AdapterFormatError, validate_name
 
 Role = Literal["user", "admin"]
@@ -37,22 +38,11 @@ MAX_LABEL_LENGTH = 200
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _ENTRY_FIELDS = {"sha256", "tenant", "role"}
 _OPTIONAL_FIELDS = {"label", "created_at"}
+FileSignature = tuple[int, int, int]  # (inode, mtime_ns, size) of a keys file
 
 
 class KeysFileError(ValueError):
     """The keys file is missing, unreadable or malformed; the message names the file and entry."""
-
-
-class UnknownName(LookupError):
-    """An API ``model`` string that names no adapter this principal may use.
-
-    ``str(exc)`` is the same text the API returns for any unknown model, so a caller cannot tell
-    "another tenant's adapter" from "no such adapter".
-    """
-
-    def __init__(self, model: object) -> None:
-        super().__init__(f"The model {model!r} does not exist.")
-        self.model = model
 
 
 @dataclass(frozen=True)
@@ -100,10 +90,10 @@ def parse_model_name(principal: Principal, model: str) -> tuple[str, str]:
 
     ``"name"`` → ``(principal.tenant, name)``; ``"tenant/name"`` is allowed for admins (any tenant)
     and for a user naming their own tenant. Another tenant (for a user) or an invalid name raises
-    UnknownName, whose message is the one any unknown model gets.
+    UnknownAdapterError, whose message is the one any unknown model gets.
     """
     if not isinstance(model, str):
-        raise UnknownName(model)
+        raise UnknownAdapterError(model)
     tenant, sep, name = model.rpartition("/")
     if not sep:
         tenant = principal.tenant
@@ -111,16 +101,16 @@ def parse_model_name(principal: Principal, model: str) -> tuple[str, str]:
         validate_name(tenant, "tenant")
         validate_name(name)
     except AdapterFormatError:
-        raise UnknownName(model) from None
+        raise UnknownAdapterError(model) from None
     if not can_see(principal, tenant):
-        raise UnknownName(model)
+        raise UnknownAdapterError(model)
     return tenant, name
 
 
 class KeyRing:
     """The keys of one keys file, reloadable while the server runs; safe to share across threads."""
 
-    def __init__(self, path: Path, entries: tuple[KeyEntry, ...], signature: tuple | None) -> None:
+    def __init__(self, path: Path, entries: tuple[KeyEntry, ...], signature: FileSignature | None) -> None:
         self.path = path
         self._entries = entries
         self._signature = signature  # (inode, mtime_ns, size) of the file last read or tried
@@ -190,12 +180,13 @@ def add_key(path: str | Path, tenant: str, role: Role = "user", label: str | Non
     with _exclusive_lock(path):
         document = _read_document(path)[0] if path.exists() else {"keys": []}
         _parse_document(document, path)  # never rewrite a file we could not load
+        assert isinstance(document, dict)  # _parse_document checked it is
         document["keys"].append(entry)
         _write_atomically(path, json.dumps(document, indent=2) + "\n")
     return key
 
 
-def _signature(path: Path) -> tuple | None:
+def _signature(path: Path) -> FileSignature | None:
     try:
         stat = path.stat()
     except OSError:
@@ -203,13 +194,13 @@ def _signature(path: Path) -> tuple | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _read_keys_file(path: Path) -> tuple[tuple[KeyEntry, ...], tuple]:
+def _read_keys_file(path: Path) -> tuple[tuple[KeyEntry, ...], FileSignature]:
     """Validated entries plus the signature of the very file they were read from."""
     document, signature = _read_document(path)
     return _parse_document(document, path), signature
 
 
-def _read_document(path: Path) -> tuple[object, tuple]:
+def _read_document(path: Path) -> tuple[object, FileSignature]:
     """The parsed JSON of ``path`` and its (inode, mtime_ns, size); KeysFileError if unreadable."""
     try:
         with path.open("rb") as file:

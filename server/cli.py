@@ -28,51 +28,45 @@ from pathlib import Path
 from server.config import EngineConfig, ModelConfig, ServerConfig
 from server.demo_adapters import add_demo_adapters_parser
 from server.settings import (
+    EXTRA_FLAGS,
     KEYS_FILE,
     SERVE_OPTIONS,
     build_configs,
     default_data_dir,
-    effective_default,
+    flag_help,
+    human,
     keys_file_path,
     parse_adapter_roots,
+    range_help,
     resolve_options,
+    settings_echo,
 )
 
 log = logging.getLogger("loraplex")
 USAGE_ERROR = 2
-MiB, GiB = 1024**2, 1024**3
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``loraplex`` parser; the serve flags and their help come from ``server.settings``."""
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-LoRA inference server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     for option in SERVE_OPTIONS:
-        default = effective_default(option)
-        shown = "" if default in (None, "") else f"; default {_human(default)}"
-        serve.add_argument(f"--{option.flag}", help=f"{option.help} (env {option.env}{shown})")
-    serve.add_argument(
-        "--adapter", action="append", metavar="NAME=PATH",
-        help="preload a peft adapter directory as model NAME; repeatable (env LORAPLEX_ADAPTER: a=/x,b=/y)",
-    )  # fmt: skip
-    serve.add_argument(
-        "--config", metavar="FILE",
-        help="TOML or JSON file whose keys are flag names (max-loras = 16); flags and env vars win "
-        "(env LORAPLEX_CONFIG)",
-    )  # fmt: skip
+        notes = [range_help(option.setting.range), f"env {option.env}"]
+        notes += [] if option.default in (None, "") else [f"default {human(option.default)}"]
+        serve.add_argument(f"--{option.flag}", help=_help(option.help, notes))
+    for extra in EXTRA_FLAGS:
+        serve.add_argument(f"--{extra.flag}", action="append" if extra.is_repeatable else None,
+                           metavar=extra.metavar, help=_help(extra.help, [f"env {extra.env}"]))  # fmt: skip
     serve.set_defaults(func=serve_command)
     _add_keys_parser(commands)
     add_demo_adapters_parser(commands)
     return parser
 
 
-def _human(value: object) -> str:
-    """``2147483648 (2 GiB)``: byte counts get their size in GiB or MiB when they are whole."""
-    if isinstance(value, int) and value >= MiB:
-        for unit, size in (("GiB", GiB), ("MiB", MiB)):
-            if value % size == 0:
-                return f"{value} ({value // size} {unit})"
-    return str(value)
+def _help(text: str, notes: list[str]) -> str:
+    """``text (note; note)`` with argparse's ``%`` escaped."""
+    return f"{text} ({'; '.join(note for note in notes if note)})".replace("%", "%%")
 
 
 def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
@@ -86,7 +80,8 @@ def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="show tenant, role, label and hash prefix of every key")
     listing.set_defaults(func=keys_list_command)
     for action in (add, listing):
-        action.add_argument(f"--{KEYS_FILE.flag}", help=f"{KEYS_FILE.help} (env {KEYS_FILE.env})")
+        summary = flag_help(KEYS_FILE.setting.meaning, is_unset=False)
+        action.add_argument(f"--{KEYS_FILE.flag}", help=_help(summary, [f"env {KEYS_FILE.env}"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,8 +102,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"loraplex serve: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    echo = settings_echo(model_config, engine_config, server_config, options)
     try:
-        return _run_server(engine, served_name, registry, keyring, server_config)
+        return _run_server(engine, served_name, registry, keyring, server_config, echo)
     finally:
         engine.shutdown()
 
@@ -150,7 +146,6 @@ def keys_list_command(args: argparse.Namespace) -> int:
 
 def _open_registry(engine, options: dict[str, object]):
     """The adapter registry on --data-dir, attached to the engine, with --adapter dirs registered."""
-    from adapters.registry import AdapterRegistry
     from adapters.store import SQLiteAdapterStore
 
     adapters: dict[str, str] = options["adapters"]
@@ -158,10 +153,7 @@ def _open_registry(engine, options: dict[str, object]):
     roots += [Path(p).expanduser().resolve().parent for p in adapters.values()]  # named by the operator
     data_dir = options["data_dir"] or default_data_dir(dict(os.environ))
     store = SQLiteAdapterStore(Path(data_dir).expanduser(), allowed_roots=roots)
-    registry = AdapterRegistry(
-        store, engine.core.config.max_lora_rank, check=engine.core.slot_writer.validate
-    )
-    registry.attach(engine.core.adapters)
+    registry = engine.open_registry(store)
     log.info("adapter store in %s: %d adapters", data_dir, len(registry))
     for name, path in adapters.items():
         _register_cli_adapter(registry, name, path)
@@ -170,7 +162,7 @@ def _open_registry(engine, options: dict[str, object]):
 
 def _register_cli_adapter(registry, spec_name: str, path: str) -> None:
     """``--adapter [TENANT/]NAME=PATH``: served in place; a restart with the same files adds no version."""
-    from adapters.registry import UnknownAdapterError
+    from adapters.errors import UnknownAdapterError
     from adapters.store import file_sha256
 
     tenant, _, name = spec_name.rpartition("/")
@@ -213,7 +205,8 @@ def _start_engine(options: dict[str, object], model_config: ModelConfig, engine_
     return engine, served_name, registry, keyring
 
 
-def _run_server(engine, served_name: str, registry, keyring, server_config: ServerConfig) -> int:
+def _run_server(engine, served_name: str, registry, keyring, server_config: ServerConfig,
+                settings: dict[str, object]) -> int:  # fmt: skip
     import uvicorn
 
     from server.api.app import create_app
@@ -222,7 +215,7 @@ def _run_server(engine, served_name: str, registry, keyring, server_config: Serv
 
     app = create_app(engine, served_name, registry, keyring, max_queue=server_config.max_queue,
                      metrics_auth=server_config.metrics_auth,
-                     request_timeout=server_config.request_timeout)  # fmt: skip
+                     request_timeout=server_config.request_timeout, settings=settings)  # fmt: skip
     host, port = server_config.host, server_config.port
     if keyring is None:
         log.warning(

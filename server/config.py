@@ -1,4 +1,10 @@
-"""Every engine setting, as frozen dataclasses validated once at start.
+"""Every setting, as frozen dataclasses validated once at start, each declared once, on its field.
+
+Each field is a ``setting(default, meaning, range=...)``: its default, what it means (the Markdown
+of docs/operations.md's Configuration table) and the range ``__post_init__`` accepts, as text.
+``server/settings.py`` derives everything else from the declarations: the ``loraplex serve`` flag
+(the field name with dashes), its ``--help``, the ``LORAPLEX_*`` env var, the config-file key, the
+docs tables (``python -m server.settings --markdown``) and the config echo of ``GET /v1/stats``.
 
 Each dataclass raises ``ValueError`` with a message that names the setting and the allowed range,
 so a bad flag, env var or config-file key fails at start with a clear message, never mid-request.
@@ -9,12 +15,44 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 METRICS_AUTH = ("none", "admin")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")  # what torch.device accepts for the two we serve on
+SETTING = "loraplex.setting"  # the dataclass field metadata key of a field's declaration
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one config field is documented and set; its name, type and default are the field's.
+
+    - ``meaning``: Markdown, the docs table's cell. ``--help`` is its first clause (up to the first
+      ``;`` or full stop outside parentheses), plus the clause starting ``none:`` when the default
+      is None, so keep the first clause a summary that stands alone.
+    - ``range``: the docs' range cell (Markdown), ``—`` for a value not checked at start; it must
+      say exactly what ``__post_init__`` accepts (tests/test_docs_operations.py probes the bounds).
+    - ``has_flag``: False for a setting only Python callers set (it has no flag, env var or key).
+    - ``is_list``: comma-separated as a flag or env var; a list of strings in the config file too.
+    """
+
+    meaning: str
+    range: str = "—"
+    has_flag: bool = True
+    is_list: bool = False
+
+
+def setting(default: object, meaning: str, *, range: str = "—", has_flag: bool = True,
+            is_list: bool = False) -> Any:  # fmt: skip
+    """A dataclass field with ``default`` whose metadata holds its ``Setting`` (see above)."""
+    return field(default=default, metadata={SETTING: Setting(meaning, range, has_flag, is_list)})
+
+
+def _ticked(values: tuple[str, ...]) -> str:
+    return ", ".join(f"`{value}`" for value in values)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -24,17 +62,32 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which base model to load and how.
+    """Which base model to load and how (each field's declaration says what it means)."""
 
-    ``model`` is a local HF checkpoint directory, a ``.gguf`` file, or the name of the embedded
-    default (``smollm2-135m-instruct``). ``cache_dir`` holds converted checkpoints (None: the
-    ``LORAPLEX_CACHE_DIR`` env var, else ``~/.cache/loraplex``).
-    """
-
-    model: str = DEFAULT_MODEL
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    device: str | None = None  # None: cuda when available, else cpu
-    cache_dir: str | None = None
+    model: str = setting(
+        DEFAULT_MODEL,
+        "an HF checkpoint directory (`config.json`, safetensors weights, tokenizer), a `.gguf` file "
+        "(converted once into `LORAPLEX_CACHE_DIR`) or the embedded model's name; nothing is ever downloaded",
+        range="non-empty",
+    )
+    dtype: str | None = setting(
+        None,
+        "serving dtype of the weights, LoRA slots, merged copies and KV cache; none: on CPU, `float32` or "
+        "`bfloat16`, whichever the start-up measurement finds faster (see [CPU kernel choices]"
+        "(#cpu-kernel-choices)), `bfloat16` on CUDA",
+        range=_ticked(SUPPORTED_DTYPES),
+    )
+    device: str | None = setting(
+        None,
+        "the torch device to serve on; none: `cuda` when torch sees a GPU, else `cpu`",
+        range="`cpu`, `cuda`, `cuda:N`",
+    )
+    cache_dir: str | None = setting(
+        None,
+        "`ModelConfig`: where converted `.gguf` and embedded checkpoints go; none: `$LORAPLEX_CACHE_DIR`, "
+        "else `~/.cache/loraplex`",
+        has_flag=False,
+    )
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must name a checkpoint directory, a .gguf file or the default")
@@ -48,43 +101,107 @@ class ModelConfig:
         )
 
 
+KV_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Limits of the continuously batched engine.
+    """Limits of the continuously batched engine (each field's declaration says what it means).
 
-    - ``max_loras``: device slots, so at most this many distinct adapters run in one step.
-    - ``max_lora_rank``: slot buffers have room for this rank; adapters above it are refused.
-      A step reads the slots only up to the largest rank among its adapters.
-    - ``max_num_seqs``: sequences in the running batch.
-    - ``max_num_batched_tokens``: tokens in one forward (prefill chunks + decode tokens).
-    - ``max_model_len``: prompt + generated tokens per sequence (None: the model's limit).
-    - ``kv_cache_bytes``: KV-cache budget (None: enough for ``max_num_seqs`` full-length
-      sequences, capped at 512 MiB on CPU). ``kv_block_size``: tokens per paged block.
-    - ``target_modules``: projections that get a LoRA side path (adapters may use a subset).
-    - ``max_cpu_adapters_bytes``: host-memory tier: bytes of adapter tensors in host memory, the
-      copies of adapters in slots included; least recently used copies beyond it that are in no
-      slot and not pinned are dropped and read from disk again when needed.
-    - ``merge_policy``: ``auto`` serves hot adapters from merged copies (W + s·B·A) chosen by
-      traffic, ``off`` only when an operator asks. ``max_merged_copies`` / ``max_merged_bytes``
-      bound them; an adapter is merged when its share of scheduled tokens stays ≥ ``merge_share``
-      and unmerged when it stays < ``unmerge_share`` (see server/engine/merging.py).
+    The merge policy's other constants (window, steps, requests) are in server/engine/merging.py.
     """
 
-    max_loras: int = 8
-    max_lora_rank: int = 64
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    kv_cache_bytes: int | None = None
-    kv_block_size: int = 16
-    target_modules: tuple[str, ...] = field(default=ALL_TARGET_MODULES)
-    seed: int = 0
-    max_cpu_adapters_bytes: int = 2 * 1024**3
-    merge_policy: str = "auto"
-    max_merged_copies: int = 1
-    max_merged_bytes: int | None = None
-    merge_share: float = 0.9  # measured: a step split into a merged and a side-path forward costs
-    unmerge_share: float = 0.6  # a second read of every base weight (docs/benchmarks.md)
+    max_loras: int = setting(
+        8,
+        "device slots: at most this many distinct adapters in one step on the LoRA side path (requests on "
+        "a merged copy need none); at most `max-loras − 1` adapters can be pinned. All slots are "
+        "allocated at start: see [Sizing](#sizing)",
+        range="`[1, 256]`",
+    )
+    max_lora_rank: int = setting(
+        64,
+        "largest adapter rank accepted (higher ones are refused at upload); every slot has room for it "
+        "(memory), and a step reads the slots only up to the largest rank among its adapters",
+        range="`[1, 512]`",
+    )
+    max_num_seqs: int = setting(
+        32,
+        "sequences in the running batch; also sizes the default KV cache and the 429 limit "
+        "(`max-num-seqs + max-queue` requests in flight)",
+        range="`[1, 1024]`",
+    )
+    max_num_batched_tokens: int = setting(
+        2048,
+        "tokens in one forward: one per decoding sequence plus prefill chunks (longer prompts are "
+        "prefilled in several steps)",
+        range="`>= max-num-seqs`",
+    )
+    max_model_len: int | None = setting(
+        None,
+        "prompt + output tokens per request; none: the model's `max_position_embeddings` (its sliding "
+        "window, if smaller). More than that is refused when the model loads",
+        range="`>= 2`",
+    )
+    kv_cache_bytes: int | None = setting(
+        None,
+        "KV-cache budget; none: room for `max-num-seqs` sequences of `max-model-len` tokens, capped at "
+        "512 MiB on CPU and not capped on CUDA (see [Sizing](#sizing))",
+        range="`> 0`",
+        has_flag=False,
+    )
+    kv_block_size: int = setting(
+        16, "tokens per KV-cache block", range=_ticked(tuple(map(str, KV_BLOCK_SIZES))), has_flag=False
+    )
+    target_modules: tuple[str, ...] = setting(
+        ALL_TARGET_MODULES,
+        "the projections that get LoRA slots; adapters may target any subset of them",
+        range="non-empty subset",
+        has_flag=False,
+    )
+    seed: int = setting(
+        0,
+        "seed of the sampler's shared generator (requests that give a `seed` draw from their own)",
+        has_flag=False,
+    )
+    max_cpu_adapters_bytes: int = setting(
+        2 * 1024**3,
+        "host-memory tier: bytes of adapter tensors kept in host memory, the adapters in slots included; "
+        "least recently used copies beyond it are dropped and read from disk again when needed, but "
+        "pinned and slot-resident ones stay even over it",
+        range="`>= 0`",
+    )
+    merge_policy: str = setting(
+        "auto",
+        "`auto`: adapters that carry most of the traffic are served from merged copies, `off`: only when "
+        "an admin asks (`POST /v1/adapters/{name}/merge`)",
+        range="`auto`, `off`",
+    )
+    max_merged_copies: int = setting(
+        1,
+        "merged copies at once, admin merges included; `0` turns merging off, admin merges too",
+        range="`[0, 64]`",
+    )
+    max_merged_bytes: int | None = setting(
+        None,
+        "memory for the merged copies the policy builds (admin merges are kept even over it); none: no "
+        "limit. A copy's size is known before it is built (see [Sizing](#sizing)); one that would not "
+        "fit beside the copies held and being built is not built",
+        range="`>= 0`",
+    )
+    # measured: a step split into a merged and a side-path forward costs a second read of every base
+    # weight (docs/benchmarks.md), hence shares this high
+    merge_share: float = setting(
+        0.9,
+        "an adapter whose share of the tokens scheduled over the last 64 steps stays at or above this for "
+        "16 steps, with at least 2 requests running or waiting, gets a merged copy",
+        range="`(unmerge-share, 1]`",
+    )
+    unmerge_share: float = setting(
+        0.6,
+        "a merged adapter whose share stays below this for 64 steps is unmerged; its running requests "
+        "finish on the copy",
+        range="`(0, merge-share)`",
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -128,7 +245,7 @@ class EngineConfig:
             f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}",
         )
         _require(
-            self.kv_block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+            self.kv_block_size in KV_BLOCK_SIZES,
             f"kv_block_size must be a power of two in [1, 128], got {self.kv_block_size}",
         )
         unknown = sorted(set(self.target_modules) - set(ALL_TARGET_MODULES))
@@ -138,27 +255,53 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The HTTP side of ``loraplex serve``.
+    """The HTTP side of ``loraplex serve`` (each field's declaration says what it means)."""
 
-    - ``host``, ``port``: the address uvicorn binds; port 0 (an OS-chosen port nobody could be
-      told about) is refused.
-    - ``max_queue``: requests that may wait beyond the running batch; more get 429. 0: none wait.
-    - ``drain_timeout``: seconds in-flight requests may run after SIGTERM (0: end them at once).
-    - ``request_timeout``: seconds a request's headers may take to arrive in all, and its body
-      between two chunks; then 408 (``server.api.connections``).
-    - ``max_connections``: open connections at once; one more gets a 503 and is closed.
-    - ``metrics_auth``: who may read ``GET /metrics``: ``none`` (anyone who reaches the port, as
-      in vLLM) or ``admin`` (an admin API key; needs a keys file). ``vllm:lora_requests_info``
-      names the adapters running, so a server shared by tenants should not leave it open.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_queue: int = 256
-    drain_timeout: float = 30.0
-    metrics_auth: str = "none"
-    request_timeout: float = 30.0
-    max_connections: int = 1024
+    host: str = setting(
+        "127.0.0.1",
+        "address to bind (without `--keys-file`, keep it a loopback address; the image passes `0.0.0.0`)",
+    )
+    port: int = setting(
+        8000,
+        "port to bind; `0` (a port the OS picks, which the log, probes and clients could not know) is "
+        "refused; a port in use fails when binding, after the model has loaded",
+        range="`[1, 65535]`",
+    )
+    max_queue: int = setting(
+        256,
+        "requests that may wait beyond the running batch: a request that would put more than "
+        "`max-num-seqs + max-queue` in flight gets 429 (`Retry-After: 1`); a request counts from the "
+        "moment it is admitted, before its prompt is tokenized, so a burst cannot overrun the limit; "
+        "`0`: none wait",
+        range="`>= 0`",
+    )
+    drain_timeout: float = setting(
+        30.0,
+        "seconds in-flight requests may run after SIGTERM before they end with an error (finite; `0`: at "
+        "once)",
+        range="`>= 0`",
+    )
+    metrics_auth: str = setting(
+        "none",
+        "who may read `/metrics`: `none`, anyone who reaches the port (as in vLLM), or `admin`, callers "
+        "with an admin API key (needs `--keys-file`; give Prometheus the key, see [Metrics](#metrics)). "
+        "`vllm:lora_requests_info` names the adapters running, so a server shared by tenants should use "
+        "`admin` or keep the port private",
+        range=_ticked(METRICS_AUTH),
+    )
+    request_timeout: float = setting(
+        30.0,
+        "seconds a request's headers may take in all (from the first byte, so a trickle cannot stretch "
+        "it) and its body between two chunks, then a 408 `request_timeout` and the connection is closed. "
+        "Other clients are served meanwhile",
+        range="`> 0`",
+    )
+    max_connections: int = setting(
+        1024,
+        "open HTTP connections at once: one more gets a 503 `too_many_connections` (`Retry-After: 1`) and "
+        "is closed before it costs a request",
+        range="`>= 1`",
+    )
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
@@ -176,3 +319,33 @@ class ServerConfig:
             f"request_timeout must be a finite number of seconds > 0, got {self.request_timeout}",
         )
         _require(self.max_connections >= 1, f"max_connections must be >= 1, got {self.max_connections}")
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """The rest of ``loraplex serve``: the base model's API name, the adapter store, the keys file.
+
+    Declared here with the others; nothing in it is range-checked, and ``server/cli.py`` reads the
+    values from ``server.settings.resolve_options``' dict rather than from an instance.
+    """
+
+    served_model_name: str | None = setting(
+        None, "the base model's `model` name in the API; none: the `--model` value. No `--adapter` may use it"
+    )
+    data_dir: Path | None = setting(  # noqa: RUF009 (setting() is a dataclasses.field)
+        None,
+        "the adapter store (SQLite database + adapter files), one process per directory; none: "
+        "`$XDG_DATA_HOME/loraplex`, else `~/.local/share/loraplex` (the image sets `/data`)",
+    )
+    keys_file: Path | None = setting(  # noqa: RUF009
+        None,
+        "JSON file of API key hashes (`loraplex keys add`), re-read when it changes; none: one tenant, no "
+        "authentication",
+    )
+    adapter_roots: str = setting(
+        "",
+        "comma-separated directories that admins may register adapters from in place "
+        "(`POST /v1/load_lora_adapter`); in the config file also a list of strings. The parent directory "
+        "of every `--adapter` path is added",
+        is_list=True,
+    )

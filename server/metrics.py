@@ -9,11 +9,13 @@ Where the numbers come from:
 - an ASGI middleware: HTTP requests by route template (unknown paths: "other") and status;
 - the request path (``request_observer`` → ``output.collect`` / ``output.sse_events``): time to
   first token, inter-token latency and end-to-end latency of generation requests;
-- the engine thread: ``EngineCore.on_step`` after every step (tokens, adapters per step, step
-  time) and ``AdapterCache.on_transition``: at ``load_done`` the cache, holding its lock, has
-  just appended that load's duration to ``stats.load_seconds``, so the hook observes exactly it;
-- at scrape time, ``EngineCollector`` reads ``EngineCore.stats()`` and the cache (gauges, and the
-  counters the cache keeps itself), so they are never stale.
+- the engine thread: the engine's step observer after every step (tokens, adapters per step,
+  step time) and its load observer after every adapter load from disk (its duration);
+- at scrape time, ``EngineCollector`` reads the engine's snapshots (``Engine.stats``,
+  ``cache_snapshot``, ``merge_snapshot``: gauges, and the counters the engine keeps itself), so
+  they are never stale.
+
+Everything comes through the ``Engine`` facade and the typed values of ``server/engine/views.py``.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters.cache import AdapterCache, AdapterState, Tier, Transition
-from server.engine.core import EngineCore, EngineStats, StepStats, TokenDelta
+from adapters.cache_types import AdapterState, Tier
 from server.engine.engine import Engine
-from server.engine.merging import MergeManager
+from server.engine.route import RouteKind
+from server.engine.views import CacheLookups, CacheSnapshot, EngineStats, MergeSnapshot, StepStats, TokenDelta
 from server.stats import CacheCounters, StatsRecorder, StepGauges
 
 LATENCY_BUCKETS_S = (
@@ -75,9 +77,8 @@ class ServerMetrics:
         )
         self.step_duration = self._latency("engine_step_duration", "Wall time of one non-empty engine step.")
         self.adapter_load_latency = self._latency("adapter_cache_load_duration", "Disk → host adapter loads.")
-        self.registry.register(EngineCollector(engine.core))
-        cache = getattr(engine.core, "adapters", None)
-        self.stats = StatsRecorder(lambda: cache_counters(cache))  # the dashboard's window
+        self.registry.register(EngineCollector(engine))
+        self.stats = StatsRecorder(lambda: cache_counters(engine.cache_lookups()))  # the dashboard's window
 
     def _counter(self, name: str, doc: str) -> Counter:
         return Counter(f"loraplex_{name}", doc, registry=self.registry)
@@ -94,7 +95,7 @@ class ServerMetrics:
         return RequestTimer(self, adapter, tenant)
 
     def observe_step(self, step: StepStats) -> None:
-        """``EngineCore.on_step``: runs in the engine thread after every non-empty step."""
+        """The engine's step observer: runs in the engine thread after every non-empty step."""
         self.prompt_tokens.inc(step.num_prompt_tokens)
         self.generated_tokens.inc(step.num_generated_tokens)
         self.step_adapters.observe(step.num_adapters)
@@ -105,21 +106,10 @@ class ServerMetrics:
             step.num_merged_copies,
         ))  # fmt: skip
 
-    def watch(self, core: EngineCore) -> None:
-        """Hook into the engine's step and the adapter cache's transitions, keeping hooks already set.
-
-        Nothing else of the engine is read before a scrape, so apps on stub engines still work.
-        """
-        core.on_step = _chained(getattr(core, "on_step", None), self.observe_step)
-        cache = getattr(core, "adapters", None)
-        if cache is None:
-            return
-
-        def on_transition(transition: Transition) -> None:
-            if transition is Transition.LOAD_DONE:  # the cache holds its lock: [-1] is this load
-                self.adapter_load_latency.observe(cache.stats.load_seconds[-1])
-
-        cache.on_transition = _chained(getattr(cache, "on_transition", None), on_transition)
+    def watch(self, engine: Engine) -> None:
+        """Observe the engine's steps and adapter loads (beside any other observers)."""
+        engine.add_step_observer(self.observe_step)
+        engine.add_load_observer(self.adapter_load_latency.observe)
 
 
 class RequestTimer:
@@ -159,22 +149,20 @@ class RequestTimer:
 class EngineCollector(Collector):
     """Engine and adapter-cache state, read when Prometheus scrapes (any thread)."""
 
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        yield from engine_families(self.core.stats())
-        yield from cache_families(self.core.adapters)
-        yield from merge_families(self.core.merges)
+        yield from engine_families(self.engine.stats())
+        yield from cache_families(self.engine.cache_snapshot())
+        yield from merge_families(self.engine.merge_snapshot())
 
 
-def merge_families(merges: MergeManager) -> Iterator[Metric]:
-    """Merged copies now, merge/unmerge events, build time, tokens served merged vs side path."""
-    stats = merges.stats
-    yield GaugeMetricFamily(
-        "loraplex_merge_copies", "Merged copies serving new requests.", len(merges.copies)
-    )
-    yield GaugeMetricFamily("loraplex_merge_bytes", "Bytes held by merged copies.", merges.bytes_held())
+def merge_families(stats: MergeSnapshot) -> Iterator[Metric]:
+    """Merged copies now, merge/unmerge events, build time, tokens served merged vs in the base
+    forward (``path="side"``: the side path or the base model alone)."""
+    yield GaugeMetricFamily("loraplex_merge_copies", "Merged copies serving new requests.", len(stats.copies))
+    yield GaugeMetricFamily("loraplex_merge_bytes", "Bytes held by merged copies.", stats.bytes_held)
     events = CounterMetricFamily("loraplex_merge_events", "Merges and unmerges.", labels=["event"])
     events.add_metric(["merge"], stats.num_merges)
     events.add_metric(["unmerge"], stats.num_unmerges)
@@ -184,8 +172,8 @@ def merge_families(merges: MergeManager) -> Iterator[Metric]:
         count_value=stats.num_merges, sum_value=stats.build_seconds_sum,
     )  # fmt: skip
     tokens = CounterMetricFamily("loraplex_merge_tokens", "Tokens computed, by path.", labels=["path"])
-    tokens.add_metric(["merged"], stats.tokens_merged)
-    tokens.add_metric(["side"], stats.tokens_side_path)
+    tokens.add_metric([RouteKind.MERGED.value], stats.tokens_merged)
+    tokens.add_metric([RouteKind.SIDE.value], stats.tokens_base_forward)
     yield tokens
 
 
@@ -206,7 +194,7 @@ def engine_families(stats: EngineStats) -> Iterator[Metric]:
     yield info
 
 
-def cache_families(cache: AdapterCache) -> Iterator[Metric]:
+def cache_families(cache: CacheSnapshot) -> Iterator[Metric]:
     """Adapters per tier, hits/misses per tier, evictions per tier, loads, host bytes."""
     tiers = GaugeMetricFamily(
         "loraplex_adapter_cache_adapters", "Registered adapters by tier.", labels=["tier"]
@@ -214,40 +202,30 @@ def cache_families(cache: AdapterCache) -> Iterator[Metric]:
     for tier, count in adapters_per_tier(cache).items():
         tiers.add_metric([tier], count)
     yield tiers
-    stats = cache.stats
+    lookups = cache.lookups
     yield _by_tier("loraplex_adapter_cache_hits", "Lookups served from a slot or host memory.",
-                   {"slot": stats.lookups[Tier.SLOT], "host": stats.lookups[Tier.HOST]})  # fmt: skip
+                   {"slot": lookups[Tier.SLOT], "host": lookups[Tier.HOST]})  # fmt: skip
     yield _by_tier("loraplex_adapter_cache_misses", "Lookups that had to read from disk.",
-                   {"disk": stats.lookups[Tier.DISK]})  # fmt: skip
-    evictions = {
-        "slot": stats.transitions[Transition.EVICT_SLOT],
-        "host": stats.transitions[Transition.EVICT_HOST],
-    }
+                   {"disk": lookups[Tier.DISK]})  # fmt: skip
+    evictions = {tier.value: count for tier, count in cache.evictions.items()}
     yield _by_tier("loraplex_adapter_cache_evictions", "Adapters evicted, by tier left.", evictions)
-    yield CounterMetricFamily("loraplex_adapter_cache_loads", "Adapter loads from disk.", stats.num_loads)
+    yield CounterMetricFamily("loraplex_adapter_cache_loads", "Adapter loads from disk.", cache.num_loads)
     yield CounterMetricFamily(
-        "loraplex_adapter_cache_load_failures",
-        "Adapter loads that failed.",
-        stats.transitions[Transition.LOAD_FAIL],
+        "loraplex_adapter_cache_load_failures", "Adapter loads that failed.", cache.num_load_failures
     )
     yield GaugeMetricFamily(
-        "loraplex_adapter_cache_host_bytes", "Adapter bytes in host memory.", cache.host_bytes()
+        "loraplex_adapter_cache_host_bytes", "Adapter bytes in host memory.", cache.host_bytes
     )
 
 
-def adapters_per_tier(cache: AdapterCache) -> dict[str, int]:
+def adapters_per_tier(cache: CacheSnapshot) -> dict[str, int]:
     """Registered adapters by tier name, every tier present."""
-    by_state = cache.count_by_state()
-    return {tier: by_state[state] for state, tier in TIERS.items()}
+    return {tier: cache.adapters_by_state[state] for state, tier in TIERS.items()}
 
 
-def cache_counters(cache: AdapterCache | None) -> CacheCounters:
-    """The cache's cumulative hits and lookups (zeros without a cache)."""
-    if cache is None:
-        return CacheCounters()
-    lookups = cache.stats.lookups
-    hits = lookups[Tier.SLOT] + lookups[Tier.HOST]
-    return CacheCounters(hits=hits, lookups=hits + lookups[Tier.DISK])
+def cache_counters(lookups: CacheLookups) -> CacheCounters:
+    """The cache's cumulative hits and lookups, as the dashboard's window keeps them."""
+    return CacheCounters(hits=lookups.hits, lookups=lookups.lookups)
 
 
 def _by_tier(name: str, doc: str, values: dict[str, float]) -> CounterMetricFamily:
@@ -255,17 +233,6 @@ def _by_tier(name: str, doc: str, values: dict[str, float]) -> CounterMetricFami
     for tier, value in values.items():
         family.add_metric([tier], value)
     return family
-
-
-def _chained(previous: Callable[[Any], None] | None, hook: Callable[[Any], None]) -> Callable[[Any], None]:
-    if previous is None:
-        return hook
-
-    def both(arg: Any) -> None:
-        previous(arg)
-        hook(arg)
-
-    return both
 
 
 class RequestCounter:
@@ -320,7 +287,7 @@ def install(app: FastAPI, engine: Engine, guard: Callable[[Request], Any] | None
     app.add_api_route(
         "/metrics", exposition, methods=["GET"], include_in_schema=False, dependencies=dependencies
     )
-    metrics.watch(engine.core)
+    metrics.watch(engine)
     app.state.loraplex_metrics = metrics
     return metrics
 

@@ -1,9 +1,11 @@
 """docs/operations.md: the Configuration tables and the Sizing section agree with the code.
 
-Configuration: every ``loraplex serve`` flag is documented with its env var, config-file key, type,
-default and range, nothing else is, and every field of ``ModelConfig``/``EngineConfig`` is either
-behind a flag or in the table of settings with no flag. Ranges are checked by building the configs
-the way ``loraplex serve`` does: the boundary is accepted, one step beyond it is a ValueError.
+Configuration: the two tables are the ones ``python -m server.settings --markdown`` renders from
+the declarations in ``server/config.py``. Beyond that, every ``loraplex serve`` flag is documented
+with its env var, config-file key, type, default and range, nothing else is, and every config
+field is either behind a flag or in the table of settings with no flag. Ranges are checked by
+building the configs the way ``loraplex serve`` does: the boundary is accepted, one step beyond
+it is a ValueError.
 
 Sizing: the byte formulas (below, as code) are checked against a real peft adapter, real slot
 buffers, real merged copies, a real host tier and the real KV cache of a tiny Llama, and the doc's
@@ -27,19 +29,21 @@ from pathlib import Path
 
 import pytest
 
+from server import settings
 from server.cli import build_parser
-from server.config import ALL_TARGET_MODULES, SUPPORTED_DTYPES, EngineConfig, ModelConfig, ServerConfig
-from server.settings import (
-    ENGINE_FIELDS,
-    MODEL_FIELDS,
-    SERVE_OPTIONS,
-    SERVER_FIELDS,
-    build_configs,
-    resolve_options,
+from server.config import (
+    ALL_TARGET_MODULES,
+    SUPPORTED_DTYPES,
+    EngineConfig,
+    ModelConfig,
+    ProcessConfig,
+    ServerConfig,
 )
+from server.settings import SERVE_OPTIONS, build_configs, configuration_tables, resolve_options
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
-CONFIG_CLASSES = (ModelConfig, EngineConfig, ServerConfig)
+CHECKED_CLASSES = (ModelConfig, EngineConfig, ServerConfig)  # built, so range-checked, before the model loads
+CONFIG_CLASSES = (*CHECKED_CLASSES, ProcessConfig)
 EXTRA_FLAGS = {"adapter": "LORAPLEX_ADAPTER", "config": "LORAPLEX_CONFIG"}  # serve flags not in SERVE_OPTIONS
 TYPE_NAMES = {str: "str", int: "int", float: "float", Path: "path"}
 # values a documented list of allowed strings is checked against: it must hold exactly those accepted
@@ -99,17 +103,31 @@ def serve_configs(*argv: str, environ: dict[str, str] | None = None):
 
 
 def effective_defaults() -> dict[str, object]:
-    """Each serve option's value with nothing given: the dataclass default where the option is None."""
-    options, model, engine, _ = serve_configs()
+    """Each serve option's value with nothing given: as the built configs hold it, else as resolved."""
+    options, *configs = serve_configs()
     values = {}
     for option in SERVE_OPTIONS:
-        value = options[option.dest]
-        if value is None and option.dest in MODEL_FIELDS:
-            value = getattr(model, option.dest)
-        if value is None and option.dest in ENGINE_FIELDS:
-            value = getattr(engine, option.dest)
-        values[option.flag] = value
+        holders = [config for config in configs if hasattr(config, option.dest)]
+        values[option.flag] = getattr(holders[0], option.dest) if holders else options[option.dest]
     return values
+
+
+def doc_table(first_header: str) -> str:
+    """The doc's Markdown table whose header starts with ``| first_header |``, as text."""
+    lines = section("Configuration").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def test_the_configuration_tables_are_the_rendered_ones():
+    flags, unflagged = configuration_tables()
+    hint = "regenerate it: python -m server.settings --markdown"
+    assert doc_table("flag") == flags, f"docs/operations.md's flag table is stale; {hint}"
+    assert doc_table("setting") == unflagged, (
+        f"docs/operations.md's table of settings with no flag is stale; {hint}"
+    )
+    assert {extra.flag: extra.env for extra in settings.EXTRA_FLAGS} == EXTRA_FLAGS
 
 
 def test_every_serve_flag_is_documented_and_nothing_else():
@@ -174,7 +192,7 @@ def test_precedence_flag_then_env_then_file_then_default(tmp_path):
     assert _resolve_only(file, "--max-loras=5", environ={"LORAPLEX_MAX_LORAS": "4"})["max_loras"] == 5
     assert _resolve_only(file, environ={"LORAPLEX_MAX_LORAS": "4"})["max_loras"] == 4
     assert _resolve_only(file, environ={"LORAPLEX_MAX_LORAS": ""})["max_loras"] == 3  # empty = unset
-    assert _resolve_only(environ={"LORAPLEX_MAX_LORAS": ""})["max_loras"] is None  # the dataclass default
+    assert _resolve_only(environ={"LORAPLEX_MAX_LORAS": ""})["max_loras"] == EngineConfig.max_loras  # default
     assert _resolve_only(file)["max_queue"] == 9
     assert _resolve_only()["max_queue"] == OPTIONS["max-queue"].default
     order = (
@@ -245,7 +263,7 @@ def test_documented_ranges_are_what_the_configs_accept():
     defaults = effective_defaults()
     for flag, option in OPTIONS.items():
         cell = flag_rows()[flag]["range"]
-        if option.dest not in MODEL_FIELDS + ENGINE_FIELDS + SERVER_FIELDS:
+        if option.config not in CHECKED_CLASSES:
             assert cell == "—", f"--{flag} is not checked at start; its range must be —"
             continue
         kind = option.type
@@ -256,8 +274,8 @@ def test_documented_ranges_are_what_the_configs_accept():
 
 def test_every_config_field_has_a_flag_or_a_row_without_one():
     fields = {f.name: f for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
-    with_flag = set(MODEL_FIELDS) | set(ENGINE_FIELDS) | set(SERVER_FIELDS)
-    assert with_flag <= {option.dest for option in SERVE_OPTIONS}
+    with_flag = {option.dest for option in SERVE_OPTIONS}
+    assert with_flag <= set(fields), "every flag sets a config field"
     assert set(no_flag_rows()) == set(fields) - with_flag, "document exactly the fields no flag sets"
     for name, row in no_flag_rows().items():
         default = fields[name].default

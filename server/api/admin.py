@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from adapters.errors import UnknownAdapterError
 from adapters.format import AdapterFormatError, validate_name
-from adapters.registry import AdapterRegistry, UnknownAdapterError
+from adapters.registry import AdapterRegistry
 from adapters.store import AdapterRecord, StoreError
 from adapters.tenants import Principal
 from server.api.auth import admin, caller
@@ -29,7 +31,8 @@ from server.api.schemas import (
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
 )
-from server.engine.merging import CopyState, MergeManager
+from server.engine.engine import Engine
+from server.engine.merging import CopyState
 
 router = APIRouter()
 _MERGE_POLL_S = 0.02
@@ -43,12 +46,12 @@ def _registry(request: Request) -> AdapterRegistry:
     return request.app.state.loraplex.registry
 
 
-def _merges(request: Request) -> MergeManager:
-    return request.app.state.loraplex.engine.core.merges
+def _engine(request: Request) -> Engine:
+    return request.app.state.loraplex.engine
 
 
 def _info(request: Request, record: AdapterRecord, principal: Principal) -> AdapterInfo:
-    return adapter_info(_registry(request), record, principal, _merges(request))
+    return adapter_info(_registry(request), record, principal, _engine(request).is_merged)
 
 
 def acting_tenant(principal: Principal, tenant: str | None) -> str:
@@ -65,9 +68,10 @@ def acting_tenant(principal: Principal, tenant: str | None) -> str:
 
 
 def adapter_info(registry: AdapterRegistry, record: AdapterRecord, principal: Principal,
-                 merges: MergeManager | None = None) -> AdapterInfo:  # fmt: skip
+                 is_merged: Callable[[str], bool] | None = None) -> AdapterInfo:  # fmt: skip
+    """``is_merged(adapter_id)``: whether a merged copy serves it (None: never)."""
     status = registry.status(record)
-    merged = merges is not None and merges.is_merged(record.adapter_id)
+    merged = is_merged is not None and is_merged(record.adapter_id)
     model_id = record.name if record.tenant == principal.tenant else f"{record.tenant}/{record.name}"
     return AdapterInfo(
         id=model_id, name=record.name, tenant=record.tenant, version=record.version, sha256=record.sha256,
@@ -166,23 +170,14 @@ async def merge_adapter(
     registry = _registry(request)
     record = _find(registry, acting_tenant(principal, tenant), name)
     await _in_host_memory(registry, record)
-    engine = request.app.state.loraplex.engine
     try:
-        copy = await engine.call(lambda: engine.core.merges.merge(record.adapter_id))
+        state = await _engine(request).merge(record.adapter_id, timeout_s=_LOAD_TIMEOUT_S)
     except ValueError as exc:
         raise ApiError(409, str(exc), code="cannot_merge") from exc
-    deadline = time.monotonic() + _LOAD_TIMEOUT_S
-    while copy.state is CopyState.BUILDING:  # builds off the engine thread; poll picks it up
-        if time.monotonic() > deadline:
-            raise ApiError(
-                503,
-                "the merged copy is still being built; retry",
-                type="server_error",
-                code="merge_in_progress",
-            )
-        await asyncio.sleep(_MERGE_POLL_S)
-        await engine.call(engine.core.merges.poll)
-    if copy.state is not CopyState.READY:
+    except TimeoutError as exc:
+        message = "the merged copy is still being built; retry"
+        raise ApiError(503, message, type="server_error", code="merge_in_progress") from exc
+    if state is not CopyState.READY:
         raise ApiError(
             409, f"adapter {name!r} could not be merged (over the memory budget?)", code="cannot_merge"
         )
@@ -195,9 +190,8 @@ async def unmerge_adapter(
 ) -> AdapterInfo:
     """Back to the side path for new requests; running ones finish on the copy, then it is freed."""
     record = _find(_registry(request), acting_tenant(principal, tenant), name)
-    engine = request.app.state.loraplex.engine
     try:
-        await engine.call(lambda: engine.core.merges.unmerge(record.adapter_id))
+        await _engine(request).unmerge(record.adapter_id)
     except KeyError as exc:
         raise ApiError(409, f"adapter {name!r} is not merged", code="not_merged") from exc
     return _info(request, record, principal)

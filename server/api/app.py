@@ -64,17 +64,20 @@ class AppState:
     admission: Admission  # max_num_seqs + max_queue requests in flight; more get 429
     draining: bool = False  # set by the first SIGTERM (server.api.shutdown)
     created: int = field(default_factory=lambda: int(time.time()))
+    settings: dict[str, object] = field(default_factory=dict)  # GET /v1/stats' config echo
 
 
 def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry | None = None,
                keyring: KeyRing | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics_auth: str = "none",
-               request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> FastAPI:  # fmt: skip
+               request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, *,
+               settings: dict[str, object] | None = None) -> FastAPI:  # fmt: skip
     """The app serving ``engine``: ``model`` = ``served_model_name`` is the base model; any other
     ``model`` names an adapter of ``registry`` in the caller's tenant. ``keyring`` None: single-tenant.
     ``metrics_auth`` "admin": ``/metrics`` needs an admin key (see ``ServerConfig``).
     ``request_timeout``: a body that stalls that long between chunks is a 408; one still arriving
-    when the server drains is a 503 (``server.api.connections.BodyGuard``)."""
+    when the server drains is a 503 (``server.api.connections.BodyGuard``). ``settings``: what
+    ``GET /v1/stats`` reports as ``config`` (``server.settings.settings_echo``; None: {})."""
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA inference server")
     app.state.loraplex = AppState(
         engine, served_model_name, registry, Authenticator(keyring), Admission(max_queue)
@@ -83,6 +86,7 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes,
                        max_upload_bytes=max_adapter_bytes + UPLOAD_OVERHEAD_BYTES)  # fmt: skip
     state = app.state.loraplex
+    state.settings = settings or {}
     app.add_middleware(BodyGuard, timeout_s=request_timeout, is_draining=lambda: state.draining)
     install_error_handlers(app)
     app.include_router(router)
@@ -123,7 +127,7 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
     cards = [ModelCard(id=state.served_model_name, created=state.created, root=state.served_model_name)]
     if state.registry is not None:
         for record in state.registry.list(None if principal.is_admin else principal.tenant):
-            info = admin.adapter_info(state.registry, record, principal, state.engine.core.merges)
+            info = admin.adapter_info(state.registry, record, principal, state.engine.is_merged)
             cards.append(ModelCard(id=info.id, created=info.created, parent=state.served_model_name))
     return ModelList(data=cards)
 

@@ -13,11 +13,13 @@ from typing import Any, Protocol
 
 from jinja2.exceptions import TemplateError
 
-from adapters.registry import AdapterRegistry, UnknownAdapterError
-from adapters.tenants import Principal, UnknownName, parse_model_name
+from adapters.errors import UnknownAdapterError
+from adapters.registry import AdapterRegistry
+from adapters.tenants import Principal, parse_model_name
 from server.api.errors import ApiError, from_sampling_error, model_not_found
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.engine.sampler import SamplingParams
+from server.engine.views import EngineLimits
 
 # request field → predicate that is true when its value is one this server cannot honour yet
 _UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
@@ -42,7 +44,8 @@ _SAMPLING_FIELDS = (
 class EngineLike(Protocol):
     """What conversion needs of the engine (``server.engine.engine.Engine`` fits)."""
 
-    core: Any
+    @property
+    def limits(self) -> EngineLimits: ...
 
     def encode(self, text: str) -> list[int]: ...
     def encode_chat(self, messages: list[dict]) -> list[int]: ...
@@ -75,7 +78,7 @@ def resolve_adapter(model: str, served_model_name: str, registry: AdapterRegistr
         if registry is None:
             raise UnknownAdapterError(model)
         return registry.resolve(*parse_model_name(principal, model)).adapter_id
-    except (UnknownName, UnknownAdapterError):
+    except UnknownAdapterError:
         raise model_not_found(model) from None
 
 
@@ -146,7 +149,7 @@ def _sampling(
 ) -> SamplingParams:
     """SamplingParams from the request; max_tokens None means up to the end of the context."""
     if max_tokens is None:  # at least 1, so an over-long prompt gets the engine's context-length error
-        max_tokens = max(1, engine.core.max_model_len - len(prompt_ids))
+        max_tokens = max(1, engine.limits.max_model_len - len(prompt_ids))
     kwargs = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
     if req.stop is not None:
         kwargs["stop"] = req.stop

@@ -20,12 +20,12 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from adapters.cache import AdapterCache, Transition
 from adapters.tenants import Principal
 from server import metrics
 from server.api.auth import admin
 from server.api.errors import ApiError
-from server.engine.merging import MergedCopy, MergeManager
+from server.engine.engine import Engine
+from server.engine.views import AdapterRuntime, MergedCopyView
 from server.stats import BUCKET_S, RETENTION_S, LatencySketch, WindowSummary
 
 router = APIRouter()
@@ -120,6 +120,7 @@ class StatsResponse(BaseModel):
     adapters: AdapterStats
     tenants: list[TenantActivity]
     series: dict[str, list[float | None]]
+    config: dict[str, object] = {}  # every setting the server runs with, by config key
 
 
 @router.get("/v1/stats")
@@ -134,25 +135,25 @@ async def stats(
     installed: metrics.ServerMetrics | None = getattr(request.app.state, "loraplex_metrics", None)
     if installed is None:
         raise ApiError(404, "This server keeps no statistics (metrics are not installed).", code="not_found")
-    return await run_in_threadpool(
+    snapshot = await run_in_threadpool(
         _snapshot, installed, state.engine, state.served_model_name, window, top, search
     )
+    return snapshot.model_copy(update={"config": state.settings})
 
 
-def _snapshot(installed: metrics.ServerMetrics, engine, served_model_name: str, window: float, top: int,
-              search: str | None) -> StatsResponse:  # fmt: skip
-    core, recorder = engine.core, installed.stats
-    cache: AdapterCache = core.adapters
-    summary = recorder.summary(window, metrics.cache_counters(cache))
-    now = core.stats()
+def _snapshot(installed: metrics.ServerMetrics, engine: Engine, served_model_name: str, window: float,
+              top: int, search: str | None) -> StatsResponse:  # fmt: skip
+    recorder = installed.stats
+    summary = recorder.summary(window, metrics.cache_counters(engine.cache_lookups()))
+    now = engine.stats()
     return StatsResponse(
         model=served_model_name, now=recorder.clock(), uptime_s=recorder.clock() - recorder.started_s,
         window_s=window, bucket_s=BUCKET_S, totals=_totals(summary),
         engine=EngineNow(
-            waiting=now.num_waiting, running=now.num_running, max_num_seqs=core.config.max_num_seqs,
+            waiting=now.num_waiting, running=now.num_running, max_num_seqs=engine.limits.max_num_seqs,
             kv_cache_usage=now.kv_cache_usage, max_loras=now.max_loras, preemptions=now.num_preemptions,
         ),
-        adapters=_adapter_stats(summary, cache, core.merges, top, search),
+        adapters=_adapter_stats(summary, engine, top, search),
         tenants=_busiest_tenants(summary, top),
         series=vars(summary.series),
     )  # fmt: skip
@@ -172,50 +173,49 @@ def _latency(sketch: LatencySketch) -> Latency:
     return Latency(p50_s=sketch.quantile(0.5), p99_s=sketch.quantile(0.99))
 
 
-def _adapter_stats(summary: WindowSummary, cache: AdapterCache, merges: MergeManager, top: int,
-                   search: str | None) -> AdapterStats:  # fmt: skip
-    totals = metrics.cache_counters(cache)
-    loads = sorted(cache.stats.load_seconds)
+def _adapter_stats(summary: WindowSummary, engine: Engine, top: int, search: str | None) -> AdapterStats:
+    cache = engine.cache_snapshot()
+    totals = metrics.cache_counters(engine.cache_lookups())
+    loads = list(cache.recent_load_seconds)
     activity = summary.adapter_tokens + summary.adapter_requests  # both: a request may not have a token yet
     busiest = sorted(activity, key=lambda a: (-summary.adapter_tokens[a], -summary.adapter_requests[a], a))
-    registered = cache.registered_ids()
-    matches, matches_total = None, 0
+    registered = engine.registered_adapter_ids()
+    matches, found = None, []
     if search is not None:
         needle = search.lower()
         found = sorted(i for i in registered if needle in i.lower())
         found.sort(key=lambda a: -summary.adapter_tokens[a])  # stable: busiest first, then by id
-        matches_total, matches = len(found), [_activity(a, summary, cache, merges) for a in found[:top]]
+    runtime = engine.adapter_runtime({*busiest[:top], *found[:top]})
+    if search is not None:
+        matches = [_activity(a, summary, runtime.get(a)) for a in found[:top]]
     return AdapterStats(
         registered=len(registered), tiers=metrics.adapters_per_tier(cache),
         hit_rate=summary.hit_rate, hit_rate_total=totals.hits / totals.lookups if totals.lookups else None,
-        loads=cache.stats.num_loads, load_failures=cache.stats.transitions[Transition.LOAD_FAIL],
-        load_p50_s=_quantile(loads, 0.5), load_p99_s=_quantile(loads, 0.99), host_bytes=cache.host_bytes(),
-        merged=[_copy_info(c) for c in list(merges.copies.values())],
-        busiest=[_activity(a, summary, cache, merges) for a in busiest[:top]],
-        matches=matches, matches_total=matches_total,
+        loads=cache.num_loads, load_failures=cache.num_load_failures,
+        load_p50_s=_quantile(loads, 0.5), load_p99_s=_quantile(loads, 0.99), host_bytes=cache.host_bytes,
+        merged=[_copy_info(c) for c in engine.merge_snapshot().copies],
+        busiest=[_activity(a, summary, runtime.get(a)) for a in busiest[:top]],
+        matches=matches, matches_total=len(found),
     )  # fmt: skip
 
 
-def _copy_info(copy: MergedCopy) -> MergedCopyInfo:
+def _copy_info(copy: MergedCopyView) -> MergedCopyInfo:
     return MergedCopyInfo(
         id=copy.adapter_id, state=copy.state.value, bytes=copy.num_bytes, pinned=copy.is_pinned,
         leases=copy.num_leases,
     )  # fmt: skip
 
 
-def _activity(
-    adapter: str, summary: WindowSummary, cache: AdapterCache, merges: MergeManager
-) -> AdapterActivity:
+def _activity(adapter: str, summary: WindowSummary, runtime: AdapterRuntime | None) -> AdapterActivity:
+    """``runtime`` None: the base model, or a version deleted or replaced since."""
     tenant, name, version = _parse_engine_id(adapter)
-    try:
-        status = cache.status(adapter) if tenant is not None else None
-    except KeyError:  # deleted or replaced since
-        status = None
+    if tenant is None:
+        runtime = None
     return AdapterActivity(
         id=adapter, tenant=tenant, name=name, version=version,
         requests=summary.adapter_requests[adapter], tokens=summary.adapter_tokens[adapter],
-        tier=None if status is None else metrics.TIERS[status.state],
-        pinned=bool(status and status.is_pinned), merged=merges.is_merged(adapter),
+        tier=None if runtime is None else metrics.TIERS[runtime.state],
+        pinned=bool(runtime and runtime.is_pinned), merged=bool(runtime and runtime.is_merged),
     )  # fmt: skip
 
 

@@ -16,18 +16,20 @@ Status codes:
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from adapters.cache import PinError
+from adapters.cache_types import PinError
+from adapters.errors import UnknownAdapterError
 from adapters.format import AdapterFormatError
 from adapters.registry import AdapterTooLargeError
+from adapters.store import StoreError
 from server.api.schemas import ErrorDetail, ErrorResponse
-from server.engine.core import EngineError, UnknownAdapterError
+from server.engine.errors import ContextLengthError, EngineError
 from server.engine.sampler import SamplingParams
 
 _SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
@@ -59,18 +61,47 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+@dataclass(frozen=True)
+class HttpError:
+    """The one HTTP error an exception type means: status, OpenAI ``code`` and ``param``."""
+
+    exception: type[Exception]
+    status: int
+    code: str | None
+    param: str | None = None
+
+
+# Every refusal of the layers below, as a table: the first row whose type matches wins, so a
+# subclass comes before its base. The message is the exception's own.
+HTTP_ERRORS: tuple[HttpError, ...] = (
+    HttpError(UnknownAdapterError, 404, "model_not_found", "model"),
+    HttpError(AdapterTooLargeError, 413, "adapter_too_large", "files"),
+    HttpError(AdapterFormatError, 422, "invalid_adapter", "files"),
+    HttpError(PinError, 409, "too_many_pinned"),
+    HttpError(StoreError, 400, "invalid_adapter_source"),
+    HttpError(ContextLengthError, 400, ContextLengthError.code),
+    HttpError(EngineError, 400, None),
+)
+
+
+def from_exception(exc: Exception) -> ApiError | None:
+    """The ApiError of ``HTTP_ERRORS`` for ``exc``, or None when no row names its type."""
+    for row in HTTP_ERRORS:
+        if isinstance(exc, row.exception):
+            return ApiError(row.status, str(exc), param=row.param, code=row.code)
+    return None
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model {model!r} does not exist.", param="model", code="model_not_found")
 
 
 def from_adapter_error(exc: Exception) -> ApiError:
-    """413 for an oversized upload, 422 for an adapter we cannot serve, 400 for a refused path/name."""
-    if isinstance(exc, AdapterTooLargeError):
-        return ApiError(413, str(exc), param="files", code="adapter_too_large")
-    if isinstance(exc, AdapterFormatError):
-        return ApiError(422, str(exc), param="files", code="invalid_adapter")
-    if isinstance(exc, PinError):
-        return ApiError(409, str(exc), code="too_many_pinned")
+    """``HTTP_ERRORS``' row for ``exc`` (413 oversized, 422 not servable, 409 too many pins, ...),
+    else 400 for a refused path or name."""
+    known = from_exception(exc)
+    if known is not None:
+        return known
     if isinstance(exc, OSError):
         return ApiError(400, f"cannot use that path: {exc.strerror or exc}", param="lora_path",
                         code="invalid_adapter_source")  # fmt: skip
@@ -82,12 +113,6 @@ def from_sampling_error(exc: ValueError) -> ApiError:
     message = str(exc)
     first_word = message.split(" ", 1)[0]
     return ApiError(400, message, param=first_word if first_word in _SAMPLING_FIELDS else None)
-
-
-def from_engine_error(exc: EngineError) -> ApiError:
-    if isinstance(exc, UnknownAdapterError):
-        return ApiError(404, str(exc), param="model", code=exc.code)
-    return ApiError(400, str(exc), code=None if exc.code == EngineError.code else exc.code)
 
 
 def from_validation_error(exc: RequestValidationError) -> ApiError:
@@ -137,9 +162,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return from_validation_error(exc).response()
 
-    @app.exception_handler(EngineError)
-    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        return from_engine_error(exc).response()
+    async def _known(_: Request, exc: Exception) -> JSONResponse:
+        known = from_exception(exc)
+        return (known or _server_error()).response()
+
+    for row in HTTP_ERRORS:
+        app.add_exception_handler(row.exception, _known)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
@@ -150,6 +178,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after responding, so uvicorn logs the traceback (server side only).
-        return ApiError(
-            500, "The server had an error while processing your request.", type="server_error"
-        ).response()
+        return _server_error().response()
+
+
+def _server_error() -> ApiError:
+    return ApiError(500, "The server had an error while processing your request.", type="server_error")

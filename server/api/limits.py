@@ -85,7 +85,7 @@ class Admission:
             raise ApiError(503, "The engine is not running.", type="server_error", code="engine_stopped",
                            headers=retry)  # fmt: skip
         in_flight = engine.num_unfinished + self.preparing
-        if in_flight + num_choices > engine.core.config.max_num_seqs + self.max_queue:
+        if in_flight + num_choices > engine.limits.max_num_seqs + self.max_queue:
             raise ApiError(
                 429, f"The server is at capacity ({in_flight} requests in flight); retry later.",
                 type="rate_limit_error", code="queue_full", headers=retry,

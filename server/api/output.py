@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.api import schemas
 from server.api.errors import ApiError
-from server.engine.core import TokenDelta
+from server.engine.views import TokenDelta
 
 log = logging.getLogger(__name__)
 _MIN_LOGPROB = -9999.0  # stands in for -inf, which JSON cannot carry

@@ -15,102 +15,28 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from adapters.cache import AdapterCache, AdapterState
+from adapters.errors import UnknownAdapterError
 from adapters.format import read_peft_dir
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.errors import ContextLengthError, EngineError
 from server.engine.kv_cache import DEFAULT_CPU_KV_BYTES_CAP, KVCache, kv_bytes_per_token
 from server.engine.merging import MergeManager, MergePolicyConfig
+from server.engine.route import RouteKind
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
+from server.engine.views import EngineStats, StepStats, TokenDelta
 from server.model.factory import LoadedModel
 from server.model.lora_binding import LoRASlotWriter
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(ValueError):
-    """A request the engine refuses; ``code`` is the OpenAI-style error code."""
-
-    code = "invalid_request_error"
-
-
-class UnknownAdapterError(EngineError):
-    code = "model_not_found"
-
-
-class ContextLengthError(EngineError):
-    code = "context_length_exceeded"
-
-
-@dataclass(frozen=True)
-class TokenDelta:
-    """What one step produced for one request."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    logprobs: list[float | None]
-    finish_reason: str | None  # stop, length, abort, error; None while running
-    num_prompt_tokens: int
-    num_output_tokens: int
-    error: str | None = None
-    # with ``error``: an OpenAI-style code (``draining``, ``adapter_load_failed``, ...)
-    error_code: str | None = None
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's queues for metrics (``EngineCore.stats``)."""
-
-    num_waiting: int
-    num_running: int
-    kv_cache_usage: float  # used KV blocks / all KV blocks, in [0, 1]
-    running_adapter_ids: tuple[str, ...]  # distinct adapters of the running sequences, sorted
-    waiting_adapter_ids: tuple[str, ...]  # distinct adapters of the waiting sequences, sorted
-    max_loras: int
-    num_preemptions: int  # since start
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one non-empty step did, as the ``EngineCore.on_step`` observer sees it."""
-
-    num_seqs: int
-    num_tokens: int  # tokens fed to the forward: prefill chunks + one per decode
-    num_prompt_tokens: int  # whole prompts of requests whose first prefill chunk ran (once per request)
-    num_generated_tokens: int  # tokens sampled
-    num_adapters: int  # distinct adapters in the batch (the base model not counted)
-    duration_s: float  # schedule + forward + sampling + detokenization
-    num_waiting: int  # the queues, KV usage and merged copies right after the step
-    num_running: int
-    kv_cache_usage: float
-    num_merged_copies: int
-
-    @classmethod
-    def of(cls, out: SchedulerOutput, duration_s: float, core: EngineCore) -> StepStats:
-        """Read after ``postprocess``: a first chunk is one whose computed tokens are exactly this step's."""
-        items = out.scheduled
-        first = [i.seq for i in items if i.seq.num_computed_tokens == i.num_new_tokens]
-        return cls(
-            num_seqs=len(items),
-            num_tokens=sum(i.num_new_tokens for i in items),
-            num_prompt_tokens=sum(len(seq.prompt_token_ids) for seq in first if not seq.num_preemptions),
-            num_generated_tokens=sum(i.samples for i in items),
-            num_adapters=len({i.seq.adapter_id for i in items} - {None}),
-            duration_s=duration_s,
-            num_waiting=len(core.scheduler.waiting),
-            num_running=len(core.scheduler.running),
-            kv_cache_usage=core.kv_cache.allocator.usage,
-            num_merged_copies=len(core.merges.copies),
-        )
 
 
 class EngineCore:
@@ -160,9 +86,10 @@ class EngineCore:
 
     # ---- requests ----
     def validate(self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_id: str | None) -> None:
-        """Raise EngineError for a request that cannot be served; touches no engine state."""
+        """Raise one of ``errors.REQUEST_ERRORS`` for a request that cannot be served; touches no
+        engine state."""
         if adapter_id is not None and not self.adapters.is_registered(adapter_id):
-            raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
+            raise UnknownAdapterError(adapter_id)
         if not prompt_token_ids:
             raise EngineError("the prompt is empty")
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
@@ -229,10 +156,10 @@ class EngineCore:
         return deltas
 
     def _observe_traffic(self, out: SchedulerOutput) -> None:
-        """Feed the merge policy: tokens per (route, adapter) this step, requests per adapter."""
-        tokens: Counter = Counter()
+        """Feed the merge policy: tokens per (route kind, adapter) this step, requests per adapter."""
+        tokens: Counter[tuple[RouteKind, str | None]] = Counter()
         for item in out.scheduled:
-            tokens["merged" if item.copy >= 0 else "side", item.seq.adapter_id] += item.num_new_tokens
+            tokens[item.route.kind, item.seq.adapter_id] += item.num_new_tokens
         running, waiting = self.scheduler.running, self.scheduler.waiting
         self.merges.after_step(tokens, lambda: Counter(s.adapter_id for s in (*running, *waiting)))
 
@@ -241,9 +168,26 @@ class EngineCore:
         if self.on_step is None:
             return
         try:
-            self.on_step(StepStats.of(out, duration_s, self))
+            self.on_step(self._step_stats(out, duration_s))
         except Exception:
             log.exception("the step observer failed")
+
+    def _step_stats(self, out: SchedulerOutput, duration_s: float) -> StepStats:
+        """Read after ``postprocess``: a first chunk is one whose computed tokens are exactly this step's."""
+        items = out.scheduled
+        first = [i.seq for i in items if i.seq.num_computed_tokens == i.num_new_tokens]
+        return StepStats(
+            num_seqs=len(items),
+            num_tokens=sum(i.num_new_tokens for i in items),
+            num_prompt_tokens=sum(len(seq.prompt_token_ids) for seq in first if not seq.num_preemptions),
+            num_generated_tokens=sum(i.samples for i in items),
+            num_adapters=len({i.seq.adapter_id for i in items} - {None}),
+            duration_s=duration_s,
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_cache_usage=self.kv_cache.allocator.usage,
+            num_merged_copies=len(self.merges.copies),
+        )
 
     def stats(self) -> EngineStats:
         """A snapshot for metrics, safe to call from any thread: the queues are copied (``list`` of a

@@ -1,4 +1,8 @@
-"""The async engine the HTTP layer calls: submit → async iterator of token deltas.
+"""The engine facade: the one way in for the HTTP layer, the metrics and the CLI.
+
+``submit`` → an async iterator of token deltas; adapters, merged copies, limits, snapshots and
+observers all go through ``Engine``'s methods and the typed values of ``server/engine/views.py``.
+Nothing outside server/engine/ touches ``Engine.core`` (tests of the engine itself may).
 
 The EngineCore runs in one dedicated thread (torch releases the GIL inside its kernels, so the
 event loop stays responsive). Commands (add, abort, adapter changes) reach that thread through a
@@ -11,18 +15,44 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TypeVar
 
+from adapters.cache_types import Transition
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
 from server.config import EngineConfig, ModelConfig
-from server.engine.core import EngineCore, EngineError, TokenDelta
+from server.engine.core import EngineCore
+from server.engine.errors import REQUEST_ERRORS
+from server.engine.merging import CopyState
+from server.engine.request_stream import RequestStream, deliver
 from server.engine.sampler import SamplingParams
+from server.engine.views import (
+    AdapterRuntime,
+    CacheLookups,
+    CacheSnapshot,
+    EngineLimits,
+    EngineStats,
+    MergeSnapshot,
+    StepStats,
+    TokenDelta,
+    adapter_runtime,
+    cache_lookups,
+    cache_snapshot,
+    merge_snapshot,
+)
 from server.model.factory import load_model
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05  # the loop waits this long for commands when it has nothing to run
+_MERGE_POLL_S = 0.02  # how often ``merge`` looks whether its copy is built
+T = TypeVar("T")
+StepObserver = Callable[[StepStats], None]
+LoadObserver = Callable[[float], None]  # seconds one disk → host adapter load took
 
 
 class Engine:
@@ -46,6 +76,8 @@ class Engine:
         self._thread.start()
         self.core: EngineCore = built.result()  # re-raises what the build raised
         self.tokenizer = self.core.tokenizer
+        self._step_observers: list[StepObserver] = []
+        self._load_observers: list[LoadObserver] = []
 
     @classmethod
     def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig) -> Engine:
@@ -73,34 +105,38 @@ class Engine:
         stream: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter))
-        return RequestStream(self, request_id, stream)
+        return RequestStream(request_id, stream, self._close_stream)
 
-    def _add(self, request_id: str, prompt_token_ids, sampling, adapter) -> list[TokenDelta]:
+    def _add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+             adapter: str | None) -> list[TokenDelta]:  # fmt: skip
         """In the loop thread; a refusal here (e.g. the adapter was removed meanwhile) ends the stream."""
         try:
             self.core.add_request(request_id, prompt_token_ids, sampling, adapter)
             return []
-        except EngineError as exc:
+        except REQUEST_ERRORS as exc:
             return [TokenDelta(request_id, [], "", [], "error", len(prompt_token_ids), 0, str(exc))]
 
     def abort(self, request_id: str) -> None:
         self._commands.put(lambda: _as_list(self.core.abort(request_id)))
 
-    async def call(self, function: Callable[[], object]) -> object:
+    async def call(self, function: Callable[[], T]) -> T:
         """Run ``function()`` in the engine thread between two steps; return its result or raise."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[T] = loop.create_future()
 
-        def settle(outcome: object, failed: bool) -> None:
-            if not future.done():
-                (future.set_exception if failed else future.set_result)(outcome)
+        def settle(outcome: T | None, error: Exception | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(outcome)  # type: ignore[arg-type]  # T when error is None
 
         def command() -> list[TokenDelta]:
             try:
-                outcome, failed = function(), False
+                loop.call_soon_threadsafe(settle, function(), None)
             except Exception as exc:  # handed back to the caller, never kills the loop
-                outcome, failed = exc, True
-            loop.call_soon_threadsafe(settle, outcome, failed)
+                loop.call_soon_threadsafe(settle, None, exc)
             return []
 
         self._commands.put(command)
@@ -110,12 +146,80 @@ class Engine:
         """End every request in flight with ``error`` (e.g. the drain timeout ran out at shutdown)."""
         self._commands.put(lambda: self.core.fail_all(error, code))
 
+    def _close_stream(self, request_id: str, finished: bool) -> None:
+        """A stream ended: forget it, and abort its request unless the request finished."""
+        self._streams.pop(request_id, None)
+        if not finished:
+            self.abort(request_id)
+
     @property
     def num_unfinished(self) -> int:
         """Requests submitted and not finished yet: running, waiting, or about to be added."""
         return len(self._streams)
 
+    # ---- limits and snapshots (any thread) ----
+    @property
+    def limits(self) -> EngineLimits:
+        config = self.core.config
+        return EngineLimits(
+            config.max_num_seqs, self.core.max_model_len, config.max_loras, config.max_lora_rank
+        )
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def cache_snapshot(self) -> CacheSnapshot:
+        return cache_snapshot(self.core.adapters)
+
+    def cache_lookups(self) -> CacheLookups:
+        return cache_lookups(self.core.adapters)
+
+    def registered_adapter_ids(self) -> list[str]:
+        return self.core.adapters.registered_ids()
+
+    def adapter_runtime(self, adapter_ids: Iterable[str]) -> dict[str, AdapterRuntime]:
+        """Tier, pin and merge state of each registered one of ``adapter_ids`` (others left out)."""
+        return adapter_runtime(self.core.adapters, self.core.merges, adapter_ids)
+
+    def merge_snapshot(self) -> MergeSnapshot:
+        return merge_snapshot(self.core.merges)
+
+    def is_merged(self, adapter_id: str) -> bool:
+        return self.core.merges.is_merged(adapter_id)
+
+    # ---- observers (called in the engine thread; must be quick; a failure is logged) ----
+    def add_step_observer(self, observer: StepObserver) -> None:
+        """``observer(stats)`` after every non-empty step."""
+        self._step_observers.append(observer)
+        self.core.on_step = self._notify_step  # only now: without observers no StepStats is built
+
+    def add_load_observer(self, observer: LoadObserver) -> None:
+        """``observer(seconds)`` after every adapter load from disk that succeeded."""
+        self._load_observers.append(observer)
+        self.core.adapters.on_transition = self._notify_transition
+
+    def _notify_step(self, stats: StepStats) -> None:
+        for observer in self._step_observers:
+            _observe(observer, stats)
+
+    def _notify_transition(self, transition: Transition) -> None:
+        """The cache calls this holding its lock, so at ``load_done`` the last load time is this load's."""
+        if transition is not Transition.LOAD_DONE or not self._load_observers:
+            return
+        seconds = self.core.adapters.stats.load_seconds[-1]
+        for observer in self._load_observers:
+            _observe(observer, seconds)
+
     # ---- adapters ----
+    def open_registry(self, store: AdapterStore) -> AdapterRegistry:
+        """A registry over ``store`` whose adapters this engine serves: checked against this model's
+        layers and ``max_lora_rank`` at upload, and published to the engine's adapter cache."""
+        registry = AdapterRegistry(
+            store, self.core.config.max_lora_rank, check=self.core.slot_writer.validate
+        )
+        registry.attach(self.core.adapters)
+        return registry
+
     async def load_adapter(self, adapter_id: str, path: str | Path) -> None:
         """Read, validate and register a peft adapter directory (raises AdapterFormatError/KeyError)."""
         await asyncio.to_thread(self.core.add_adapter, adapter_id, path)
@@ -123,6 +227,26 @@ class Engine:
     def unload_adapter(self, adapter_id: str) -> None:
         """New requests no longer see it; running ones finish on it, then its slot is freed."""
         self.core.remove_adapter(adapter_id)
+
+    async def merge(self, adapter_id: str, timeout_s: float) -> CopyState:
+        """Serve ``adapter_id`` from a pinned merged copy; wait until it is built.
+
+        Returns READY, or DRAINING when the built copy could not be kept. Raises ValueError when
+        no copy can be had now (e.g. the weights are not in host memory yet) and TimeoutError when
+        it is still building after ``timeout_s`` (it goes on building).
+        """
+        copy = await self.call(lambda: self.core.merges.merge(adapter_id))
+        deadline = time.monotonic() + timeout_s
+        while copy.state is CopyState.BUILDING:  # builds off the engine thread; poll picks it up
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the merged copy of {adapter_id!r} is still being built")
+            await asyncio.sleep(_MERGE_POLL_S)
+            await self.call(self.core.merges.poll)
+        return copy.state
+
+    async def unmerge(self, adapter_id: str) -> None:
+        """New requests go back to the side path; running ones finish on the copy. KeyError: not merged."""
+        await self.call(lambda: self.core.merges.unmerge(adapter_id))
 
     # ---- text helpers ----
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -193,45 +317,15 @@ class Engine:
                 loop, stream = target
                 by_loop.setdefault(loop, []).append((stream, delta))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            loop.call_soon_threadsafe(deliver, items)
 
 
-class RequestStream:
-    """Async iterator over one request's deltas; closing it early (even unstarted) aborts the request."""
-
-    def __init__(self, engine: Engine, request_id: str, stream: asyncio.Queue) -> None:
-        self.engine = engine
-        self.request_id = request_id
-        self._stream = stream
-        self._finished = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> TokenDelta:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            delta = await self._stream.get()
-        except asyncio.CancelledError:
-            await self.aclose()
-            raise
-        if delta.finish_reason is not None:
-            self._finished = True
-            self.engine._streams.pop(self.request_id, None)
-        return delta
-
-    async def aclose(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self.engine.abort(self.request_id)
-        self.engine._streams.pop(self.request_id, None)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, TokenDelta]]) -> None:
-    """On the event loop: each delta into its request's stream."""
-    for stream, delta in items:
-        stream.put_nowait(delta)
+def _observe(observer: Callable[[T], None], value: T) -> None:
+    """One observer's failure is logged and never reaches the step or the other observers."""
+    try:
+        observer(value)
+    except Exception:
+        log.exception("an engine observer failed")
 
 
 def _as_list(delta: TokenDelta | None) -> list[TokenDelta]:

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from adapters.format import LoRAWeights
+from server.engine.route import RouteKind
 from server.model.host_memory import release_freed_memory
 
 
@@ -68,7 +69,7 @@ class MergePolicyConfig:
 @dataclass(eq=False)
 class MergedCopy:
     adapter_id: str
-    index: int  # stable id of this copy, carried by ScheduledSeq.copy
+    index: int  # stable id of this copy, carried by its requests' Route.copy
     state: CopyState = CopyState.BUILDING
     weights: dict = field(default_factory=dict)  # MultiLoRALinear → merged weight
     num_bytes: int = 0  # once READY
@@ -89,7 +90,7 @@ class MergeStats:
     build_seconds: deque = field(default_factory=lambda: deque(maxlen=256))
     build_seconds_sum: float = 0.0
     tokens_merged: int = 0
-    tokens_side_path: int = 0
+    tokens_base_forward: int = 0  # tokens of the base forward: side path or base model only
 
 
 class MergeManager:
@@ -122,10 +123,10 @@ class MergeManager:
         self._drop_drained()
 
     @contextmanager
-    def applied(self, index: int) -> Iterator[None]:
-        """Inside: the model computes with copy ``index``'s merged weights (-1: the base weights)."""
-        copy = self._by_index.get(index)
-        modules = list(copy.weights.items()) if copy is not None and index >= 0 else []
+    def applied(self, index: int | None) -> Iterator[None]:
+        """Inside: the model computes with copy ``index``'s merged weights (None: the base weights)."""
+        copy = None if index is None else self._by_index.get(index)
+        modules = list(copy.weights.items()) if copy is not None else []
         for module, weight in modules:
             module.active_weight = weight
         try:
@@ -179,10 +180,10 @@ class MergeManager:
         the policy is on.
         """
         for (route, _), num_tokens in tokens_by_adapter.items():
-            if route == "merged":
+            if route is RouteKind.MERGED:
                 self.stats.tokens_merged += num_tokens
             else:
-                self.stats.tokens_side_path += num_tokens
+                self.stats.tokens_base_forward += num_tokens
         self.poll()
         if not self.config.enabled:
             return

@@ -22,8 +22,8 @@ from server.ops.lora_torch import LoRASegments
 
 
 class MergedWeights(Protocol):
-    def applied(self, copy: int) -> contextlib.AbstractContextManager:
-        """Inside: the model computes with merged copy ``copy``'s weights (-1: the base weights)."""
+    def applied(self, copy: int | None) -> contextlib.AbstractContextManager[None]:
+        """Inside: the model computes with merged copy ``copy``'s weights (None: the base weights)."""
 
 
 class ModelRunner:
@@ -41,11 +41,11 @@ class ModelRunner:
         """Tokens for the scheduled sequences that sample, in order.
 
         One forward for the side-path batch (base model + LoRA slots) and one per merged copy in
-        the step, with that copy's weights applied (``out.scheduled`` is sorted by copy).
+        the step, with that copy's weights applied (``out.scheduled`` is sorted by route).
         """
         token_ids: list[int] = []
         logprobs: list[float | None] = []
-        for copy, group in itertools.groupby(out.scheduled, key=lambda item: item.copy):
+        for copy, group in itertools.groupby(out.scheduled, key=lambda item: item.route.forward_copy):
             with copies.applied(copy) if copies is not None else contextlib.nullcontext():
                 sampled = self._forward_and_sample(list(group))
             token_ids += sampled.token_ids
@@ -72,7 +72,7 @@ class ModelRunner:
             input_ids.extend(seq.token_at(i) for i in range(start, end))
             positions.extend(range(start, end))
             kv_rows.extend(self._kv_rows(seq.block_table, start, end))
-            token_slots.extend([item.slot] * item.num_new_tokens)
+            token_slots.extend([item.route.token_slot] * item.num_new_tokens)
             if item.num_new_tokens == 1:
                 decodes.append((first, seq, end))
             else:

@@ -12,8 +12,9 @@ Policy, in order, every step:
 3. A sequence admitted while its adapter has a ready merged copy runs on that copy (it needs no
    slot and does not count toward ``max_loras``) until it finishes or is preempted.
 
-The output is sorted by (merged copy, slot): the engine runs one forward per merged copy and one
-for the side-path batch, each over a contiguous run of the list.
+Each scheduled sequence carries its ``Route`` (server/engine/route.py): base, side path in slot k,
+or merged copy c. The output is sorted by ``Route.batch_order``: the engine runs one forward for the
+base + side-path batch and one per merged copy, each over a contiguous run of the list.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Protocol
 
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
+from server.engine.route import Route
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 STARVATION_STEPS = 32
@@ -47,17 +49,24 @@ class AdapterSlots(Protocol):
 class MergedCopies(Protocol):
     """What the scheduler needs of the merged copies (server/engine/merging.py implements it)."""
 
-    def route(self, adapter_id: str | None) -> object | None:
+    def route(self, adapter_id: str | None) -> MergedCopyLease | None:
         """A lease on a ready merged copy of this adapter, or None (side path)."""
 
-    def release(self, copy: object) -> None: ...
+    def release(self, copy: MergedCopyLease) -> None: ...
+
+
+class MergedCopyLease(Protocol):
+    """What a sequence holds while it runs on a merged copy (merging.MergedCopy)."""
+
+    @property
+    def index(self) -> int: ...
 
 
 class NoMergedCopies:
     def route(self, adapter_id: str | None) -> None:
         return None
 
-    def release(self, copy: object) -> None:
+    def release(self, copy: MergedCopyLease) -> None:
         raise AssertionError("no merged copy was handed out")
 
 
@@ -65,20 +74,18 @@ class NoMergedCopies:
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
-    slot: int  # adapter slot, -1 for the base model or a merged copy
+    route: Route  # base, side path in a slot, or a merged copy
     samples: bool  # this step feeds the last uncomputed token, so it produces the next one
-    copy: int = -1  # index of the merged copy it runs on, -1 for none
 
     @classmethod
-    def of(cls, seq: Sequence, num_new_tokens: int, slot: int) -> ScheduledSeq:
+    def of(cls, seq: Sequence, num_new_tokens: int, route: Route) -> ScheduledSeq:
         samples = seq.num_computed_tokens + num_new_tokens == seq.num_tokens
-        copy = -1 if seq.merged_copy is None else seq.merged_copy.index
-        return cls(seq, num_new_tokens, slot, samples, copy)
+        return cls(seq, num_new_tokens, route, samples)
 
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    scheduled: list[ScheduledSeq]  # ordered by slot, so each slot's tokens are contiguous
+    scheduled: list[ScheduledSeq]  # ordered by Route.batch_order: each forward's and slot's tokens contiguous
     num_waiting: int
 
     @property
@@ -118,7 +125,7 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         budget = self._schedule_running(scheduled, budget)
         self._admit_waiting(scheduled, budget)
-        scheduled.sort(key=lambda s: (s.copy, s.slot))
+        scheduled.sort(key=lambda s: s.route.batch_order)
         return SchedulerOutput(scheduled=scheduled, num_waiting=len(self.waiting))
 
     def _schedule_running(self, scheduled: list[ScheduledSeq], budget: int) -> int:
@@ -129,19 +136,20 @@ class Scheduler:
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._reserve_or_preempt(seq, num_new, scheduled):
                 continue
-            scheduled.append(ScheduledSeq.of(seq, num_new, self._slot(seq)))
+            scheduled.append(ScheduledSeq.of(seq, num_new, self._route(seq)))
             budget -= num_new
         return budget
 
     def _reserve_or_preempt(self, seq: Sequence, num_new: int, scheduled: list[ScheduledSeq]) -> bool:
-        """Reserve KV blocks for seq, preempting the newest unscheduled running sequences if needed."""
+        """Reserve KV blocks for seq, preempting the newest running sequences not scheduled yet this
+        step, seq itself included: an older sequence never loses its blocks to a newer one (False:
+        seq itself was preempted)."""
         taken = {s.seq for s in scheduled}
         while not self._reserve(seq, num_new):
-            victims = [s for s in self.running if s is not seq and s not in taken]
-            if not victims:
-                self._preempt(seq)
+            victim = max((s for s in self.running if s not in taken), key=lambda s: s.arrival_index)
+            self._preempt(victim)
+            if victim is seq:
                 return False
-            self._preempt(max(victims, key=lambda s: s.arrival_index))
         return True
 
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> None:
@@ -149,8 +157,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            slot = self._admissible_slot(seq, adapters)
-            if slot is None:
+            route = self._admissible_route(seq, adapters)
+            if route is None:
                 seq.num_skipped_steps += 1
                 if seq.num_skipped_steps >= STARVATION_STEPS:
                     break  # let the running batch drain until this one fits
@@ -160,20 +168,21 @@ class Scheduler:
                 self._drop_copy(seq)
                 break  # out of KV memory: later arrivals must not jump ahead
             self._start(seq, adapters)
-            scheduled.append(ScheduledSeq.of(seq, num_new, slot))
+            scheduled.append(ScheduledSeq.of(seq, num_new, route))
             budget -= num_new
 
-    def _admissible_slot(self, seq: Sequence, adapters: set[str]) -> int | None:
-        """The slot seq would run in (-1: none needed), or None when it must wait (adapter limit or
-        still loading). A ready merged copy of its adapter is leased here."""
+    def _admissible_route(self, seq: Sequence, adapters: set[str]) -> Route | None:
+        """The route seq would run on, or None when it must wait (adapter limit or still loading).
+        A ready merged copy of its adapter is leased here."""
         if seq.adapter_id is None:
-            return -1
+            return Route.base()
         seq.merged_copy = self.merged.route(seq.adapter_id)
         if seq.merged_copy is not None:
-            return -1
+            return Route.merged(seq.merged_copy.index)
         if seq.adapter_id not in adapters and len(adapters) >= self.config.max_loras:
             return None
-        return self.slots.try_activate(seq.adapter_id)
+        slot = self.slots.try_activate(seq.adapter_id)
+        return None if slot is None else Route.side(slot)
 
     def _start(self, seq: Sequence, adapters: set[str]) -> None:
         self.waiting.remove(seq)
@@ -198,8 +207,13 @@ class Scheduler:
             self.merged.release(seq.merged_copy)
             seq.merged_copy = None
 
-    def _slot(self, seq: Sequence) -> int:
-        return -1 if seq.adapter_lease is None else self.slots.lease_slot(seq.adapter_lease)
+    def _route(self, seq: Sequence) -> Route:
+        """The route of a running sequence: where its lease or merged copy put it at admission."""
+        if seq.merged_copy is not None:
+            return Route.merged(seq.merged_copy.index)
+        if seq.adapter_lease is not None:
+            return Route.side(self.slots.lease_slot(seq.adapter_lease))
+        return Route.base()
 
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's KV and queue it again; it is recomputed from prompt + outputs so far."""

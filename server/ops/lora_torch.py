@@ -24,10 +24,12 @@ the slots' dtype and the result is added into y in y's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+NO_SLOT = -1  # ``token_slots`` value of a token with no side path (the base model, a merged copy)
 
 # Below this many tokens per segment, one batched product over the used slots (tokens padded into
 # a slot × position grid) beats a Python loop over segments: decode batches have ~1 token each.
@@ -42,7 +44,7 @@ class LoRASegments:
     the decode path covers the slots first_slot .. first_slot + num_slots_used - 1 only.
     """
 
-    token_slots: torch.Tensor  # [T] int64 on the model device; -1 = base only
+    token_slots: torch.Tensor  # [T] int64 on the model device; NO_SLOT = base only
     seg_starts: torch.Tensor  # [G + 1] int32 on device; token offsets of the segments
     seg_slots: torch.Tensor  # [G] int32 on device; slot of each segment (-1 segments included)
     seg_bounds: tuple[tuple[int, int, int], ...]  # host copy: (start, end, slot) with slot >= 0
@@ -82,7 +84,10 @@ class LoRASegments:
         num_used = max(used) - first + 1 if used else 0
         grid_len = max((b - a for a, b, _ in bounds), default=0)
         num_lora_tokens = sum(b - a for a, b, _ in bounds)
-        as_tensor = lambda v, dt=torch.int64: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+
+        def as_tensor(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
         grid = _grid_indices(bounds, first, num_used, grid_len, len(token_slots))
         return cls(
             token_slots=as_tensor(token_slots),
@@ -100,7 +105,15 @@ class LoRASegments:
         )
 
 
-def _grid_indices(bounds, first_slot: int, num_slots: int, grid_len: int, num_tokens: int):
+OutputSlices = tuple[tuple[int, int], ...]  # N (lo, hi) column ranges of y, one per output slice
+# The signature every side-path op shares (this module's add_lora, lora_triton's, NativeLoRA's):
+# (y, x, lora_a, lora_b, segments, output_slices) -> None, y updated in place.
+AddLoRA = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRASegments, OutputSlices], None]
+
+
+def _grid_indices(
+    bounds: tuple[tuple[int, int, int], ...], first_slot: int, num_slots: int, grid_len: int, num_tokens: int
+) -> tuple[list[int], list[int], list[int]] | None:
     """(gather [k*L], cells [V], tokens [V]) for the slot × position grid; None if it is the identity."""
     is_identity = num_tokens == num_slots * grid_len and all(
         (a, b) == ((s - first_slot) * grid_len, (s - first_slot + 1) * grid_len) for a, b, s in bounds
@@ -108,7 +121,8 @@ def _grid_indices(bounds, first_slot: int, num_slots: int, grid_len: int, num_to
     if is_identity and len(bounds) == num_slots:
         return None
     gather = [0] * (num_slots * grid_len)
-    cells, tokens = [], []
+    cells: list[int] = []
+    tokens: list[int] = []
     for start, end, slot in bounds:
         row = (slot - first_slot) * grid_len
         for i, token in enumerate(range(start, end)):
@@ -156,7 +170,14 @@ def add_lora(
         _add_lora_segments(y, x, a, b, segments, output_slices)
 
 
-def _add_lora_grid(y, x, a, b, segments, output_slices) -> None:
+def _add_lora_grid(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    segments: LoRASegments,
+    output_slices: tuple[tuple[int, int], ...],
+) -> None:
     """Decode-like steps: tokens padded into a [k slots, L] grid, one batched product per stage.
 
     a [k, R*N, in], b [k, R, out_total]. Each used slot's A and B are read once, by batched
@@ -174,11 +195,19 @@ def _add_lora_grid(y, x, a, b, segments, output_slices) -> None:
         if segments.grid_gather is None:
             y[:, lo:hi] += delta
         else:
+            assert segments.grid_cells is not None and segments.grid_tokens is not None  # set with gather
             rows = delta.index_select(0, segments.grid_cells).to(y.dtype)
             y[:, lo:hi].index_add_(0, segments.grid_tokens, rows)
 
 
-def _add_lora_segments(y, x, a, b, segments, output_slices) -> None:
+def _add_lora_segments(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    segments: LoRASegments,
+    output_slices: tuple[tuple[int, int], ...],
+) -> None:
     """Prefill-like steps: one shrink and one expand per (segment, slice)."""
     rank, num_slices, first = b.shape[1], len(output_slices), segments.first_slot
     for start, end, slot in segments.seg_bounds:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from adapters.errors import UnknownAdapterError
 from adapters.tenants import (
     SINGLE_TENANT,
     KeyRing,
     KeysFileError,
     Principal,
-    UnknownName,
     add_key,
     can_see,
     hash_key,
@@ -210,7 +210,7 @@ def test_parse_model_name_resolves_visible_names(principal, model, expected):
     "model", ["globex/support-bot", "a/b/c", "../x", "", "/x", "acme/", ".hidden", "x" * 65]
 )
 def test_parse_model_name_hides_other_tenants_and_invalid_names(model):
-    with pytest.raises(UnknownName) as info:
+    with pytest.raises(UnknownAdapterError) as info:
         parse_model_name(ACME_USER, model)
     # the API's message for any unknown model (server/api/errors.py model_not_found)
     assert str(info.value) == f"The model {model!r} does not exist."
@@ -218,9 +218,9 @@ def test_parse_model_name_hides_other_tenants_and_invalid_names(model):
 
 
 def test_another_tenants_adapter_reads_like_an_unknown_one():
-    with pytest.raises(UnknownName) as other:
+    with pytest.raises(UnknownAdapterError) as other:
         parse_model_name(ACME_USER, "globex/bot")
-    with pytest.raises(UnknownName) as unknown:
+    with pytest.raises(UnknownAdapterError) as unknown:
         parse_model_name(ACME_USER, "acme/bot/")
     assert str(other.value).replace("globex/bot", "X") == str(unknown.value).replace("acme/bot/", "X")
 

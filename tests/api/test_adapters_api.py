@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.registry import AdapterRegistry
 from adapters.store import SQLiteAdapterStore
 from adapters.tenants import KeyRing, add_key
 from server.api.app import create_app
@@ -62,8 +61,7 @@ def api(tmp_path_factory, tiny_llama_dir) -> Iterator[Api]:
     config = EngineConfig(max_loras=2, max_lora_rank=8, max_num_seqs=4, max_num_batched_tokens=256)
     engine = Engine.from_config(ModelConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu"), config)
     store = SQLiteAdapterStore(root / "data", allowed_roots=[root / "roots"])
-    registry = AdapterRegistry(store, config.max_lora_rank, check=engine.core.slot_writer.validate)
-    registry.attach(engine.core.adapters)
+    registry = engine.open_registry(store)
     app = create_app(engine, BASE, registry, KeyRing.load(keys_file))
     with TestClient(app) as client:
         yield Api(client, keys, adapters, root / "roots")

@@ -10,7 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from server.api.app import create_app
-from server.engine.core import TokenDelta
+from server.engine.views import CacheLookups, EngineLimits, TokenDelta
 
 MODEL = "base"
 
@@ -20,7 +20,7 @@ class StubEngine:
 
     def __init__(self, deltas: list[TokenDelta], running: bool = True, encode_error: Exception | None = None):
         self.deltas, self.running, self.encode_error = deltas, running, encode_error
-        self.core = SimpleNamespace(max_model_len=64, config=SimpleNamespace(max_num_seqs=4))
+        self.limits = EngineLimits(max_num_seqs=4, max_model_len=64, max_loras=1, max_lora_rank=8)
         self.num_unfinished = 0
         self.tokenizer = SimpleNamespace(decode=lambda ids: "".join(chr(ord("a") + i) for i in ids))
         self.aborted: list[str] = []
@@ -28,6 +28,14 @@ class StubEngine:
     @property
     def is_running(self) -> bool:
         return self.running
+
+    def add_step_observer(self, observer) -> None:  # the metrics observe a stub that never steps
+        pass
+
+    add_load_observer = add_step_observer
+
+    def cache_lookups(self) -> CacheLookups:
+        return CacheLookups(hits=0, lookups=0)
 
     def encode(self, text: str) -> list[int]:
         if self.encode_error is not None:

@@ -25,7 +25,7 @@ def test_defaults_serve_the_embedded_model_on_localhost():
     resolved = options([])
     assert (resolved["model"], resolved["host"], resolved["port"]) == (DEFAULT_MODEL, "127.0.0.1", 8000)
     assert resolved["served_model_name"] is None and resolved["adapters"] == {}
-    assert resolved["max_loras"] is None  # EngineConfig's default applies
+    assert resolved["max_loras"] == 8  # EngineConfig's default, declared on its field
 
 
 def test_env_vars_apply_and_flags_win():

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.registry import AdapterRegistry
 from adapters.store import SQLiteAdapterStore
 from adapters.tenants import KeyRing, add_key
 from server.api.app import create_app
-from server.config import EngineConfig, ModelConfig
+from server.config import EngineConfig, ModelConfig, ServerConfig
 from server.engine.engine import Engine
+from server.settings import SERVE_OPTIONS, settings_echo
 from server.stats import BUCKET_S
 from tests.engine.test_engine_parity import save_peft_adapter
 
@@ -66,11 +66,13 @@ def api(tmp_path_factory, tiny_llama_dir) -> Iterator[Api]:
             (("acme", "acme", "user"), ("globex", "globex", "user"), ("admin", "ops", "admin"))}  # fmt: skip
     config = EngineConfig(max_loras=2, max_lora_rank=8, max_num_seqs=4, max_num_batched_tokens=256,
                           merge_policy="off", max_cpu_adapters_bytes=1)  # fmt: skip  # no host tier: loads
-    engine = Engine.from_config(ModelConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu"), config)
-    registry = AdapterRegistry(SQLiteAdapterStore(root / "data"), config.max_lora_rank,
-                               check=engine.core.slot_writer.validate)  # fmt: skip
-    registry.attach(engine.core.adapters)
-    app = create_app(engine, BASE, registry, KeyRing.load(keys_file))
+    model_config = ModelConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu")
+    engine = Engine.from_config(model_config, config)
+    registry = engine.open_registry(SQLiteAdapterStore(root / "data"))
+    echo = settings_echo(
+        model_config, config, ServerConfig(), {"served_model_name": BASE, "keys_file": keys_file}
+    )
+    app = create_app(engine, BASE, registry, KeyRing.load(keys_file), settings=echo)
     with TestClient(app) as client:
         api = Api(client, keys, engine, adapter)
         files = [("files", (p.name, p.read_bytes())) for p in sorted(adapter.iterdir()) if p.suffix != ".md"]
@@ -85,6 +87,16 @@ def test_stats_need_an_admin_key(api):
     assert api.call(None, "GET", "/v1/stats").status_code == 401
     denied = api.call("acme", "GET", "/v1/stats")
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "permission_denied"
+
+
+def test_config_echoes_the_settings_the_app_was_started_with(api):
+    config = api.stats()["config"]
+    assert {option.flag for option in SERVE_OPTIONS} | {"adapter"} <= set(config)
+    assert config["max-loras"] == 2 != EngineConfig.max_loras  # not the default: the app's own
+    assert (config["merge-policy"], config["dtype"], config["served-model-name"]) == ("off", "float32", BASE)
+    assert config["keys-file"].endswith("keys.json") and config["port"] == 8000  # a path as a string
+    assert config["target-modules"] == list(EngineConfig.target_modules)  # flagless ones too, tuples as lists
+    assert config["max-merged-bytes"] is None and config["adapter"] == {}
 
 
 def test_figures_after_real_traffic(api):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 from fastapi.routing import APIRoute
 
@@ -14,9 +13,12 @@ API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
 class _NoEngine:
-    """Building the route table runs no engine; metrics only chain their hooks onto it."""
+    """Building the route table runs no engine; the metrics only add their observers to it."""
 
-    core = SimpleNamespace(on_step=None, adapters=SimpleNamespace(on_transition=None))
+    def add_step_observer(self, observer) -> None:
+        pass
+
+    add_load_observer = add_step_observer
 
 
 def served_routes() -> set[tuple[str, str]]:

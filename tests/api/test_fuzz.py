@@ -93,8 +93,7 @@ def fuzzer(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> It
     )
     engine = Engine.from_config(ModelConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu"), config)
     store = SQLiteAdapterStore(root / "data", allowed_roots=[root / "roots"])
-    registry = AdapterRegistry(store, config.max_lora_rank, check=engine.core.slot_writer.validate)
-    registry.attach(engine.core.adapters)
+    registry = engine.open_registry(store)
     try:
         yield Fuzzer(create_app(engine, BASE, registry), registry, adapter_dir, root / "roots")
     finally:

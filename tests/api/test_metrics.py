@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -24,6 +23,7 @@ from adapters.registry import AdapterRegistry
 from adapters.store import SQLiteAdapterStore
 from server.api.app import create_app
 from server.engine.engine import Engine
+from server.engine.views import CacheLookups, EngineLimits
 from server.metrics import LORA_INFO, TIERS, ServerMetrics, install
 from tests.api.server_process import free_port
 from tests.engine.test_engine_parity import save_peft_adapter
@@ -274,7 +274,15 @@ class RaisingEngine:
     is_running = True
 
     def __init__(self) -> None:
-        self.core, self.tokenizer = SimpleNamespace(max_model_len=64), None
+        self.limits, self.tokenizer = EngineLimits(4, 64, 1, 8), None
+
+    def add_step_observer(self, observer) -> None:  # never steps
+        pass
+
+    add_load_observer = add_step_observer
+
+    def cache_lookups(self) -> CacheLookups:
+        return CacheLookups(hits=0, lookups=0)
 
     def encode(self, text: str) -> list[int]:
         raise RuntimeError("boom")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.engine.core import UnknownAdapterError
+from adapters.errors import UnknownAdapterError
 from server.engine.engine import Engine
 from server.engine.sampler import SamplingParams
 from tests.engine.test_engine_parity import save_peft_adapter

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.core import ContextLengthError, EngineError, UnknownAdapterError
+from adapters.errors import UnknownAdapterError
+from server.engine.errors import ContextLengthError, EngineError
 from server.engine.sampler import SamplingParams
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import make_core, run_to_completion

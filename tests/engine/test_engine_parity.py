@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from server.engine.route import Route
 from server.engine.sampler import SamplingParams
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
@@ -47,11 +48,11 @@ def save_peft_adapter(base_dir, out_dir, seed: int, **lora_kwargs):
 
 def our_last_logits(core, prompt: list[int], adapter_id: str | None) -> torch.Tensor:
     """Next-token logits of one prefill through our runner and model (no sampling)."""
-    slot = -1 if adapter_id is None else core.adapters.try_activate(adapter_id)
+    route = Route.base() if adapter_id is None else Route.side(core.adapters.try_activate(adapter_id))
     seq = Sequence("probe", prompt, SamplingParams(max_tokens=1), adapter_id, 0)
     seq.block_table = core.kv_cache.allocator.allocate(core.kv_cache.blocks_for(len(prompt)))
     try:
-        batch = core.runner.build_batch([ScheduledSeq.of(seq, len(prompt), slot)])
+        batch = core.runner.build_batch([ScheduledSeq.of(seq, len(prompt), route)])
         return core.loaded.model(batch, core.kv_cache.layers)[0]
     finally:
         core.kv_cache.allocator.free(seq.block_table)
