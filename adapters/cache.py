@@ -38,11 +38,11 @@ from adapters.cache_types import (  # the cache's public vocabulary, re-exported
     AdapterState,
     AdapterStatus,
     CacheStats,
-    PinError,
     SlotWriter,
     Tier,
     Transition,
 )
+from adapters.errors import PinError
 from adapters.format import LoRAWeights
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "AdapterState",
     "AdapterStatus",
     "CacheStats",
-    "PinError",
     "SlotWriter",
     "Tier",
     "Transition",

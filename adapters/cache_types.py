@@ -48,10 +48,6 @@ class Tier(enum.Enum):
     DISK = "disk"
 
 
-class PinError(ValueError):
-    """A pin that cannot be honoured (every other slot is pinned already)."""
-
-
 @dataclass
 class CacheStats:
     """Monotonic counters for metrics; read without the lock (each field is updated atomically)."""

@@ -1,5 +1,5 @@
-"""The adapter registry's refusals: one exception per meaning, each mapped to one HTTP error by
-``server/api/errors.py`` (the status and code are named here so the mapping reads as a table)."""
+"""The adapter package's refusals: one exception per meaning, all here, each mapped to one HTTP
+error by ``server/api/errors.py``'s ``HTTP_ERRORS`` (named in each docstring)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,31 @@ class UnknownAdapterError(LookupError):
     def __init__(self, model: object) -> None:
         super().__init__(f"The model {model!r} does not exist.")
         self.model = model
+
+
+class AdapterFormatError(ValueError):
+    """The adapter is not one we can serve; the message names the problem.
+
+    HTTP 422 ``invalid_adapter``, ``param`` files.
+    """
+
+
+class AdapterTooLargeError(AdapterFormatError):
+    """An uploaded file is over its size limit. HTTP 413 ``adapter_too_large``, ``param`` files."""
+
+
+class PinError(ValueError):
+    """A pin that cannot be honoured (every other slot is pinned already). HTTP 409 ``too_many_pinned``."""
+
+
+class StoreError(ValueError):
+    """Bad input to the store (a name, a path outside the allowed roots, a symlink); the message says
+    what. HTTP 400 ``invalid_adapter_source``."""
+
+
+class KeysFileError(ValueError):
+    """The keys file is missing, unreadable or malformed; the message names the file and entry.
+
+    Raised at start (``loraplex serve`` prints it and exits 2) or when a changed file is re-read
+    (the server keeps its previous keys).
+    """

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.errors import AdapterFormatError
 from adapters.safetensors_check import SafetensorsFormatError, load_checked
 
 CONFIG_FILE = "adapter_config.json"
@@ -59,10 +60,6 @@ _KNOWN_FIELDS = frozenset(_REFUSED_FIELDS) | {
 
 MAX_NAME_LENGTH = 64
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-
-
-class AdapterFormatError(ValueError):
-    """The adapter is not one we can serve; the message names the problem."""
 
 
 def validate_name(name: object, what: str = "adapter name") -> str:

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.cache import AdapterCache, AdapterStatus
-from adapters.errors import UnknownAdapterError
+from adapters.errors import AdapterFormatError, AdapterTooLargeError, UnknownAdapterError
 from adapters.format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    AdapterFormatError,
     FormatLimits,
     LoRAWeights,
     read_peft_dir,
@@ -37,10 +36,6 @@ from adapters.format import (
 from adapters.store import AdapterRecord, AdapterStore
 
 _COPY_CHUNK_BYTES = 1 << 20
-
-
-class AdapterTooLargeError(AdapterFormatError):
-    """An uploaded file is over its size limit (HTTP 413)."""
 
 
 class AdapterRegistry:

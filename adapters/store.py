@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError, LoRAConfig, validate_name
+from adapters.errors import AdapterFormatError, StoreError
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE, LoRAConfig, validate_name
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ _COLUMNS = (
     "tenant, name, version, sha256, rank, alpha, use_rslora, target_modules, "
     "base_model_name_or_path, size_bytes, created_at, path, source"
 )
-
-
-class StoreError(ValueError):
-    """Bad input to the store (a name, a path outside the allowed roots, a symlink); the message says what."""
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, get_args
 
-from adapters.errors import UnknownAdapterError
-from adapters.format import AdapterFormatError, validate_name
+from adapters.errors import AdapterFormatError, KeysFileError, UnknownAdapterError
+from adapters.format import validate_name
 
 Role = Literal["user", "admin"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -39,10 +39,6 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _ENTRY_FIELDS = {"sha256", "tenant", "role"}
 _OPTIONAL_FIELDS = {"label", "created_at"}
 FileSignature = tuple[int, int, int]  # (inode, mtime_ns, size) of a keys file
-
-
-class KeysFileError(ValueError):
-    """The keys file is missing, unreadable or malformed; the message names the file and entry."""
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from adapters.errors import UnknownAdapterError
-from adapters.format import AdapterFormatError, validate_name
+from adapters.errors import AdapterFormatError, StoreError, UnknownAdapterError
+from adapters.format import validate_name
 from adapters.registry import AdapterRegistry
-from adapters.store import AdapterRecord, StoreError
+from adapters.store import AdapterRecord
 from adapters.tenants import Principal
 from server.api.auth import admin, caller
 from server.api.errors import ApiError, from_adapter_error, model_not_found

@@ -23,11 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from adapters.cache_types import PinError
-from adapters.errors import UnknownAdapterError
-from adapters.format import AdapterFormatError
-from adapters.registry import AdapterTooLargeError
-from adapters.store import StoreError
+from adapters.errors import (
+    AdapterFormatError,
+    AdapterTooLargeError,
+    PinError,
+    StoreError,
+    UnknownAdapterError,
+)
 from server.api.schemas import ErrorDetail, ErrorResponse
 from server.engine.errors import ContextLengthError, EngineError
 from server.engine.sampler import SamplingParams

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from adapters.format import AdapterFormatError, LoRAWeights
+from adapters.errors import AdapterFormatError
+from adapters.format import LoRAWeights
 from adapters.merge import merged_weight
 from server.model.llama import LlamaForServing
 from server.model.lora_linear import MultiLoRALinear

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.cache import AdapterCache, AdapterState, PinError, Tier, Transition
+from adapters.cache import AdapterCache, AdapterState, Tier, Transition
+from adapters.errors import PinError
 from adapters.format import read_peft_dir
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import make_core

@@ -16,14 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapters.safetensors_check
-from adapters.format import (
-    AdapterFormatError,
-    FormatLimits,
-    LoRAWeights,
-    parse_config,
-    read_peft_dir,
-    validate_name,
-)
+from adapters.errors import AdapterFormatError
+from adapters.format import FormatLimits, LoRAWeights, parse_config, read_peft_dir, validate_name
 from tests.adapters.hostile import CASES, MAX_LORA_RANK, WEIGHTS, HostileCase, clean_adapter, tiny_base_model
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

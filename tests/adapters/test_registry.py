@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from adapters.cache import AdapterState
-from adapters.errors import UnknownAdapterError
-from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError, FormatLimits
-from adapters.registry import AdapterRegistry, AdapterTooLargeError
+from adapters.errors import AdapterFormatError, AdapterTooLargeError, UnknownAdapterError
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE, FormatLimits
+from adapters.registry import AdapterRegistry
 from adapters.store import SQLiteAdapterStore
 from server.engine.sampler import SamplingParams
 from tests.adapters.hostile import CASES, MAX_LORA_RANK, tiny_base_model

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters.errors import StoreError
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, LoRAConfig, read_peft_dir
-from adapters.store import DB_FILE, SQLiteAdapterStore, StoreError
+from adapters.store import DB_FILE, SQLiteAdapterStore
 from tests.adapters.store_crash_child import commit_copy, commit_many
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

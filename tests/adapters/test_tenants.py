@@ -14,17 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import UnknownAdapterError
-from adapters.tenants import (
-    SINGLE_TENANT,
-    KeyRing,
-    KeysFileError,
-    Principal,
-    add_key,
-    can_see,
-    hash_key,
-    parse_model_name,
-)
+from adapters.errors import KeysFileError, UnknownAdapterError
+from adapters.tenants import SINGLE_TENANT, KeyRing, Principal, add_key, can_see, hash_key, parse_model_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACME_USER = Principal(tenant="acme", role="user")
