@@ -108,11 +108,11 @@ class MultiLoRALinear(nn.Module):
         # What the base GEMM reads: the weight itself, or a copy reordered for oneDNN (the plain
         # weight is kept for merged copies and sizing).
         self.gemm_weight = prepare_weight(weight, gemm) if gemm == "onednn" else self.weight
-        # The layouts of server/ops/lora_torch.py, used as they are by every kernel.
-        shape_a = (
-            (max_loras, max_lora_rank, len(slice_names), in_features) if self.lora_names else (0, 0, 0, 0)
+        # The one layout of server/ops/lora_torch.py, used as stored by every kernel.
+        num_slots = max_loras if self.lora_names else 0  # no slots for a module no adapter targets
+        shape_a, shape_b = lora_torch.slot_buffer_shapes(
+            num_slots, max_lora_rank, len(slice_names), in_features, out_total
         )
-        shape_b = (max_loras, max_lora_rank, out_total) if self.lora_names else (0, 0, 0)
         dtype = lora_dtype or weight.dtype
         self.register_buffer(
             "lora_a", weight.new_zeros(shape_a, dtype=dtype), persistent=False

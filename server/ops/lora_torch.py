@@ -31,6 +31,19 @@ import torch
 
 NO_SLOT = -1  # ``token_slots`` value of a token with no side path (the base model, a merged copy)
 
+
+def slot_buffer_shapes(
+    num_slots: int, max_rank: int, num_slices: int, in_features: int, out_total: int
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
+    """The one LoRA buffer layout (see the module docstring), as the slot writer allocates it and
+    every kernel reads it, without a permute or copy of the weights per forward:
+
+        lora_a [S, R, N, in]      S = num_slots, R = max_rank, N = num_slices (fused projections)
+        lora_b [S, R, out_total]  Bᵀ rows, rank-major; slice n is columns output_slices[n]
+    """
+    return (num_slots, max_rank, num_slices, in_features), (num_slots, max_rank, out_total)
+
+
 # Below this many tokens per segment, one batched product over the used slots (tokens padded into
 # a slot × position grid) beats a Python loop over segments: decode batches have ~1 token each.
 DENSE_MAX_TOKENS_PER_SEGMENT = 4
