@@ -55,12 +55,11 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import cpu_name
-from server.config import ALL_TARGET_MODULES, EngineConfig, ModelConfig
+from server.config import ALL_TARGET_MODULES, EngineConfig, ModelConfig, default_cache_dir
 from server.engine.core import EngineCore
 from server.engine.kv_cache import kv_bytes_per_token
 from server.engine.sampler import SamplingParams
 from server.model.factory import load_model
-from server.model.loader import default_cache_dir
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",

@@ -13,6 +13,7 @@ so a bad flag, env var or config-file key fails at start with a clear message, n
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,13 @@ def setting(default: object, meaning: str, *, range: str = "—", has_flag: bool
 
 def _ticked(values: tuple[str, ...]) -> str:
     return ", ".join(f"`{value}`" for value in values)
+
+
+def default_cache_dir() -> Path:
+    """``ModelConfig.cache_dir`` when unset: ``$LORAPLEX_CACHE_DIR`` when set and non-empty, else
+    ``~/.cache/loraplex`` (converted checkpoints, CPU kernel choices, built C kernels)."""
+    env = os.environ.get("LORAPLEX_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "loraplex"
 
 
 def _require(condition: bool, message: str) -> None:

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from server.ops.cpu_info import cpu_identity, cpuinfo
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
@@ -50,7 +52,6 @@ TUNING_FORMAT = 4  # bump when what is measured changes, so old cached choices a
 DECODE_ROWS = 8  # the batch the choices are measured at (decode steps are this size or near it)
 SAMPLE_BYTES = 96 << 20  # weights touched per timed pass: beyond L3, so memory-bound as in decode
 TIMED_PASSES = 5
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CANDIDATE_DTYPES = ("float32", "bfloat16")  # what --dtype unset chooses between
 GEMM_KERNELS = {"x_wt": "x·Wᵀ", "w_xt": "W·xᵀ", "onednn": "oneDNN-packed"}  # kernel: label in timings
@@ -113,28 +114,6 @@ class CpuKernelChoice:
         )
 
 
-def cpu_identity() -> str:
-    """CPU model name, family/model and the ISA flags that decide kernel speed."""
-    info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
-    isa = [f for f in ISA_FLAGS if f in flags]
-    family = f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
-    return f"{info.get('model name', 'unknown CPU')} ({family}; {' '.join(isa) or 'no AVX2'})"
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return fields
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
-
-
 def choose(shapes: GemmShapes, dtype: str | None, cache_dir: Path) -> CpuKernelChoice:
     """The cached choice for this CPU and these shapes, else a fresh measurement (then cached)."""
     cores = os.cpu_count() or 1
@@ -149,7 +128,7 @@ def choose(shapes: GemmShapes, dtype: str | None, cache_dir: Path) -> CpuKernelC
 
 
 def _cache_key(shapes: GemmShapes, dtype: str | None, cores: int) -> str:
-    text = "|".join([cpu_identity(), _cpuinfo().get("flags", ""), torch.__version__, repr(shapes),
+    text = "|".join([cpu_identity(), cpuinfo().get("flags", ""), torch.__version__, repr(shapes),
                      str(dtype), str(cores), str(TUNING_FORMAT)])  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

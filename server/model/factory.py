@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.config import EngineConfig, ModelConfig
+from server.config import EngineConfig, ModelConfig, default_cache_dir
 from server.model import cpu_tuning
 from server.model.cpu_tuning import CpuKernelChoice
 from server.model.host_memory import keep_freed_memory
 from server.model.llama import LlamaForServing, load_weights
-from server.model.loader import Checkpoint, default_cache_dir, iter_safetensors, resolve_checkpoint
+from server.model.loader import Checkpoint, iter_safetensors, resolve_checkpoint
 from server.model.lora_linear import LinearKwargs
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from server.config import ModelConfig
+from server.config import ModelConfig, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +91,6 @@ class Checkpoint:
     config: transformers.PretrainedConfig
     tokenizer: transformers.PreTrainedTokenizerBase
     name: str  # display name: the embedded name, or the directory / .gguf file name
-
-
-def default_cache_dir() -> Path:
-    """``$LORAPLEX_CACHE_DIR`` when set and non-empty, else ``~/.cache/loraplex``."""
-    env = os.environ.get("LORAPLEX_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "loraplex"
 
 
 def resolve_checkpoint(model_config: ModelConfig) -> Checkpoint:

@@ -23,6 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.config import default_cache_dir
+from server.ops.cpu_info import cpu_identity, cpuinfo_flags_line
+
 log = logging.getLogger(__name__)
 
 BASE_CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")  # no -fopenmp: torch has its own
@@ -55,8 +58,6 @@ def load_library(source: NativeSource, cache_dir: Path | str | None = None) -> c
     at most once per process), or None with one warning line saying why. Never raises for the
     reasons listed in the module doc."""
     if cache_dir is None:
-        from server.model.loader import default_cache_dir
-
         cache_dir = default_cache_dir()
     return _load_library(source, Path(cache_dir).expanduser().resolve())
 
@@ -89,21 +90,10 @@ def build(source: NativeSource, cache_dir: Path) -> Path:
 
 def build_key(source: NativeSource, compiler: str, text: bytes) -> str:
     """Hash of everything the built library depends on: source, compiler, flags and the CPU."""
-    from server.model.cpu_tuning import cpu_identity
-
     version = _run([compiler, "--version"], "compiler --version").stdout
     parts = [text, version.encode(), " ".join(source.cflags).encode(), cpu_identity().encode()]
-    parts.append(_cpuinfo_flags().encode())
+    parts.append(cpuinfo_flags_line().encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-
-
-def _cpuinfo_flags() -> str:
-    """The first ``flags`` (x86) or ``Features`` (arm) line of /proc/cpuinfo ('' if none)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
 
 
 def _compile(source: NativeSource, compiler: str, target: Path) -> None:

@@ -13,14 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
-from server.config import ModelConfig
+from server.config import ModelConfig, default_cache_dir
 from server.model import loader
 from server.model.loader import (
     SUPPORTED_ARCHITECTURES,
     ModelNotFoundError,
     UnsupportedModelError,
     convert_gguf,
-    default_cache_dir,
     iter_safetensors,
     resolve_checkpoint,
 )
