@@ -340,12 +340,12 @@ class ProcessConfig:
     served_model_name: str | None = setting(
         None, "the base model's `model` name in the API; none: the `--model` value. No `--adapter` may use it"
     )
-    data_dir: Path | None = setting(  # noqa: RUF009 (setting() is a dataclasses.field)
+    data_dir: Path | None = setting(
         None,
         "the adapter store (SQLite database + adapter files), one process per directory; none: "
         "`$XDG_DATA_HOME/loraplex`, else `~/.local/share/loraplex` (the image sets `/data`)",
     )
-    keys_file: Path | None = setting(  # noqa: RUF009
+    keys_file: Path | None = setting(
         None,
         "JSON file of API key hashes (`loraplex keys add`), re-read when it changes; none: one tenant, no "
         "authentication",
