@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.loraplex-setup
 # Packages type-checked by `make lint` (mypy, strict: see [tool.mypy] in pyproject.toml).
-TYPED := server/ops server/model adapters
+TYPED := server/ops server/model adapters server/engine
 
 .PHONY: setup serve test test-fast lint bench clean
 

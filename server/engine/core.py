@@ -34,6 +34,7 @@ from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
 from server.engine.views import EngineStats, StepStats, TokenDelta
 from server.model.factory import LoadedModel
+from server.model.loader import Checkpoint
 from server.model.lora_binding import LoRASlotWriter
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,9 @@ class EngineCore:
         return self._delta(seq, [token], [logprob], text)
 
     def _delta(
-        self, seq: Sequence, tokens, logprobs, text: str, error: str | None = None, code: str | None = None
-    ) -> TokenDelta:
+        self, seq: Sequence, tokens: list[int], logprobs: list[float | None], text: str,
+        error: str | None = None, code: str | None = None,
+    ) -> TokenDelta:  # fmt: skip
         reason = seq.finish_reason.value if seq.finish_reason else None
         if seq.is_finished:
             self._seqs.pop(seq.request_id, None)
@@ -261,8 +263,8 @@ def _adapter_ids(seqs: list[Sequence]) -> tuple[str, ...]:
     return tuple(sorted({seq.adapter_id for seq in seqs if seq.adapter_id is not None}))
 
 
-def _eos_token_ids(checkpoint) -> frozenset[int]:
-    ids = set()
+def _eos_token_ids(checkpoint: Checkpoint) -> frozenset[int]:
+    ids: set[int] = set()
     for source in (checkpoint.config, getattr(checkpoint, "generation_config", None), checkpoint.tokenizer):
         value = getattr(source, "eos_token_id", None)
         if isinstance(value, int):

@@ -7,9 +7,14 @@ be one). When a stop string appears, the text is cut before it (OpenAI semantics
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.token_ids: list[int] = []
@@ -35,13 +40,18 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, force: bool = False) -> str:
         ids = self.token_ids
-        decode = self.tokenizer.decode
-        prefix = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full = decode(ids[self._prefix_offset :], skip_special_tokens=True)
+        prefix = self._decode(ids[self._prefix_offset : self._read_offset])
+        full = self._decode(ids[self._prefix_offset :])
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not force):
             return ""  # no new complete characters yet
         self._prefix_offset, self._read_offset = self._read_offset, len(ids)
         return full[len(prefix) :]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        # decode's type covers batches too (-> list[str]); one list of ids decodes to one string
+        assert isinstance(text, str)
+        return text
 
     def _cut_at_stop(self) -> bool:
         longest = max(len(s) for s in self.stop)

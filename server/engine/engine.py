@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
@@ -66,7 +66,7 @@ class Engine:
         that loads and tunes it, before any other thread touches torch.
         """
         self._commands: queue.SimpleQueue[Callable[[], list[TokenDelta] | None]] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenDelta]]] = {}
         self._stopping = threading.Event()
         built: Future[EngineCore] = Future()
         build = core if callable(core) and not isinstance(core, EngineCore) else (lambda: core)
@@ -124,19 +124,19 @@ class Engine:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
 
-        def settle(outcome: T | None, error: Exception | None) -> None:
-            if future.done():
-                return
-            if error is not None:
+        def settle(outcome: T) -> None:
+            if not future.done():
+                future.set_result(outcome)
+
+        def fail(error: Exception) -> None:
+            if not future.done():
                 future.set_exception(error)
-            else:
-                future.set_result(outcome)  # type: ignore[arg-type]  # T when error is None
 
         def command() -> list[TokenDelta]:
             try:
-                loop.call_soon_threadsafe(settle, function(), None)
+                loop.call_soon_threadsafe(settle, function())
             except Exception as exc:  # handed back to the caller, never kills the loop
-                loop.call_soon_threadsafe(settle, None, exc)
+                loop.call_soon_threadsafe(fail, exc)
             return []
 
         self._commands.put(command)
@@ -249,15 +249,16 @@ class Engine:
         await self.call(lambda: self.core.merges.unmerge(adapter_id))
 
     # ---- text helpers ----
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return _chat_token_ids(rendered)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        ids: list[int] = self.tokenizer.encode(text)  # transformers types encode's result as Any
+        return ids
 
     async def generate_text(
-        self, prompt: str | list[dict], sampling: SamplingParams, adapter: str | None = None
+        self, prompt: str | list[dict[str, str]], sampling: SamplingParams, adapter: str | None = None
     ) -> str:
         """Complete a text prompt (or chat messages, rendered with the chat template)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else self.encode_chat(prompt)
@@ -268,7 +269,7 @@ class Engine:
         self._thread.join(timeout=10)
 
     # ---- the loop thread ----
-    def _run(self, build: Callable[[], EngineCore], built: Future) -> None:
+    def _run(self, build: Callable[[], EngineCore], built: Future[EngineCore]) -> None:
         try:
             self.core = build()
         except BaseException as exc:  # handed to the constructor, which raises it
@@ -300,7 +301,7 @@ class Engine:
         except queue.Empty:
             return deltas
 
-    def _run_command(self, command) -> list[TokenDelta]:
+    def _run_command(self, command: Callable[[], list[TokenDelta] | None]) -> list[TokenDelta]:
         try:
             return command() or []
         except Exception:
@@ -310,7 +311,7 @@ class Engine:
     def _publish(self, deltas: list[TokenDelta]) -> None:
         """Hand a step's deltas to their streams: one wake-up per event loop, not one per delta
         (each ``call_soon_threadsafe`` writes the loop's self-pipe and wakes its thread)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenDelta]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenDelta], TokenDelta]]] = {}
         for delta in deltas:
             target = self._streams.get(delta.request_id)
             if target is not None:
@@ -330,3 +331,12 @@ def _observe(observer: Callable[[T], None], value: T) -> None:
 
 def _as_list(delta: TokenDelta | None) -> list[TokenDelta]:
     return [] if delta is None else [delta]
+
+
+def _chat_token_ids(rendered: object) -> list[int]:
+    """The ids of ``apply_chat_template(..., tokenize=True)``: a BatchEncoding (a mapping; the default
+    since transformers 5) holds them under ``input_ids``, older versions return the list itself."""
+    ids = rendered["input_ids"] if isinstance(rendered, Mapping) else rendered
+    if not isinstance(ids, Iterable):
+        raise TypeError(f"the chat template gave {type(ids).__name__}, not token ids")
+    return list(ids)

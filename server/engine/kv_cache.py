@@ -7,16 +7,22 @@ the tensors are head-major, [H_kv, rows, D], so one head's gathered rows are con
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Zeroing the cache is paid at every start, and a CPU serves few long sequences at once.
 DEFAULT_CPU_KV_BYTES_CAP = 512 << 20
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element_bytes = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element_bytes
+    num_bytes: int = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element_bytes
+    return num_bytes
 
 
 class BlockAllocator:
@@ -46,7 +52,14 @@ class BlockAllocator:
 class KVCache:
     """Per-layer K/V tensors [H_kv, num_blocks·block_size, D] plus the block allocator."""
 
-    def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rows = num_blocks * block_size
         shape = (config.num_key_value_heads, rows, head_dim)  # head-major: decode reads are views
@@ -62,7 +75,14 @@ class KVCache:
         return -(-num_tokens // self.block_size)
 
     @classmethod
-    def sized(cls, config, budget_bytes: int, block_size: int, dtype, device) -> KVCache:
+    def sized(
+        cls,
+        config: PretrainedConfig,
+        budget_bytes: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
         num_blocks = budget_bytes // (kv_bytes_per_token(config, dtype) * block_size)
         if num_blocks < 1:
             raise ValueError(

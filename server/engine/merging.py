@@ -32,9 +32,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
+
 from adapters.format import LoRAWeights
 from server.engine.route import RouteKind
 from server.model.host_memory import release_freed_memory
+from server.model.lora_linear import MultiLoRALinear
+
+CopyWeights = dict[MultiLoRALinear, torch.Tensor]  # a merged copy: each touched module → its merged weight
+TokensByRoute = Counter[tuple[RouteKind, str | None]]  # tokens of one step per (route kind, adapter id)
+AdapterCounts = Counter[str | None]  # adapter id (None: the base model alone) → tokens or requests
 
 
 class CopyState(enum.Enum):
@@ -71,12 +78,12 @@ class MergedCopy:
     adapter_id: str
     index: int  # stable id of this copy, carried by its requests' Route.copy
     state: CopyState = CopyState.BUILDING
-    weights: dict = field(default_factory=dict)  # MultiLoRALinear → merged weight
+    weights: CopyWeights = field(default_factory=dict)
     num_bytes: int = 0  # once READY
     expected_bytes: int = 0  # while BUILDING
     num_leases: int = 0
     is_pinned: bool = False
-    build: Future | None = None
+    build: Future[CopyWeights] | None = None  # while BUILDING
     build_started_s: float = 0.0
     build_seconds: float = 0.0
 
@@ -87,7 +94,7 @@ class MergeStats:
 
     num_merges: int = 0
     num_unmerges: int = 0
-    build_seconds: deque = field(default_factory=lambda: deque(maxlen=256))
+    build_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     build_seconds_sum: float = 0.0
     tokens_merged: int = 0
     tokens_base_forward: int = 0  # tokens of the base forward: side path or base model only
@@ -96,7 +103,7 @@ class MergeStats:
 class MergeManager:
     """Merged copies of one engine's model; ``build(weights)`` makes a copy's weights (any thread)."""
 
-    def __init__(self, config: MergePolicyConfig, build: Callable[[LoRAWeights], dict],
+    def __init__(self, config: MergePolicyConfig, build: Callable[[LoRAWeights], CopyWeights],
                  size_of: Callable[[LoRAWeights], int], host_weights: Callable[[str], LoRAWeights | None],
                  is_registered: Callable[[str], bool]) -> None:  # fmt: skip
         self.config, self._build, self._size_of, self._host_weights = config, build, size_of, host_weights
@@ -173,7 +180,9 @@ class MergeManager:
         return sum(c.num_bytes for c in [*self.copies.values(), *self._draining])
 
     # ---- once per step (engine thread) ----
-    def after_step(self, tokens_by_adapter: Counter, queued_by_adapter: Callable[[], Counter]) -> None:
+    def after_step(
+        self, tokens_by_adapter: TokensByRoute, queued_by_adapter: Callable[[], AdapterCounts]
+    ) -> None:
         """Collect finished builds, drop stale copies, and let the policy merge or unmerge.
 
         ``queued_by_adapter()`` (requests running or waiting per adapter) is only asked for when
@@ -221,7 +230,10 @@ class MergeManager:
 
     def _collect_builds(self) -> None:
         for copy in list(self.copies.values()):
-            if copy.state is not CopyState.BUILDING or not copy.build.done():
+            if copy.state is not CopyState.BUILDING:
+                continue
+            assert copy.build is not None  # BUILDING: its build was submitted
+            if not copy.build.done():
                 continue
             weights, copy.build = copy.build.result(), None
             num_bytes = sum(w.numel() * w.element_size() for w in weights.values())
@@ -243,6 +255,7 @@ class MergeManager:
 
     def _drain(self, copy: MergedCopy) -> None:
         if copy.state is CopyState.BUILDING:
+            assert copy.build is not None  # BUILDING: its build was submitted
             copy.build.cancel()
             self._forget(copy)
             return
@@ -279,18 +292,20 @@ class MergePolicy:
 
     def __init__(self, config: MergePolicyConfig) -> None:
         self.config = config
-        self._window: deque[Counter] = deque(maxlen=config.window_steps)  # adapter id → tokens, per step
-        self._window_total: Counter = Counter()  # the sum of the window, kept up to date step by step
-        self._hot_steps: Counter = Counter()  # consecutive steps above merge_share
-        self._cold_steps: Counter = Counter()  # consecutive steps below unmerge_share
+        self._window: deque[AdapterCounts] = deque(maxlen=config.window_steps)  # one step's tokens each
+        self._window_total: AdapterCounts = Counter()  # the sum of the window, kept up to date step by step
+        self._hot_steps: Counter[str] = Counter()  # consecutive steps above merge_share
+        self._cold_steps: Counter[str] = Counter()  # consecutive steps below unmerge_share
 
     def shares(self) -> dict[str, float]:
         total = self._window_total
         num_tokens = sum(total.values())
         return {a: n / num_tokens for a, n in total.items() if a is not None} if num_tokens else {}
 
-    def observe(self, tokens_by_adapter: Counter, queued: Counter, merged: set[str]) -> PolicyDecisions:
-        step: Counter = Counter()
+    def observe(
+        self, tokens_by_adapter: TokensByRoute, queued: AdapterCounts, merged: set[str]
+    ) -> PolicyDecisions:
+        step: AdapterCounts = Counter()
         for (_, adapter_id), num in tokens_by_adapter.items():
             step[adapter_id] += num
         if len(self._window) == self._window.maxlen:
@@ -298,10 +313,11 @@ class MergePolicy:
         self._window.append(step)
         self._window_total.update(step)
         self._window_total = +self._window_total  # drop adapters that left the window
-        if len(self._window) < self._window.maxlen:
+        if len(self._window) < self.config.window_steps:  # the window's maxlen
             return PolicyDecisions([], [])
         shares = self.shares()
-        merge, unmerge = [], []
+        merge: list[str] = []
+        unmerge: list[str] = []
         for adapter_id in set(shares) | merged | set(self._hot_steps):
             share = shares.get(adapter_id, 0.0)
             hot = share >= self.config.merge_share and queued[adapter_id] >= self.config.merge_min_requests

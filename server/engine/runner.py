@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import torch
 
@@ -24,6 +24,16 @@ from server.ops.lora_torch import LoRASegments
 class MergedWeights(Protocol):
     def applied(self, copy: int | None) -> contextlib.AbstractContextManager[None]:
         """Inside: the model computes with merged copy ``copy``'s weights (None: the base weights)."""
+
+
+class DecodeFields(TypedDict):
+    """The decode group's fields of a ForwardBatch (all None and False without decodes)."""
+
+    decode_token_index: torch.Tensor | None  # [Bd]
+    decode_kv_index: torch.Tensor | None  # [Bd, Lmax]
+    decode_kv_bias: torch.Tensor | None  # [Bd, 1, 1, Lmax]
+    decode_kv_lens: torch.Tensor | None  # [Bd]
+    decode_is_all_tokens: bool
 
 
 class ModelRunner:
@@ -91,7 +101,7 @@ class ModelRunner:
             lora=LoRASegments.build(token_slots, self.device, self.slot_ranks),
         )
 
-    def _decode_fields(self, decodes: list[tuple[int, Sequence, int]]) -> dict:
+    def _decode_fields(self, decodes: list[tuple[int, Sequence, int]]) -> DecodeFields:
         """Padded KV rows, mask and lengths for the decode group: [Bd, Lmax], [Bd, 1, 1, Lmax], [Bd]."""
         if not decodes:
             return {"decode_token_index": None, "decode_kv_index": None, "decode_kv_bias": None,
@@ -124,5 +134,5 @@ class ModelRunner:
         bs = self.kv_cache.block_size
         return [block_table[i // bs] * bs + i % bs for i in range(start, end)]
 
-    def _tensor(self, values) -> torch.Tensor:
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -43,7 +43,8 @@ def _check_int(name: str, value: object, low: int, high: int | None = None, boun
     """Raise ValueError unless ``value`` is an int (bool excluded) with low <= value (< high)."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value >= high):
+    number = int(value)  # the same integer, typed: typeshed gives Integral "<" and "<=" but no ">="
+    if number < low or (high is not None and number >= high):
         bound = bound or (f">= {low}" if high is None else f"in [{low}, {high})")
         raise ValueError(f"{name} must be {bound}, got {value}")
 
@@ -57,7 +58,7 @@ def _check_real(name: str, value: object, ok: Callable[[float], bool], bound: st
     return float(value)
 
 
-def _as_tuple(name: str, value: object) -> tuple:
+def _as_tuple(name: str, value: object) -> tuple[object, ...]:
     """Lists and tuples as a tuple (a bare string counts as one item); anything else is a ValueError."""
     if isinstance(value, str):
         return (value,)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar, cast
 
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
@@ -31,35 +31,41 @@ from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 STARVATION_STEPS = 32
 
 
-class AdapterSlots(Protocol):
-    """What the scheduler needs of the adapter cache (adapters/cache.py implements it)."""
-
-    def try_activate(self, adapter_id: str) -> int | None:
-        """The adapter's device slot, making it resident if that can be done now; else None."""
-
-    def acquire(self, adapter_id: str) -> object:
-        """A running sequence uses it: never evict it until the lease is released."""
-
-    def lease_slot(self, lease: object) -> int:
-        """The slot the leased adapter version occupies."""
-
-    def release(self, lease: object) -> None: ...
-
-
-class MergedCopies(Protocol):
-    """What the scheduler needs of the merged copies (server/engine/merging.py implements it)."""
-
-    def route(self, adapter_id: str | None) -> MergedCopyLease | None:
-        """A lease on a ready merged copy of this adapter, or None (side path)."""
-
-    def release(self, copy: MergedCopyLease) -> None: ...
-
-
 class MergedCopyLease(Protocol):
     """What a sequence holds while it runs on a merged copy (merging.MergedCopy)."""
 
     @property
     def index(self) -> int: ...
+
+
+# The lease types are the implementation's own (adapters/cache.py hands out its entries): the
+# scheduler only keeps a lease on its sequence and hands it back, so each protocol is generic in it.
+LeaseT = TypeVar("LeaseT")
+CopyT = TypeVar("CopyT", bound=MergedCopyLease)
+
+
+class AdapterSlots(Protocol[LeaseT]):
+    """What the scheduler needs of the adapter cache (adapters/cache.py implements it)."""
+
+    def try_activate(self, adapter_id: str) -> int | None:
+        """The adapter's device slot, making it resident if that can be done now; else None."""
+
+    def acquire(self, adapter_id: str) -> LeaseT:
+        """A running sequence uses it: never evict it until the lease is released."""
+
+    def lease_slot(self, lease: LeaseT) -> int:
+        """The slot the leased adapter version occupies."""
+
+    def release(self, lease: LeaseT) -> None: ...
+
+
+class MergedCopies(Protocol[CopyT]):
+    """What the scheduler needs of the merged copies (server/engine/merging.py implements it)."""
+
+    def route(self, adapter_id: str | None) -> CopyT | None:
+        """A lease on a ready merged copy of this adapter, or None (side path)."""
+
+    def release(self, copy: CopyT) -> None: ...
 
 
 class NoMergedCopies:
@@ -93,18 +99,18 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-class Scheduler:
+class Scheduler(Generic[LeaseT, CopyT]):
     def __init__(
         self,
         config: EngineConfig,
         kv_cache: KVCache,
-        slots: AdapterSlots,
+        slots: AdapterSlots[LeaseT],
         max_model_len: int,
         eos_token_ids: frozenset[int],
-        merged: MergedCopies | None = None,
+        merged: MergedCopies[CopyT] | None = None,
     ) -> None:
         self.config = config
-        self.merged = merged or NoMergedCopies()
+        self.merged: MergedCopies[CopyT] = merged or NoMergedCopies()
         self.eos_token_ids = eos_token_ids
         self.kv_cache = kv_cache
         self.slots = slots
@@ -153,7 +159,9 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> None:
-        adapters = {s.adapter_id for s in self.running if s.adapter_lease is not None}
+        adapters = {
+            s.adapter_id for s in self.running if s.adapter_lease is not None and s.adapter_id is not None
+        }
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -176,9 +184,9 @@ class Scheduler:
         A ready merged copy of its adapter is leased here."""
         if seq.adapter_id is None:
             return Route.base()
-        seq.merged_copy = self.merged.route(seq.adapter_id)
-        if seq.merged_copy is not None:
-            return Route.merged(seq.merged_copy.index)
+        copy = seq.merged_copy = self.merged.route(seq.adapter_id)
+        if copy is not None:
+            return Route.merged(copy.index)
         if seq.adapter_id not in adapters and len(adapters) >= self.config.max_loras:
             return None
         slot = self.slots.try_activate(seq.adapter_id)
@@ -203,17 +211,28 @@ class Scheduler:
         return True
 
     def _drop_copy(self, seq: Sequence) -> None:
-        if seq.merged_copy is not None:
-            self.merged.release(seq.merged_copy)
+        copy = self._copy_of(seq)
+        if copy is not None:
+            self.merged.release(copy)
             seq.merged_copy = None
 
     def _route(self, seq: Sequence) -> Route:
         """The route of a running sequence: where its lease or merged copy put it at admission."""
-        if seq.merged_copy is not None:
-            return Route.merged(seq.merged_copy.index)
-        if seq.adapter_lease is not None:
-            return Route.side(self.slots.lease_slot(seq.adapter_lease))
+        copy = self._copy_of(seq)
+        if copy is not None:
+            return Route.merged(copy.index)
+        lease = self._lease_of(seq)
+        if lease is not None:
+            return Route.side(self.slots.lease_slot(lease))
         return Route.base()
+
+    # A Sequence keeps its leases untyped (it is not generic in the cache's types); only this
+    # scheduler sets them, from self.slots.acquire and self.merged.route, so these casts hold.
+    def _lease_of(self, seq: Sequence) -> LeaseT | None:
+        return cast("LeaseT | None", seq.adapter_lease)
+
+    def _copy_of(self, seq: Sequence) -> CopyT | None:
+        return cast("CopyT | None", seq.merged_copy)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's KV and queue it again; it is recomputed from prompt + outputs so far."""
@@ -227,8 +246,9 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            if seq.adapter_lease is not None:
-                self.slots.release(seq.adapter_lease)
+            lease = self._lease_of(seq)
+            if lease is not None:
+                self.slots.release(lease)
                 seq.adapter_lease = None
             self._drop_copy(seq)
         self.kv_cache.allocator.free(seq.block_table)
