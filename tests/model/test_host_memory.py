@@ -39,12 +39,12 @@ def page_faults_of_logits_steps(keep: bool) -> int:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 def test_large_blocks_are_reused_instead_of_faulted_in_again():
-    with multiprocessing.get_context("spawn").Pool(1) as pool:  # fresh processes: default malloc
-        default = pool.apply(page_faults_of_logits_steps, (False,))
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    """With our settings the steps' blocks never fault in again. glibc's defaults usually do (more
+    than a quarter of the pages, every step), but its thresholds adapt to what was freed before,
+    and in a full test run they once settled at 0 faults: so only our side is asserted."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: default malloc
         kept = pool.apply(page_faults_of_logits_steps, (True,))
     pages = 20 * 8 * 49152 * (2 + 4 + 4) // 4096  # what the 20 steps allocate
-    assert default > pages // 4, f"glibc's defaults fault the logits in again ({default} faults)"
     assert kept < pages // 50, f"kept blocks must not fault again ({kept} faults for {pages} pages)"
 
 
