@@ -37,7 +37,6 @@ import dataclasses
 import hashlib
 import os
 import platform
-import resource
 import shlex
 import shutil
 import statistics
@@ -60,6 +59,7 @@ from server.engine.core import EngineCore
 from server.engine.kv_cache import kv_bytes_per_token
 from server.engine.sampler import SamplingParams
 from server.model.factory import load_model
+from server.ops.cpu_info import cpu_snapshot, other_load
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
@@ -446,20 +446,6 @@ def print_profile(core: EngineCore, prompts, args) -> None:
 
 
 # ---- report ----
-
-
-def cpu_snapshot() -> tuple[float, float, float]:
-    """(wall s, CPU seconds busy on the whole machine, CPU seconds of this process) right now."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system, irq softirq steal
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
-
-
-def other_load(since: tuple[float, float, float]) -> float:
-    """Cores that other processes kept busy on average since ``since`` (the noise indicator)."""
-    now = cpu_snapshot()
-    return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
 
 
 def print_header(args, core: EngineCore, prompts, others: float) -> None:

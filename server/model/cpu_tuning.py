@@ -24,6 +24,7 @@ core count, and reused on later starts; ``describe()`` is the one line the serve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from server.ops.cpu_info import cpu_identity, cpuinfo
+from server.ops.cpu_info import cpu_identity, cpu_snapshot, cpuinfo, other_load
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -52,6 +53,9 @@ TUNING_FORMAT = 4  # bump when what is measured changes, so old cached choices a
 DECODE_ROWS = 8  # the batch the choices are measured at (decode steps are this size or near it)
 SAMPLE_BYTES = 96 << 20  # weights touched per timed pass: beyond L3, so memory-bound as in decode
 TIMED_PASSES = 5
+# A measurement taken while other processes kept more cores busy than this is not cached: a
+# concurrent test run once made a noisy start pick x·Wᵀ over oneDNN for good (20 % slower serving).
+MAX_OTHER_LOAD = 0.3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CANDIDATE_DTYPES = ("float32", "bfloat16")  # what --dtype unset chooses between
 GEMM_KERNELS = {"x_wt": "x·Wᵀ", "w_xt": "W·xᵀ", "onednn": "oneDNN-packed"}  # kernel: label in timings
@@ -93,6 +97,7 @@ class CpuKernelChoice:
     seconds: float = 0.0  # how long measuring took
     attention_kernel: str = "torch"  # decode-step RoPE, KV write and attention: "torch" or "native"
     lora_threads: int = 1  # threads of a decode-step call of the native LoRA kernel
+    other_load: float = 0.0  # cores other processes kept busy while it was measured
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -106,6 +111,8 @@ class CpuKernelChoice:
         layout = GEMM_KERNELS[self.gemm]
         timings = ", ".join(f"{k} {v:.1f}" for k, v in self.timings_ms.items())
         how = f"measured in {self.seconds:.1f} s" if self.source == "measured" else "cached"
+        if self.other_load > MAX_OTHER_LOAD:
+            how += f" while other processes kept {self.other_load:.1f} cores busy: not cached"
         lora_threads = f" on {self.lora_threads} threads" if self.lora_threads > 1 else ""
         return (
             f"cpu tuning: {self.cpu} -> {self.dtype} base, {layout} GEMMs, LoRA {self.lora_kernel} in "
@@ -122,8 +129,15 @@ def choose(shapes: GemmShapes, dtype: str | None, cache_dir: Path) -> CpuKernelC
     cached = _read_cached(path)
     if cached is not None:
         return cached
-    choice = measure(shapes, dtype, cores, cache_dir)
-    _write_cached(path, choice)
+    since = cpu_snapshot()
+    choice = dataclasses.replace(
+        measure(shapes, dtype, cores, cache_dir), other_load=round(other_load(since), 2)
+    )
+    if choice.other_load > MAX_OTHER_LOAD:
+        message = "the CPU tuning ran while other processes kept %.1f cores busy: its choice serves now"
+        log.warning(message + " but is not cached (the next start measures again)", choice.other_load)
+    else:
+        _write_cached(path, choice)
     return choice
 
 

@@ -37,3 +37,29 @@ def cpuinfo_flags_line() -> str:
     except OSError:
         return ""
     return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall s, CPU seconds busy on the whole machine, CPU seconds of this process) now; the busy
+    seconds are 0 where /proc/stat is missing, so ``other_load`` reads 0 there."""
+    import os
+    import resource
+    import time
+
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf(
+            "SC_CLK_TCK"
+        )  # user nice system irq softirq steal
+    except (OSError, ValueError, IndexError):
+        busy = 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
+
+
+def other_load(since: tuple[float, float, float]) -> float:
+    """Cores that other processes kept busy on average since ``since`` (a ``cpu_snapshot``)."""
+    now = cpu_snapshot()
+    if since[1] == 0.0 or now[0] <= since[0]:
+        return 0.0
+    return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])

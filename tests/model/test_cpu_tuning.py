@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 from server.model import cpu_tuning
 from server.model.cpu_tuning import GemmShapes
 from server.ops import attention_native
+from server.ops.cpu_info import cpu_snapshot, other_load
 
 CONFIG = SimpleNamespace(
     hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -65,6 +69,7 @@ def test_unknown_heads_keep_the_torch_attention(tmp_path):
 
 
 def test_the_choice_is_cached_per_cpu_and_shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_tuning, "other_load", lambda since: 0.0)  # a quiet machine
     shapes = GemmShapes.of(CONFIG)
     first = cpu_tuning.choose(shapes, "float32", tmp_path)
     assert first.source == "measured"
@@ -75,7 +80,30 @@ def test_the_choice_is_cached_per_cpu_and_shapes(tmp_path, monkeypatch):
     assert again.source == "cached" and again.attention_kernel == first.attention_kernel
     assert again.gemm == first.gemm and again.lora_kernel == first.lora_kernel
     monkeypatch.undo()
+    monkeypatch.setattr(cpu_tuning, "other_load", lambda since: 0.0)
     cpu_tuning.choose(
         GemmShapes.of(SimpleNamespace(**{**vars(CONFIG), "num_hidden_layers": 3})), "float32", tmp_path
     )
     assert len(list((tmp_path / "tuning").glob("cpu-*.json"))) == 2, "other shapes: another entry"
+
+
+def test_a_measurement_under_load_serves_but_is_not_cached(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_tuning, "other_load", lambda since: 1.2)  # another process on a core
+    choice = cpu_tuning.choose(GemmShapes.of(CONFIG), "float32", tmp_path)
+    assert choice.source == "measured" and choice.other_load == 1.2
+    assert not list((tmp_path / "tuning").glob("cpu-*.json"))
+    assert "not cached" in choice.describe() and "1.2 cores busy" in caplog.text
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc/stat")
+def test_other_load_sees_another_busy_process():
+    since = cpu_snapshot()
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1: pass"]
+    )
+    busy.wait()
+    assert other_load(since) > 0.5  # one process spun a core for a second; we slept
+    quiet = cpu_snapshot()
+    for _ in range(3_000_000):  # our own work is not other processes' load
+        pass
+    assert other_load(quiet) < 0.5
