@@ -23,6 +23,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 METRICS_AUTH = ("none", "admin")
+QUANTIZATION_SCHEMES = ("auto", "none", "int4", "int8")  # server/model/quant/
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")  # what torch.device accepts for the two we serve on
 SETTING = "loraplex.setting"  # the dataclass field metadata key of a field's declaration
 
@@ -90,6 +91,15 @@ class ModelConfig:
         "the torch device to serve on; none: `cuda` when torch sees a GPU, else `cpu`",
         range="`cpu`, `cuda`, `cuda:N`",
     )
+    quantization: str = setting(
+        "auto",
+        "weights of the base model's linear layers (adapters always stay in full precision): `auto` "
+        "serves a `.gguf` base on its own Q4_0/Q4_1 blocks (as `int4`) when the start-up measurement "
+        "finds that faster than dense, and any other base as stored; `none` dequantizes to the "
+        "serving dtype; `int4` (groups of 32 inputs, scale and minimum) or `int8` (per output channel) "
+        "quantize at load, on CPU. No merged copies are made over a quantized base",
+        range=_ticked(QUANTIZATION_SCHEMES),
+    )
     cache_dir: str | None = setting(
         None,
         "`ModelConfig`: where converted `.gguf` and embedded checkpoints go; none: `$LORAPLEX_CACHE_DIR`, "
@@ -106,6 +116,10 @@ class ModelConfig:
         _require(
             self.device is None or DEVICE_PATTERN.fullmatch(self.device) is not None,
             f"device must be cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        _require(
+            self.quantization in QUANTIZATION_SCHEMES,
+            f"quantization must be one of {', '.join(QUANTIZATION_SCHEMES)}, got {self.quantization!r}",
         )
 
 

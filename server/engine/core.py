@@ -61,7 +61,7 @@ class EngineCore:
         )
         eos = _eos_token_ids(loaded.checkpoint)
         self.merges = MergeManager(
-            _merge_policy_config(config),
+            _merge_policy_config(config, self.slot_writer.quantization),
             self.slot_writer.merged_weights,
             self.slot_writer.merged_bytes,
             self.adapters.host_weights,
@@ -251,7 +251,11 @@ class EngineCore:
         return deltas
 
 
-def _merge_policy_config(config: EngineConfig) -> MergePolicyConfig:
+def _merge_policy_config(config: EngineConfig, quantization: str | None) -> MergePolicyConfig:
+    """The merge policy's settings; none at all over a quantized base (a copy starts from dense W)."""
+    if quantization is not None:
+        reason = f"the base model is quantized ({quantization}): merged copies are not made over it"
+        return MergePolicyConfig(enabled=False, max_merged_copies=0, unavailable=reason)
     return MergePolicyConfig(
         enabled=config.merge_policy == "auto", max_merged_copies=config.max_merged_copies,
         max_merged_bytes=config.max_merged_bytes, merge_share=config.merge_share,

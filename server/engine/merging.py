@@ -63,6 +63,7 @@ class MergePolicyConfig:
     merge_after_steps: int = 16
     unmerge_after_steps: int = 64
     merge_min_requests: int = 2
+    unavailable: str | None = None  # why no copy can be made at all (e.g. a quantized base), else None
 
     def __post_init__(self) -> None:
         if not 0 < self.unmerge_share < self.merge_share <= 1:
@@ -206,6 +207,8 @@ class MergeManager:
 
     # ---- internals ----
     def _why_not(self, adapter_id: str) -> str:
+        if self.config.unavailable is not None:
+            return self.config.unavailable
         if not self._is_registered(adapter_id):
             return "it is not registered"
         if self._host_weights(adapter_id) is None:

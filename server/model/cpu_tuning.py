@@ -391,3 +391,25 @@ def base_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         y = torch.mm(weight, x.T).T.contiguous()
         return y if bias is None else y.add_(bias)
     return F.linear(x, weight, bias)
+
+
+def time_int4_against_dense(shapes: GemmShapes, dtype: str, gemm: str) -> dict[str, float]:
+    """ms per decode pass of the model's layer GEMMs: dense (``dtype``, ``gemm``: the measured
+    choice) and int4 with bf16 activations, timed interleaved on the same sampled layers."""
+    from server.model.quant.int_weights import Int4Weight, quantize_int4
+
+    with torch.inference_mode():
+        dense = _sample_weights(shapes, DTYPES[dtype])
+        dense_pass = _gemm_pass(dense, gemm)
+        int4 = [Int4Weight(quantize_int4(w), torch.bfloat16) for w in dense]
+        inputs = {w.in_features: torch.randn(DECODE_ROWS, w.in_features, dtype=DTYPES[dtype]) for w in int4}
+
+        def int4_pass() -> None:
+            for weight in int4:
+                weight.matmul(inputs[weight.in_features])
+
+        passes = {"int4 bfloat16 activations": int4_pass}
+        if dense_pass is not None:
+            passes[f"{dtype} {GEMM_KERNELS[gemm]}"] = dense_pass
+        scale = shapes.num_layers / _sample_layers(shapes)
+        return {name: ms * scale for name, ms in _time_interleaved(passes).items()}

@@ -13,9 +13,11 @@ from server.config import EngineConfig, ModelConfig, default_cache_dir
 from server.model import cpu_tuning
 from server.model.cpu_tuning import CpuKernelChoice
 from server.model.host_memory import keep_freed_memory
-from server.model.llama import LlamaForServing, load_weights
+from server.model.llama import LlamaForServing, Weights, load_weights
 from server.model.loader import Checkpoint, iter_safetensors, resolve_checkpoint
 from server.model.lora_linear import LinearKwargs
+from server.model.quant import plan as quant_plan
+from server.model.quant.gguf_codes import read_int4_codes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -53,6 +55,9 @@ def pick_dtype(
         return torch.bfloat16
     return kernels.torch_dtype if kernels is not None else torch.float32
 
+
+# auto serves a GGUF on int4 only when its GEMMs measure at least this much faster than dense ones
+INT4_MIN_GAIN = 0.95
 
 # Below this many bytes of decode GEMM weights (tiny test models) timings are noise: no tuning.
 MIN_TUNED_WEIGHT_BYTES = 16 << 20
@@ -103,6 +108,47 @@ def pick_attention_ops(kernels: CpuKernelChoice | None, model_config: ModelConfi
     return attention_native.load(_cache_dir(model_config))  # None: cannot be built now, torch path
 
 
+def pick_quantization(
+    model_config: ModelConfig, checkpoint: Checkpoint, device: torch.device, kernels: CpuKernelChoice | None
+) -> quant_plan.QuantPlan:
+    """``--quantization``: a scheme asked for (checked against the device), or auto's choice."""
+    scheme = model_config.quantization
+    if scheme != "auto":
+        quant_plan.check_device(scheme, device)
+        return quant_plan.QuantPlan(scheme, "asked for")
+    if device.type != "cpu":
+        return quant_plan.QuantPlan("none", f"auto: the int kernels run on CPU, not {device.type}")
+    if checkpoint.gguf_path is None:
+        return quant_plan.QuantPlan("none", "auto: a safetensors base is served as stored")
+    if kernels is None:
+        return quant_plan.QuantPlan("none", "auto: no start-up measurement for a model this small")
+    timings = cpu_tuning.time_int4_against_dense(cpu_tuning.GemmShapes.of(checkpoint.config), kernels.dtype,
+                                                 kernels.gemm)  # fmt: skip
+    int4_ms = timings.pop("int4 bfloat16 activations")
+    dense_name, dense_ms = next(iter(timings.items()), ("dense", float("inf")))
+    measured = f"ms per decode pass: int4 {int4_ms:.1f}, {dense_name} {dense_ms:.1f}"
+    if int4_ms < INT4_MIN_GAIN * dense_ms:
+        return quant_plan.QuantPlan("int4", f"auto: the GGUF's own 4-bit blocks are faster here ({measured})")
+    return quant_plan.QuantPlan("none", f"auto: dense is as fast or faster here ({measured})")
+
+
+def quantized_weights(
+    weights: dict[str, torch.Tensor], plan: quant_plan.QuantPlan, checkpoint: Checkpoint
+) -> Weights:
+    """The model's weights under ``plan`` (int4 from a GGUF's own blocks where it has them); logs one line."""
+    file_codes = None
+    if plan.scheme == "int4" and checkpoint.gguf_path is not None:
+        config = checkpoint.config
+        file_codes = read_int4_codes(
+            checkpoint.gguf_path, config.num_attention_heads, config.num_key_value_heads
+        )
+    out = quant_plan.apply(weights, plan.scheme, file_codes)
+    log.info(
+        "quantization %s: %s (%s)", plan.scheme, quant_plan.summary(out, len(file_codes or {})), plan.why
+    )
+    return out
+
+
 def _cache_dir(model_config: ModelConfig) -> Path:
     return Path(model_config.cache_dir).expanduser() if model_config.cache_dir else default_cache_dir()
 
@@ -115,12 +161,16 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
         keep_freed_memory()  # a step's large tensors come back from the heap, not fresh pages
     dtype = pick_dtype(model_config.dtype, device, kernels)
     max_model_len = model_context_limit(checkpoint.config, engine_config.max_model_len)
-    weights = load_weights(iter_safetensors(checkpoint.path), dtype, device)
+    plan = pick_quantization(model_config, checkpoint, device, kernels)
+    weights = quantized_weights(
+        load_weights(iter_safetensors(checkpoint.path), dtype, device), plan, checkpoint
+    )
+    lora_dtype = kernels.torch_lora_dtype if kernels is not None and dtype != torch.float32 else None
     linear_kwargs: LinearKwargs = {
         "max_loras": engine_config.max_loras,
         "max_lora_rank": engine_config.max_lora_rank,
         "target_names": engine_config.target_modules,
-        "lora_dtype": kernels.torch_lora_dtype if kernels is not None and dtype != torch.float32 else None,
+        "lora_dtype": lora_dtype or (dtype if plan.scheme != "none" else None),
         "gemm": kernels.gemm if kernels is not None else "x_wt",
         "lora_op": pick_lora_op(kernels, model_config),
     }

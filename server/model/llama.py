@@ -18,6 +18,7 @@ from torch import nn
 from server.model.cpu_tuning import prepare_weight
 from server.model.forward_batch import ForwardBatch
 from server.model.lora_linear import LinearKwargs, MultiLoRALinear, base_linear
+from server.model.quant.int_weights import Codes, concat
 from server.ops import attention_torch
 from server.ops.attention_torch import AttentionOps
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [H_kv, num_kv_rows, D]
+Weights = dict[str, torch.Tensor | Codes]  # checkpoint names → tensors; linear weights may be codes
 
 
 def rope_cos_sin(config: PretrainedConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +69,7 @@ class DecoderLayer(nn.Module):
     def __init__(
         self,
         config: PretrainedConfig,
-        weights: dict[str, torch.Tensor],
+        weights: Weights,
         linear_kwargs: LinearKwargs,
         attention_ops: AttentionOps = attention_torch,
     ) -> None:
@@ -78,23 +80,23 @@ class DecoderLayer(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(weights["input_layernorm.weight"], eps)
-        self.post_attention_layernorm = RMSNorm(weights["post_attention_layernorm.weight"], eps)
-        qkv_bias = _cat_optional([weights.get(f"self_attn.{p}_proj.bias") for p in "qkv"])
+        self.input_layernorm = RMSNorm(_dense(weights["input_layernorm.weight"]), eps)
+        self.post_attention_layernorm = RMSNorm(_dense(weights["post_attention_layernorm.weight"]), eps)
+        qkv_bias = _cat_optional([_dense_or_none(weights.get(f"self_attn.{p}_proj.bias")) for p in "qkv"])
         self.qkv_proj = MultiLoRALinear(
-            torch.cat([weights[f"self_attn.{p}_proj.weight"] for p in "qkv"]),
+            concat([weights[f"self_attn.{p}_proj.weight"] for p in "qkv"]),
             qkv_bias,
             ("q_proj", "k_proj", "v_proj"),
             (q_size, kv_size, kv_size),
             **linear_kwargs,
         )
         self.o_proj = MultiLoRALinear(
-            weights["self_attn.o_proj.weight"], weights.get("self_attn.o_proj.bias"),
+            weights["self_attn.o_proj.weight"], _dense_or_none(weights.get("self_attn.o_proj.bias")),
             ("o_proj",), (config.hidden_size,), **linear_kwargs,
         )  # fmt: skip
         inter = config.intermediate_size
         self.gate_up_proj = MultiLoRALinear(
-            torch.cat([weights["mlp.gate_proj.weight"], weights["mlp.up_proj.weight"]]), None,
+            concat([weights["mlp.gate_proj.weight"], weights["mlp.up_proj.weight"]]), None,
             ("gate_proj", "up_proj"), (inter, inter), **linear_kwargs,
         )  # fmt: skip
         self.down_proj = MultiLoRALinear(
@@ -175,7 +177,7 @@ class LlamaForServing(nn.Module):
     def __init__(
         self,
         config: PretrainedConfig,
-        weights: dict[str, torch.Tensor],
+        weights: Weights,
         max_positions: int,
         linear_kwargs: LinearKwargs,
         attention_ops: AttentionOps | None = None,
@@ -183,10 +185,12 @@ class LlamaForServing(nn.Module):
         """``attention_ops``: the decode step's attention kernels (default: ``attention_torch``)."""
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Parameter(weights.pop("model.embed_tokens.weight"), requires_grad=False)
-        lm_head = weights.pop("lm_head.weight", None)
+        self.embed_tokens = nn.Parameter(
+            _dense(weights.pop("model.embed_tokens.weight")), requires_grad=False
+        )
+        lm_head = _dense_or_none(weights.pop("lm_head.weight", None))
         self.lm_head = self.embed_tokens if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
-        self.norm = RMSNorm(weights.pop("model.norm.weight"), config.rms_norm_eps)
+        self.norm = RMSNorm(_dense(weights.pop("model.norm.weight")), config.rms_norm_eps)
         self.layers = nn.ModuleList(
             DecoderLayer(config, _layer_weights(weights, i), linear_kwargs, attention_ops or attention_torch)
             for i in range(config.num_hidden_layers)
@@ -220,7 +224,7 @@ class LlamaForServing(nn.Module):
                     yield i, module
 
 
-def _layer_weights(weights: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+def _layer_weights(weights: Weights, index: int) -> Weights:
     """Pop the tensors of layer ``index`` out of ``weights``, keyed relative to the layer."""
     prefix = f"model.layers.{index}."
     keys = [k for k in weights if k.startswith(prefix)]
@@ -236,3 +240,14 @@ def load_weights(
         for name, tensor in named_tensors
         if not name.endswith("rotary_emb.inv_freq")
     }
+
+
+def _dense(value: torch.Tensor | Codes) -> torch.Tensor:
+    """A tensor that only linear layers may hold quantized (norms, embeddings, biases)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"only linear weights can be quantized, got {type(value).__name__} elsewhere")
+    return value
+
+
+def _dense_or_none(value: torch.Tensor | Codes | None) -> torch.Tensor | None:
+    return None if value is None else _dense(value)

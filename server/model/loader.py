@@ -15,6 +15,7 @@ weights are only read with safetensors (never pickle).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -91,6 +92,7 @@ class Checkpoint:
     config: transformers.PretrainedConfig
     tokenizer: transformers.PreTrainedTokenizerBase
     name: str  # display name: the embedded name, or the directory / .gguf file name
+    gguf_path: Path | None = None  # the .gguf file it was converted from (its own quantized blocks)
 
 
 def resolve_checkpoint(model_config: ModelConfig) -> Checkpoint:
@@ -104,15 +106,16 @@ def resolve_checkpoint(model_config: ModelConfig) -> Checkpoint:
     model = model_config.model
     cache_dir = Path(model_config.cache_dir).expanduser() if model_config.cache_dir else default_cache_dir()
     if model in EMBEDDED_MODELS:
-        path = _convert_embedded(model, EMBEDDED_MODELS[model], cache_dir)
-        return load_checkpoint_dir(path, name=model)
+        gguf_path, path = _convert_embedded(model, EMBEDDED_MODELS[model], cache_dir)
+        return dataclasses.replace(load_checkpoint_dir(path, name=model), gguf_path=gguf_path)
     local = Path(model).expanduser()
     if local.is_dir():
         return load_checkpoint_dir(local, name=local.resolve().name)
     if local.suffix.lower() == ".gguf":
         if not local.is_file():
             raise ModelNotFoundError(f"GGUF file {str(local)!r} does not exist")
-        return load_checkpoint_dir(convert_gguf(local, cache_dir), name=local.name)
+        checkpoint = load_checkpoint_dir(convert_gguf(local, cache_dir), name=local.name)
+        return dataclasses.replace(checkpoint, gguf_path=local.resolve())
     raise ModelNotFoundError(
         f"model {model!r} is not a local checkpoint directory, not a .gguf file and not an embedded "
         f"model ({', '.join(EMBEDDED_MODELS)}); loraplex never downloads from a model hub"
@@ -207,8 +210,9 @@ def _short_hash(*parts: object) -> str:
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
-def _convert_embedded(name: str, embedded: EmbeddedModel, cache_dir: Path) -> Path:
-    """Locate the embedded model's GGUF without importing its package, convert it once."""
+def _convert_embedded(name: str, embedded: EmbeddedModel, cache_dir: Path) -> tuple[Path, Path]:
+    """Locate the embedded model's GGUF without importing its package, convert it once: (the GGUF,
+    the converted checkpoint directory)."""
     spec = importlib.util.find_spec(embedded.package)
     locations = list(spec.submodule_search_locations or []) if spec else []
     gguf_path = next(
@@ -226,7 +230,7 @@ def _convert_embedded(name: str, embedded: EmbeddedModel, cache_dir: Path) -> Pa
     key = _short_hash(
         embedded.distribution, version, embedded.gguf_file, gguf_path.stat().st_size, _CONVERSION_FORMAT
     )
-    return _convert_once(gguf_path, cache_dir / "models" / f"{name}-{key}")
+    return gguf_path, _convert_once(gguf_path, cache_dir / "models" / f"{name}-{key}")
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:

@@ -31,6 +31,12 @@ class LoRASlotWriter:
         self.slot_ranks: list[int] = [0] * num_slots
 
     @property
+    def quantization(self) -> str | None:
+        """The scheme of the quantized base weights (None: dense): merged copies need dense ones."""
+        schemes = {m.quantized.scheme for m in self.modules.values() if m.quantized is not None}
+        return ", ".join(sorted(schemes)) or None
+
+    @property
     def target_modules(self) -> tuple[str, ...]:
         return tuple(sorted({name for _, name in self.modules}))
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from server.model.cpu_tuning import base_gemm, prepare_weight
+from server.model.quant.int_weights import Codes, QuantizedWeight, pack
 from server.ops import lora_torch
 from server.ops.lora_torch import AddLoRA, LoRASegments
 
@@ -61,6 +62,7 @@ class LinearKwargs(_RequiredLinearKwargs, total=False):
     lora_dtype: torch.dtype | None
     gemm: str
     lora_op: AddLoRA | None
+    activation_dtype: torch.dtype
 
 
 class MultiLoRALinear(nn.Module):
@@ -79,21 +81,34 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(
         self,
-        weight: torch.Tensor,  # [out_total, in]
+        weight: torch.Tensor | Codes,  # [out_total, in], dense or quantized codes (server/model/quant/)
         bias: torch.Tensor | None,  # [out_total]
         slice_names: tuple[str, ...],
         slice_sizes: tuple[int, ...],
         max_loras: int,
         max_lora_rank: int,
         target_names: tuple[str, ...],
-        lora_dtype: torch.dtype | None = None,  # None: the weight's dtype
+        lora_dtype: torch.dtype | None = None,  # None: the weight's dtype (required for a quantized one)
         gemm: str = "x_wt",  # base GEMM kernel (cpu_tuning.GEMM_KERNELS, measured per CPU)
         lora_op: AddLoRA | None = None,  # the side-path op (lora_torch.add_lora's signature); None: default
+        activation_dtype: torch.dtype = torch.bfloat16,  # what a quantized GEMM computes in (measured)
     ) -> None:
         super().__init__()
-        if sum(slice_sizes) != weight.shape[0]:
-            raise ValueError(f"slice sizes {slice_sizes} do not add up to {weight.shape[0]} outputs")
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        # A quantized base keeps no dense weight: its GEMM reads the codes, and merged copies
+        # (which start from the dense weight) are not made over it.
+        self.quantized: QuantizedWeight | None = None
+        if isinstance(weight, torch.Tensor):
+            out_total, in_features = weight.shape
+        else:
+            self.quantized = pack(weight, activation_dtype)
+            out_total, in_features = self.quantized.out_features, self.quantized.in_features
+        if sum(slice_sizes) != out_total:
+            raise ValueError(f"slice sizes {slice_sizes} do not add up to {out_total} outputs")
+        if self.quantized is not None and lora_dtype is None:
+            raise ValueError("a quantized base weight needs lora_dtype: the side path's dtype")
+        dense = weight if isinstance(weight, torch.Tensor) else torch.empty(out_total, 0, dtype=lora_dtype)
+        self.weight = nn.Parameter(dense, requires_grad=False)  # [out_total, in], or [out_total, 0] quantized
+        self._in_features = in_features
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.slice_names = slice_names
         offsets = [0]
@@ -103,24 +118,23 @@ class MultiLoRALinear(nn.Module):
         self.lora_names = tuple(n for n in slice_names if n in target_names)
         self.has_lora_buffers = bool(self.lora_names)
         self.max_lora_rank = max_lora_rank
-        out_total, in_features = weight.shape
         self.gemm = gemm
         # What the base GEMM reads: the weight itself, or a copy reordered for oneDNN (the plain
         # weight is kept for merged copies and sizing).
-        self.gemm_weight = prepare_weight(weight, gemm) if gemm == "onednn" else self.weight
+        self.gemm_weight = (
+            prepare_weight(dense, gemm) if gemm == "onednn" and self.quantized is None else self.weight
+        )
         # The one layout of server/ops/lora_torch.py, used as stored by every kernel.
         num_slots = max_loras if self.lora_names else 0  # no slots for a module no adapter targets
         shape_a, shape_b = lora_torch.slot_buffer_shapes(
             num_slots, max_lora_rank, len(slice_names), in_features, out_total
         )
-        dtype = lora_dtype or weight.dtype
+        dtype = lora_dtype or dense.dtype
         self.register_buffer(
-            "lora_a", weight.new_zeros(shape_a, dtype=dtype), persistent=False
+            "lora_a", dense.new_zeros(shape_a, dtype=dtype), persistent=False
         )  # [S, R, N, in]
-        self.register_buffer(
-            "lora_b", weight.new_zeros(shape_b, dtype=dtype), persistent=False
-        )  # [S, R, out]
-        self._add_lora = lora_op or _pick_add_lora(weight.device)
+        self.register_buffer("lora_b", dense.new_zeros(shape_b, dtype=dtype), persistent=False)  # [S, R, out]
+        self._add_lora = lora_op or _pick_add_lora(dense.device)
         # A merged copy (W + s·B·A, made by ``prepare``) to use instead of ``gemm_weight`` for the
         # current forward; set and cleared by the engine around the forward of a merged copy's batch.
         self.active_weight: torch.Tensor | None = None
@@ -131,7 +145,7 @@ class MultiLoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self._in_features
 
     def slice_out_features(self, name: str) -> int:
         lo, hi = self.output_slices[self.slice_names.index(name)]
@@ -139,8 +153,13 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRASegments) -> torch.Tensor:
         """x [T, in] → [T, out_total]; tokens of slot -1 get exactly the base output."""
-        weight = self.gemm_weight if self.active_weight is None else self.active_weight
-        y = base_linear(x, weight, self.bias, self.gemm)
+        if self.quantized is not None:
+            y = self.quantized.matmul(x)
+            if self.bias is not None:
+                y.add_(self.bias)
+        else:
+            weight = self.gemm_weight if self.active_weight is None else self.active_weight
+            y = base_linear(x, weight, self.bias, self.gemm)
         if self.has_lora_buffers and lora.has_lora:
             rank = self.max_lora_rank if lora.max_rank is None else lora.max_rank
             self._add_lora(y, x, self.lora_a[:, :rank], self.lora_b[:, :rank], lora, self.output_slices)
