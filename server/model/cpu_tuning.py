@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from server.model.quant.int_weights import Int4Weight, quantize_int4
 from server.ops.cpu_info import cpu_identity, cpu_snapshot, cpuinfo, other_load
 
 if TYPE_CHECKING:
@@ -396,8 +397,6 @@ def base_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 def time_int4_against_dense(shapes: GemmShapes, dtype: str, gemm: str) -> dict[str, float]:
     """ms per decode pass of the model's layer GEMMs: dense (``dtype``, ``gemm``: the measured
     choice) and int4 with bf16 activations, timed interleaved on the same sampled layers."""
-    from server.model.quant.int_weights import Int4Weight, quantize_int4
-
     with torch.inference_mode():
         dense = _sample_weights(shapes, DTYPES[dtype])
         dense_pass = _gemm_pass(dense, gemm)
@@ -413,3 +412,35 @@ def time_int4_against_dense(shapes: GemmShapes, dtype: str, gemm: str) -> dict[s
             passes[f"{dtype} {GEMM_KERNELS[gemm]}"] = dense_pass
         scale = shapes.num_layers / _sample_layers(shapes)
         return {name: ms * scale for name, ms in _time_interleaved(passes).items()}
+
+
+INT4_DEQUANTIZE_PROBE_ROWS = (16, 32, 64, 128, 256, 512)
+
+
+def int4_dequantize_min_rows(shapes: GemmShapes) -> int | None:
+    """The fewest tokens from which unpacking a layer's int4 weights into dense bf16 ones for the
+    call beats torch's int4 kernel (whose time grows with the tokens), on one layer of the model's
+    shapes; None when the kernel wins at every probed size."""
+    with torch.inference_mode():
+        weights = [
+            Int4Weight(quantize_int4(torch.randn(shape) * 0.02), torch.bfloat16) for shape in shapes.layer
+        ]
+        if not all(w.can_unpack for w in weights):
+            return None
+        for rows in INT4_DEQUANTIZE_PROBE_ROWS:
+            timings = _time_interleaved(_int4_paths(weights, rows))
+            if timings["unpacked"] < timings["kernel"]:
+                return rows
+    return None
+
+
+def _int4_paths(weights: list[Int4Weight], rows: int) -> dict[str, Callable[[], None]]:
+    """One call per weight on ``rows`` tokens: through the int4 kernel, and unpacked."""
+    inputs = {w.in_features: torch.randn(rows, w.in_features, dtype=torch.bfloat16) for w in weights}
+
+    def run(dequantize_min_rows: int | None) -> None:
+        for w in weights:
+            w.dequantize_min_rows = dequantize_min_rows
+            w.matmul(inputs[w.in_features])
+
+    return {"kernel": lambda: run(None), "unpacked": lambda: run(rows)}

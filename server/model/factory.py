@@ -15,9 +15,10 @@ from server.model.cpu_tuning import CpuKernelChoice
 from server.model.host_memory import keep_freed_memory
 from server.model.llama import LlamaForServing, Weights, load_weights
 from server.model.loader import Checkpoint, iter_safetensors, resolve_checkpoint
-from server.model.lora_linear import LinearKwargs
+from server.model.lora_linear import LinearKwargs, MultiLoRALinear
 from server.model.quant import plan as quant_plan
 from server.model.quant.gguf_codes import read_int4_codes
+from server.model.quant.int_weights import Int4Weight
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -149,6 +150,15 @@ def quantized_weights(
     return out
 
 
+def _set_int4_dequantize_rows(model: LlamaForServing, rows: int | None) -> None:
+    """From ``rows`` tokens on (prefill chunks), int4 layers unpack their codes for the call."""
+    for module in model.modules():
+        if isinstance(module, MultiLoRALinear) and isinstance(module.quantized, Int4Weight):
+            module.quantized.dequantize_min_rows = rows
+    log.info("int4: calls of %s unpack the codes into dense bf16 weights (measured)",
+             "no size" if rows is None else f"{rows}+ tokens")  # fmt: skip
+
+
 def _cache_dir(model_config: ModelConfig) -> Path:
     return Path(model_config.cache_dir).expanduser() if model_config.cache_dir else default_cache_dir()
 
@@ -176,5 +186,9 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
     }
     attention_ops = pick_attention_ops(kernels, model_config)
     model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs, attention_ops).eval()
+    if plan.scheme == "int4" and kernels is not None:
+        _set_int4_dequantize_rows(
+            model, cpu_tuning.int4_dequantize_min_rows(cpu_tuning.GemmShapes.of(checkpoint.config))
+        )
     log.info("loaded %s on %s in %s, max_model_len=%d", checkpoint.name, device, dtype, max_model_len)
     return LoadedModel(model, checkpoint, dtype, device, max_model_len, kernels)

@@ -146,3 +146,19 @@ def test_no_merged_copy_is_made_over_a_quantized_base(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match=r"the base model is quantized \(int8\): merged copies are not made"):
         core.merges.merge("a")
     assert not core.merges.config.enabled
+
+
+def test_long_calls_unpack_the_int4_codes_and_agree_with_the_kernel():
+    codes = quantize_int4(torch.randn(128, 64, generator=GEN))  # 128 outputs: whole blocks of 64
+    weight = Int4Weight(codes, torch.float32)
+    assert weight.can_unpack
+    torch.testing.assert_close(weight.dequantize(), codes.dequantize(), rtol=1e-6, atol=1e-6)
+    x = torch.randn(6, 64, generator=GEN)
+    kernel = weight.matmul(x)
+    weight.dequantize_min_rows = 6
+    torch.testing.assert_close(weight.matmul(x), kernel, rtol=1e-5, atol=1e-5)
+    odd_codes = quantize_int4(_weight(96))  # not whole blocks of 64 outputs: the kernel only
+    odd = Int4Weight(odd_codes, torch.float32)
+    odd.dequantize_min_rows = 1
+    assert not odd.can_unpack
+    torch.testing.assert_close(odd.matmul(x), x @ odd_codes.dequantize().T, rtol=1e-5, atol=1e-5)
