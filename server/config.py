@@ -94,10 +94,11 @@ class ModelConfig:
     quantization: str = setting(
         "auto",
         "weights of the base model's linear layers (adapters always stay in full precision): `auto` "
-        "serves a `.gguf` base on its own Q4_0/Q4_1 blocks (as `int4`) when the start-up measurement "
-        "finds that faster than dense, and any other base as stored; `none` dequantizes to the "
-        "serving dtype; `int4` (groups of 32 inputs, scale and minimum) or `int8` (per output channel) "
-        "quantize at load, on CPU. No merged copies are made over a quantized base",
+        "serves a `.gguf` base on its own Q4_0/Q4_1 blocks (as `int4`) when no `--dtype` is given and "
+        "the start-up measurement finds that faster than dense, and any other base as stored; "
+        "`none` dequantizes to the serving dtype; `int4` (groups of 32 inputs, scale and minimum) or "
+        "`int8` (per output channel) quantize at load, on CPU. No merged copies are made over a "
+        "quantized base",
         range=_ticked(QUANTIZATION_SCHEMES),
     )
     cache_dir: str | None = setting(

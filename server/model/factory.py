@@ -121,6 +121,8 @@ def pick_quantization(
         return quant_plan.QuantPlan("none", f"auto: the int kernels run on CPU, not {device.type}")
     if checkpoint.gguf_path is None:
         return quant_plan.QuantPlan("none", "auto: a safetensors base is served as stored")
+    if model_config.dtype is not None:
+        return quant_plan.QuantPlan("none", f"auto: --dtype {model_config.dtype} asks for dense weights")
     if kernels is None:
         return quant_plan.QuantPlan("none", "auto: no start-up measurement for a model this small")
     timings = cpu_tuning.time_int4_against_dense(cpu_tuning.GemmShapes.of(checkpoint.config), kernels.dtype,
