@@ -51,7 +51,8 @@ def _engine(request: Request) -> Engine:
 
 
 def _info(request: Request, record: AdapterRecord, principal: Principal) -> AdapterInfo:
-    return adapter_info(_registry(request), record, principal, _engine(request).is_merged)
+    engine = _engine(request)
+    return adapter_info(_registry(request), record, principal, engine.is_merged, engine.makes_merged_copies)
 
 
 def acting_tenant(principal: Principal, tenant: str | None) -> str:
@@ -68,8 +69,10 @@ def acting_tenant(principal: Principal, tenant: str | None) -> str:
 
 
 def adapter_info(registry: AdapterRegistry, record: AdapterRecord, principal: Principal,
-                 is_merged: Callable[[str], bool] | None = None) -> AdapterInfo:  # fmt: skip
-    """``is_merged(adapter_id)``: whether a merged copy serves it (None: never)."""
+                 is_merged: Callable[[str], bool] | None = None,
+                 mergeable: bool = True) -> AdapterInfo:  # fmt: skip
+    """``is_merged(adapter_id)``: whether a merged copy serves it (None: never); ``mergeable``:
+    whether this server makes merged copies at all."""
     status = registry.status(record)
     merged = is_merged is not None and is_merged(record.adapter_id)
     model_id = record.name if record.tenant == principal.tenant else f"{record.tenant}/{record.name}"
@@ -79,7 +82,7 @@ def adapter_info(registry: AdapterRegistry, record: AdapterRecord, principal: Pr
         target_modules=list(record.target_modules), base_model_name_or_path=record.base_model_name_or_path,
         size_bytes=record.size_bytes, created=int(record.created_at), source=record.source,
         tier=None if status is None else status.state.value, pinned=bool(status and status.is_pinned),
-        merged=merged,
+        merged=merged, mergeable=mergeable,
     )  # fmt: skip
 
 

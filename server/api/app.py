@@ -127,7 +127,8 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
     cards = [ModelCard(id=state.served_model_name, created=state.created, root=state.served_model_name)]
     if state.registry is not None:
         for record in state.registry.list(None if principal.is_admin else principal.tenant):
-            info = admin.adapter_info(state.registry, record, principal, state.engine.is_merged)
+            info = admin.adapter_info(state.registry, record, principal, state.engine.is_merged,
+                                      state.engine.makes_merged_copies)  # fmt: skip
             cards.append(ModelCard(id=info.id, created=info.created, parent=state.served_model_name))
     return ModelList(data=cards)
 

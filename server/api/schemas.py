@@ -259,6 +259,7 @@ class AdapterInfo(BaseModel):
     tier: str | None  # on_disk, loading, in_host, in_slot, failed; None when not served
     pinned: bool
     merged: bool  # new requests run on a merged copy W + s·B·A (server/engine/merging.py)
+    mergeable: bool  # False: this server makes no merged copies (a quantized base, max-merged-copies 0)
 
 
 class AdapterList(BaseModel):

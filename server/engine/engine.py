@@ -184,6 +184,12 @@ class Engine:
     def merge_snapshot(self) -> MergeSnapshot:
         return merge_snapshot(self.core.merges)
 
+    @property
+    def makes_merged_copies(self) -> bool:
+        """False when no merged copy can ever be made here (a quantized base, max_merged_copies 0)."""
+        config = self.core.merges.config
+        return config.unavailable is None and config.max_merged_copies > 0
+
     def is_merged(self, adapter_id: str) -> bool:
         return self.core.merges.is_merged(adapter_id)
 

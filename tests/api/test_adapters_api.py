@@ -187,3 +187,29 @@ def test_admin_merge_and_unmerge_keep_the_outputs(api):
     assert unmerged.status_code == 200 and unmerged.json()["merged"] is False
     error_of(api.call("admin", "POST", "/v1/adapters/hotbot/unmerge", params={"tenant": "acme"}), 409)
     assert text_of(api.complete("acme", "hotbot")) == side_path
+
+
+def test_a_quantized_base_serves_adapters_but_makes_no_merged_copy(tmp_path, tiny_llama_dir):
+    """--quantization int8: an uploaded adapter serves (its text differs from the base model's), the
+    adapter says ``mergeable: false``, and an admin merge is a 409 that says why."""
+    adapter = save_peft_adapter(
+        tiny_llama_dir, tmp_path / "lora", seed=21, r=4, target_modules=["q_proj", "v_proj"]
+    )
+    config = EngineConfig(max_loras=2, max_lora_rank=8, max_num_seqs=4, max_num_batched_tokens=256)
+    model = ModelConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu", quantization="int8")
+    engine = Engine.from_config(model, config)
+    try:
+        app = create_app(engine, BASE, engine.open_registry(SQLiteAdapterStore(tmp_path / "data")))
+        with TestClient(app) as client:
+            files = [("files", (p.name, p.read_bytes())) for p in sorted(adapter.iterdir())
+                     if p.name in ("adapter_config.json", "adapter_model.safetensors")]  # fmt: skip
+            uploaded = client.post("/v1/adapters", data={"name": "bot"}, files=files)
+            assert uploaded.status_code == 201 and uploaded.json()["mergeable"] is False, uploaded.text
+            answers = {m: client.post("/v1/completions", json={"model": m, **GREEDY}) for m in (BASE, "bot")}
+            texts = {m: r.json()["choices"][0]["text"] for m, r in answers.items()}
+            assert texts["bot"] != texts[BASE]
+            merge = client.post("/v1/adapters/bot/merge")
+            assert merge.status_code == 409 and merge.json()["error"]["code"] == "cannot_merge"
+            assert "the base model is quantized (int8)" in merge.json()["error"]["message"]
+    finally:
+        engine.shutdown()

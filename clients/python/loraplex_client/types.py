@@ -156,6 +156,8 @@ class Adapter(_Body):
     source: str
     tier: str | None = None  # on_disk, loading, in_host, in_slot, failed; None when not served
     pinned: bool = False
+    merged: bool = False  # new requests run on a merged copy of the base weights
+    mergeable: bool = True  # False: the server makes no merged copies (a quantized base, none allowed)
 
 
 class AdapterList(_Body):
