@@ -23,7 +23,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 METRICS_AUTH = ("none", "admin")
-QUANTIZATION_SCHEMES = ("auto", "none", "int4", "int8")  # server/model/quant/
+QUANTIZATION_SCHEMES = ("auto", "none", "int4", "int8", "nf4")  # server/model/quant/
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")  # what torch.device accepts for the two we serve on
 SETTING = "loraplex.setting"  # the dataclass field metadata key of a field's declaration
 
@@ -97,8 +97,9 @@ class ModelConfig:
         "serves a `.gguf` base on its own Q4_0/Q4_1 blocks (as `int4`) when no `--dtype` is given and "
         "the start-up measurement finds that faster than dense, and any other base as stored; "
         "`none` dequantizes to the serving dtype; `int4` (groups of 32 inputs, scale and minimum) or "
-        "`int8` (per output channel) quantize at load, on CPU. No merged copies are made over a "
-        "quantized base",
+        "`int8` (per output channel) quantize at load, on CPU; `nf4` quantizes at load with bitsandbytes "
+        "(the `quant` extra) exactly as transformers' 4-bit loading does, so QLoRA adapters see the base "
+        "they were trained on. No merged copies are made over a quantized base",
         range=_ticked(QUANTIZATION_SCHEMES),
     )
     cache_dir: str | None = setting(

@@ -94,8 +94,10 @@ def test_a_quantized_weight_needs_the_side_paths_dtype():
 
 
 def test_schemes_are_checked_at_start():
-    with pytest.raises(ValueError, match="quantization must be one of auto, none, int4, int8, got 'nf4'"):
-        ModelConfig(quantization="nf4")
+    with pytest.raises(
+        ValueError, match="quantization must be one of auto, none, int4, int8, nf4, got 'fp3'"
+    ):
+        ModelConfig(quantization="fp3")
     with pytest.raises(ValueError, match="--quantization int4 runs on CPU only"):
         plan.check_device("int4", torch.device("cuda"))
     plan.check_device("none", torch.device("cuda"))
@@ -162,3 +164,15 @@ def test_long_calls_unpack_the_int4_codes_and_agree_with_the_kernel():
     odd.dequantize_min_rows = 1
     assert not odd.can_unpack
     torch.testing.assert_close(odd.matmul(x), x @ odd_codes.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import sys
+
+    from server.model.quant.nf4 import quantize_nf4
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(
+        ValueError, match=r"--quantization nf4 needs bitsandbytes: pip install 'loraplex\[quant\]'"
+    ):
+        quantize_nf4(_weight())

@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from server.model.quant.nf4 import NF4Codes, NF4Weight, concat_nf4
+
 INT4_GROUP_SIZE = 32  # GGUF's block size; quantizing a dense checkpoint uses the same
 INT4_INNER_K_TILES = 2  # what the CPU kernel packs for (2, 4 or 8; it only changes the layout)
 PACK_ROWS = 64  # the CPU kernel packs outputs in blocks of 64 (``Int4Weight._unpacked_codes``)
@@ -48,7 +50,7 @@ class Int8Codes:
         return (self.codes.float() * self.scale[:, None]).to(dtype)
 
 
-Codes = Int4Codes | Int8Codes
+Codes = Int4Codes | Int8Codes | NF4Codes
 
 
 class QuantizedWeight(Protocol):
@@ -172,14 +174,16 @@ def concat(parts: list[torch.Tensor | Codes]) -> torch.Tensor | Codes:
     if all(isinstance(p, Int8Codes) for p in parts):
         int8 = [p for p in parts if isinstance(p, Int8Codes)]
         return Int8Codes(torch.cat([p.codes for p in int8]), torch.cat([p.scale for p in int8]))
+    if all(isinstance(p, NF4Codes) for p in parts):
+        return concat_nf4([p for p in parts if isinstance(p, NF4Codes)])
     kinds = sorted({type(p).__name__ for p in parts})
     raise ValueError(f"the projections of one fused module are stored differently ({', '.join(kinds)})")
 
 
 def pack(codes: Codes, activation_dtype: torch.dtype) -> QuantizedWeight:
     """The weight the GEMM reads, from a module's codes."""
-    return (
-        Int4Weight(codes, activation_dtype)
-        if isinstance(codes, Int4Codes)
-        else Int8Weight(codes, activation_dtype)
-    )
+    if isinstance(codes, NF4Codes):
+        return NF4Weight(codes)  # computes in the dtype it was quantized from
+    if isinstance(codes, Int4Codes):
+        return Int4Weight(codes, activation_dtype)
+    return Int8Weight(codes, activation_dtype)

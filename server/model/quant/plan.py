@@ -4,6 +4,8 @@
     int4   every linear weight as int4 codes: a GGUF file's own Q4_0/Q4_1 blocks where it has them
            (exact), else min-max codes of the dense weight in groups of 32 inputs
     int8   every linear weight as per-channel int8 codes of the dense weight
+    nf4    every linear weight as bitsandbytes NF4 (blocks of 64), exactly as transformers' 4-bit
+           loading quantizes it, so QLoRA adapters see the base they were trained on (CPU or CUDA)
     auto   int4 from the file's own blocks for a GGUF base whose linear weights are Q4_0/Q4_1, when
            the start-up measurement finds the int4 GEMMs faster than the dense ones; else none
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from server.model.quant.int_weights import Codes, Int4Codes, quantize_int4, quantize_int8
+from server.model.quant.nf4 import NF4Codes, quantize_nf4
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CPU_SCHEMES = ("int4", "int8")
@@ -55,6 +58,8 @@ def apply(
             out[name] = tensor
         elif scheme == "int4":
             out[name] = (file_codes or {}).get(name) or quantize_int4(tensor)
+        elif scheme == "nf4":
+            out[name] = quantize_nf4(tensor)
         else:
             out[name] = quantize_int8(tensor)
     return out
@@ -78,4 +83,6 @@ def _bytes(weight: torch.Tensor | Codes) -> int:
         return weight.numel() * weight.element_size()
     if isinstance(weight, Int4Codes):
         return weight.codes.numel() // 2 + weight.scale.numel() * 2 * 2  # packed nibbles + bf16 scale/zero
+    if isinstance(weight, NF4Codes):
+        return weight.packed.numel() + weight.absmax.numel() * 4
     return weight.codes.numel() + weight.scale.numel() * 2
