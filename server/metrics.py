@@ -53,12 +53,15 @@ TIERS = {
 OTHER_ENDPOINT = "other"
 GENERATION_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})  # what /v1/stats counts
 LORA_INFO = "vllm:lora_requests_info"
+# vLLM's scheduler gauges under vLLM's names and meanings, labelled by ``model_name`` as vLLM does:
+# what the Gateway API Inference Extension (llm-d) and vLLM dashboards route and alert on.
+VLLM_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 
 
 class ServerMetrics:
     """The metrics of one app; the registry also holds an ``EngineCollector`` for ``engine``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "loraplex_http_requests", "HTTP requests by route template and status code.",
@@ -77,7 +80,7 @@ class ServerMetrics:
         )
         self.step_duration = self._latency("engine_step_duration", "Wall time of one non-empty engine step.")
         self.adapter_load_latency = self._latency("adapter_cache_load_duration", "Disk → host adapter loads.")
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(engine, model_name))
         self.stats = StatsRecorder(lambda: cache_counters(engine.cache_lookups()))  # the dashboard's window
 
     def _counter(self, name: str, doc: str) -> Counter:
@@ -149,11 +152,13 @@ class RequestTimer:
 class EngineCollector(Collector):
     """Engine and adapter-cache state, read when Prometheus scrapes (any thread)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, model_name: str = "") -> None:
+        self.engine, self.model_name = engine, model_name
 
     def collect(self) -> Iterator[Metric]:
-        yield from engine_families(self.engine.stats())
+        stats = self.engine.stats()
+        yield from engine_families(stats)
+        yield from vllm_families(stats, self.model_name)
         yield from cache_families(self.engine.cache_snapshot())
         yield from merge_families(self.engine.merge_snapshot())
 
@@ -192,6 +197,18 @@ def engine_families(stats: EngineStats) -> Iterator[Metric]:
     labels = [",".join(stats.running_adapter_ids), ",".join(stats.waiting_adapter_ids), str(stats.max_loras)]
     info.add_metric(labels, time.time())
     yield info
+
+
+def vllm_families(stats: EngineStats, model_name: str) -> Iterator[Metric]:
+    """``vllm:num_requests_running`` / ``_waiting`` and ``vllm:kv_cache_usage_perc`` (a fraction, 1 =
+    full, as in vLLM despite the name), each with the ``model_name`` label (the served name)."""
+    values = (stats.num_running, stats.num_waiting, stats.kv_cache_usage)
+    docs = ("Number of requests in model execution batches.", "Number of requests waiting to be processed.",
+            "KV-cache usage. 1 means 100 percent usage.")  # fmt: skip
+    for name, doc, value in zip(VLLM_GAUGES, docs, values, strict=True):
+        family = GaugeMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([model_name], value)
+        yield family
 
 
 def cache_families(cache: CacheSnapshot) -> Iterator[Metric]:
@@ -277,7 +294,8 @@ def install(app: FastAPI, engine: Engine, guard: Callable[[Request], Any] | None
     installed: ServerMetrics | None = getattr(app.state, "loraplex_metrics", None)
     if installed is not None:
         return installed
-    metrics = ServerMetrics(engine)
+    state = getattr(app.state, "loraplex", None)
+    metrics = ServerMetrics(engine, getattr(state, "served_model_name", ""))
     app.add_middleware(RequestCounter, counter=metrics.http_requests, stats=metrics.stats)
 
     def exposition() -> Response:

@@ -24,7 +24,7 @@ from adapters.store import SQLiteAdapterStore
 from server.api.app import create_app
 from server.engine.engine import Engine
 from server.engine.views import CacheLookups, EngineLimits
-from server.metrics import LORA_INFO, TIERS, ServerMetrics, install
+from server.metrics import LORA_INFO, TIERS, VLLM_GAUGES, ServerMetrics, install
 from tests.api.server_process import free_port
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import make_core
@@ -34,7 +34,7 @@ ADAPTER, IDLE_ADAPTER = "tiny-lora", "idle-lora"  # IDLE_ADAPTER is registered a
 ADAPTER_ID = f"default/{ADAPTER}@1"
 MAX_LORAS = 3
 GREEDY = {"temperature": 0, "ignore_eos": True}
-BOUNDED_LABELS = {"endpoint", "status", "tier", "le", "event", "path", "quantile"}
+BOUNDED_LABELS = {"endpoint", "status", "tier", "le", "event", "path", "quantile", "model_name"}
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,13 @@ def test_lora_info_names_the_running_adapter_mid_stream(served, client):
     assert value(samples, "loraplex_scheduler_running_requests") == 1
     assert value(samples, "loraplex_scheduler_waiting_requests") == 0
     assert 0 < value(samples, "loraplex_kv_cache_usage_ratio") <= 1
+    # vLLM's names and meanings, labelled with the served model name (what llm-d's GIE routes on)
+    vllm = {"model_name": BASE_MODEL}
+    assert value(samples, "vllm:num_requests_running", **vllm) == 1
+    assert value(samples, "vllm:num_requests_waiting", **vllm) == 0
+    assert value(samples, "vllm:kv_cache_usage_perc", **vllm) == value(
+        samples, "loraplex_kv_cache_usage_ratio"
+    )
     idle = scrape(client)
     assert dict(next(iter(idle[LORA_INFO]))) == {
         "running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": str(MAX_LORAS),
@@ -233,7 +240,7 @@ def test_exposition_parses_and_only_lora_info_names_adapters(served, client):
     families = {family.name: family for family in text_string_to_metric_families(text)}
     adapter_ids = set(served.engine.core.adapters.registered_ids())
     for name, family in families.items():
-        assert name.startswith("loraplex_") or name == LORA_INFO, name
+        assert name.startswith("loraplex_") or name in (LORA_INFO, *VLLM_GAUGES), name
         if name == LORA_INFO:
             continue
         for sample in family.samples:
@@ -252,6 +259,7 @@ EXPECTED_FAMILIES = [
     "loraplex_adapter_cache_hits", "loraplex_adapter_cache_misses", "loraplex_adapter_cache_evictions",
     "loraplex_adapter_cache_loads", "loraplex_adapter_cache_load_failures",
     "loraplex_adapter_cache_load_duration_seconds", "loraplex_adapter_cache_host_bytes", LORA_INFO,
+    *VLLM_GAUGES,
 ]  # fmt: skip
 
 
