@@ -37,6 +37,13 @@ class StoreError(ValueError):
     what. HTTP 400 ``invalid_adapter_source``."""
 
 
+class StoreUnavailableError(RuntimeError):
+    """The shared store (database or bucket) cannot be reached now; nothing was changed.
+
+    HTTP 503 ``store_unavailable`` (retry later); adapters already cached go on serving.
+    """
+
+
 class KeysFileError(ValueError):
     """The keys file is missing, unreadable or malformed; the message names the file and entry.
 

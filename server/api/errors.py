@@ -28,6 +28,7 @@ from adapters.errors import (
     AdapterTooLargeError,
     PinError,
     StoreError,
+    StoreUnavailableError,
     UnknownAdapterError,
 )
 from server.api.schemas import ErrorDetail, ErrorResponse
@@ -71,6 +72,7 @@ class HttpError:
     status: int
     code: str | None
     param: str | None = None
+    type: str = "invalid_request_error"  # 5xx rows: server_error
 
 
 # Every refusal of the layers below, as a table: the first row whose type matches wins, so a
@@ -81,6 +83,7 @@ HTTP_ERRORS: tuple[HttpError, ...] = (
     HttpError(AdapterFormatError, 422, "invalid_adapter", "files"),
     HttpError(PinError, 409, "too_many_pinned"),
     HttpError(StoreError, 400, "invalid_adapter_source"),
+    HttpError(StoreUnavailableError, 503, "store_unavailable", type="server_error"),
     HttpError(ContextLengthError, 400, ContextLengthError.code),
     HttpError(EngineError, 400, None),
 )
@@ -90,7 +93,7 @@ def from_exception(exc: Exception) -> ApiError | None:
     """The ApiError of ``HTTP_ERRORS`` for ``exc``, or None when no row names its type."""
     for row in HTTP_ERRORS:
         if isinstance(exc, row.exception):
-            return ApiError(row.status, str(exc), param=row.param, code=row.code)
+            return ApiError(row.status, str(exc), type=row.type, param=row.param, code=row.code)
     return None
 
 
