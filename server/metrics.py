@@ -34,8 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters.cache_types import AdapterState, Tier
 from server.engine.engine import Engine
 from server.engine.route import RouteKind
-from server.engine.views import CacheLookups, CacheSnapshot, EngineStats, MergeSnapshot, StepStats, TokenDelta
-from server.stats import CacheCounters, StatsRecorder, StepGauges
+from server.engine.views import CacheSnapshot, EngineStats, MergeSnapshot, StepStats, TokenDelta
+from server.stats import StatsRecorder, StepGauges
 
 LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
@@ -81,7 +81,7 @@ class ServerMetrics:
         self.step_duration = self._latency("engine_step_duration", "Wall time of one non-empty engine step.")
         self.adapter_load_latency = self._latency("adapter_cache_load_duration", "Disk → host adapter loads.")
         self.registry.register(EngineCollector(engine, model_name))
-        self.stats = StatsRecorder(lambda: cache_counters(engine.cache_lookups()))  # the dashboard's window
+        self.stats = StatsRecorder(lambda: engine.cache_lookups())  # read when a bucket opens
 
     def _counter(self, name: str, doc: str) -> Counter:
         return Counter(f"loraplex_{name}", doc, registry=self.registry)
@@ -238,11 +238,6 @@ def cache_families(cache: CacheSnapshot) -> Iterator[Metric]:
 def adapters_per_tier(cache: CacheSnapshot) -> dict[str, int]:
     """Registered adapters by tier name, every tier present."""
     return {tier: cache.adapters_by_state[state] for state, tier in TIERS.items()}
-
-
-def cache_counters(lookups: CacheLookups) -> CacheCounters:
-    """The cache's cumulative hits and lookups, as the dashboard's window keeps them."""
-    return CacheCounters(hits=lookups.hits, lookups=lookups.lookups)
 
 
 def _by_tier(name: str, doc: str, values: dict[str, float]) -> CounterMetricFamily:

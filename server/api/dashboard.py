@@ -144,7 +144,7 @@ async def stats(
 def _snapshot(installed: metrics.ServerMetrics, engine: Engine, served_model_name: str, window: float,
               top: int, search: str | None) -> StatsResponse:  # fmt: skip
     recorder = installed.stats
-    summary = recorder.summary(window, metrics.cache_counters(engine.cache_lookups()))
+    summary = recorder.summary(window, engine.cache_lookups())
     now = engine.stats()
     return StatsResponse(
         model=served_model_name, now=recorder.clock(), uptime_s=recorder.clock() - recorder.started_s,
@@ -175,7 +175,7 @@ def _latency(sketch: LatencySketch) -> Latency:
 
 def _adapter_stats(summary: WindowSummary, engine: Engine, top: int, search: str | None) -> AdapterStats:
     cache = engine.cache_snapshot()
-    totals = metrics.cache_counters(engine.cache_lookups())
+    totals = engine.cache_lookups()
     loads = list(cache.recent_load_seconds)
     activity = summary.adapter_tokens + summary.adapter_requests  # both: a request may not have a token yet
     busiest = sorted(activity, key=lambda a: (-summary.adapter_tokens[a], -summary.adapter_requests[a], a))

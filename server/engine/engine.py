@@ -33,7 +33,6 @@ from server.engine.request_stream import RequestStream, deliver
 from server.engine.sampler import SamplingParams
 from server.engine.views import (
     AdapterRuntime,
-    CacheLookups,
     CacheSnapshot,
     EngineLimits,
     EngineStats,
@@ -46,6 +45,7 @@ from server.engine.views import (
     merge_snapshot,
 )
 from server.model.factory import load_model
+from server.stats import CacheCounters
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05  # the loop waits this long for commands when it has nothing to run
@@ -171,7 +171,7 @@ class Engine:
     def cache_snapshot(self) -> CacheSnapshot:
         return cache_snapshot(self.core.adapters)
 
-    def cache_lookups(self) -> CacheLookups:
+    def cache_lookups(self) -> CacheCounters:
         return cache_lookups(self.core.adapters)
 
     def registered_adapter_ids(self) -> list[str]:

@@ -23,6 +23,14 @@ class RouteKind(enum.Enum):
     MERGED = "merged"
 
 
+# which of (slot, copy) each kind carries: checked once per Route, so once per scheduled sequence
+_HAS_SLOT_AND_COPY = {
+    RouteKind.BASE: (False, False),
+    RouteKind.SIDE: (True, False),
+    RouteKind.MERGED: (False, True),
+}
+
+
 @dataclass(frozen=True)
 class Route:
     kind: RouteKind
@@ -30,13 +38,7 @@ class Route:
     copy: int | None = None  # the merged copy (MergedCopy.index) of a MERGED route, else None
 
     def __post_init__(self) -> None:
-        has_slot, has_copy = self.slot is not None, self.copy is not None
-        expected = {
-            RouteKind.BASE: (False, False),
-            RouteKind.SIDE: (True, False),
-            RouteKind.MERGED: (False, True),
-        }
-        if (has_slot, has_copy) != expected[self.kind]:
+        if (self.slot is not None, self.copy is not None) != _HAS_SLOT_AND_COPY[self.kind]:
             raise ValueError(f"a {self.kind.value} route cannot have slot={self.slot}, copy={self.copy}")
 
     @classmethod

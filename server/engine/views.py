@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from adapters.cache import AdapterCache, AdapterState, Tier, Transition
 from server.engine.merging import CopyState, MergedCopy, MergeManager
+from server.stats import CacheCounters
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,6 @@ class CacheSnapshot:
 
 
 @dataclass(frozen=True)
-class CacheLookups:
-    """The cumulative hit and lookup counts alone (cheap: for a rolling window's start)."""
-
-    hits: int  # lookups served from a slot or host memory
-    lookups: int  # hits + disk misses
-
-
-@dataclass(frozen=True)
 class AdapterRuntime:
     """One registered adapter version's place in the engine now."""
 
@@ -143,10 +136,10 @@ def cache_snapshot(cache: AdapterCache) -> CacheSnapshot:
     )
 
 
-def cache_lookups(cache: AdapterCache) -> CacheLookups:
+def cache_lookups(cache: AdapterCache) -> CacheCounters:
     lookups = cache.stats.lookups
     hits = lookups[Tier.SLOT] + lookups[Tier.HOST]
-    return CacheLookups(hits=hits, lookups=hits + lookups[Tier.DISK])
+    return CacheCounters(hits=hits, lookups=hits + lookups[Tier.DISK])
 
 
 def adapter_runtime(

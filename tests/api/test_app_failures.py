@@ -10,7 +10,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from server.api.app import create_app
-from server.engine.views import CacheLookups, EngineLimits, TokenDelta
+from server.engine.views import EngineLimits, TokenDelta
+from server.stats import CacheCounters
 
 MODEL = "base"
 
@@ -34,8 +35,8 @@ class StubEngine:
 
     add_load_observer = add_step_observer
 
-    def cache_lookups(self) -> CacheLookups:
-        return CacheLookups(hits=0, lookups=0)
+    def cache_lookups(self) -> CacheCounters:
+        return CacheCounters()
 
     def encode(self, text: str) -> list[int]:
         if self.encode_error is not None:

@@ -23,8 +23,9 @@ from adapters.registry import AdapterRegistry
 from adapters.store import SQLiteAdapterStore
 from server.api.app import create_app
 from server.engine.engine import Engine
-from server.engine.views import CacheLookups, EngineLimits
+from server.engine.views import EngineLimits
 from server.metrics import LORA_INFO, TIERS, VLLM_GAUGES, ServerMetrics, install
+from server.stats import CacheCounters
 from tests.api.server_process import free_port
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import make_core
@@ -289,8 +290,8 @@ class RaisingEngine:
 
     add_load_observer = add_step_observer
 
-    def cache_lookups(self) -> CacheLookups:
-        return CacheLookups(hits=0, lookups=0)
+    def cache_lookups(self) -> CacheCounters:
+        return CacheCounters()
 
     def encode(self, text: str) -> list[int]:
         raise RuntimeError("boom")
