@@ -93,6 +93,12 @@ class AdapterCache:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self._fetch: Callable[[Path], None] | None = None
+
+    def set_fetch(self, fetch: Callable[[Path], None]) -> None:
+        """The tier below disk: ``fetch(source)`` makes ``source`` present (e.g. downloads it from a
+        shared bucket) before it is read; it runs on the load thread, and its errors fail the load."""
+        self._fetch = fetch
 
     # ---- registration (any thread) ----
     def register(self, adapter_id: str, source: Path | None, weights: LoRAWeights | None = None) -> None:
@@ -277,6 +283,8 @@ class AdapterCache:
             entry.load = self._pool.submit(self._read_validated, entry.source)
 
     def _read_validated(self, path: Path) -> LoRAWeights:
+        if self._fetch is not None:
+            self._fetch(path)
         weights = self.read(path)
         self.writer.validate(weights)
         if self.pin_host_memory:

@@ -13,6 +13,9 @@ Contracts:
   version, and the store's files go with it.
 - Lookups are served from an in-memory index of the newest versions (the store stays the source
   of truth: the index is rebuilt from it at start).
+- Over a shared store (``store.shared``: other replicas upload and delete too) every lookup asks the
+  store first and brings the index up to it, so what one replica acknowledged is what every replica
+  serves at its next request; with the store unreachable, lookups serve what the index holds.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.cache import AdapterCache, AdapterStatus
-from adapters.errors import AdapterFormatError, AdapterTooLargeError, UnknownAdapterError
+from adapters.errors import (
+    AdapterFormatError,
+    AdapterTooLargeError,
+    StoreUnavailableError,
+    UnknownAdapterError,
+)
 from adapters.format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -49,11 +57,15 @@ class AdapterRegistry:
         self.cache: AdapterCache | None = None
         self._latest: dict[tuple[str, str], AdapterRecord] = {(r.tenant, r.name): r for r in store.list()}
         self._lock = threading.Lock()  # orders commits with index and cache updates
+        # bumped under the lock by every change of a name's entry: a store read taken before a
+        # change is stale and must not undo it
+        self._changes: dict[tuple[str, str], int] = {}
 
     def attach(self, cache: AdapterCache) -> None:
         """Serve through ``cache``: every stored adapter is registered there, read on first use."""
         with self._lock:
             self.cache = cache
+            cache.set_fetch(self.store.fetch)
             for record in self._latest.values():
                 cache.register(record.adapter_id, record.path)
 
@@ -84,15 +96,23 @@ class AdapterRegistry:
 
     def delete(self, tenant: str, name: str) -> list[AdapterRecord]:
         """Remove every version; requests already running finish on theirs."""
+        self._refresh(tenant, name)
         with self._lock:
             if (tenant, name) not in self._latest:
                 raise UnknownAdapterError(name)
-            current = self._latest.pop((tenant, name))
+            current = self._latest.pop((tenant, name))  # new lookups no longer find it
+            try:
+                removed = self.store.delete(tenant, name)
+            except StoreUnavailableError:
+                self._latest[(tenant, name)] = current  # nothing was deleted: go on serving it
+                raise
             self._unserve(current)
-            return self.store.delete(tenant, name)
+            return removed
 
     # ---- reads ----
     def resolve(self, tenant: str, name: str) -> AdapterRecord:
+        """The newest version of ``tenant/name``; UnknownAdapterError if there is none."""
+        self._refresh(tenant, name)
         record = self._latest.get((tenant, name))
         if record is None:
             raise UnknownAdapterError(name)
@@ -100,6 +120,7 @@ class AdapterRegistry:
 
     def list(self, tenant: str | None = None) -> list[AdapterRecord]:
         """Newest version of each adapter, sorted by (tenant, name); ``None``: every tenant."""
+        self._refresh_all(tenant)
         records = [r for (t, _), r in self._latest.items() if tenant is None or t == tenant]
         return sorted(records, key=lambda r: (r.tenant, r.name))
 
@@ -116,6 +137,44 @@ class AdapterRegistry:
     def __len__(self) -> int:
         return len(self._latest)
 
+    # ---- a shared store: adopt what other replicas did ----
+    def _refresh(self, tenant: str, name: str) -> None:
+        """Bring ``tenant/name``'s entry up to a shared store (no-op for a local one)."""
+        if not self.store.shared:
+            return
+        key, seen = (tenant, name), self._changes.get((tenant, name), 0)
+        try:
+            record = self.store.latest(tenant, name)
+        except StoreUnavailableError:
+            return  # serve what the index holds until the store is back
+        with self._lock:
+            if self._changes.get(key, 0) == seen:
+                self._adopt(key, record)
+
+    def _refresh_all(self, tenant: str | None) -> None:
+        """Bring every entry (of ``tenant``; None: all) up to a shared store."""
+        if not self.store.shared:
+            return
+        seen = dict(self._changes)
+        try:
+            found = {(r.tenant, r.name): r for r in self.store.list(tenant)}
+        except StoreUnavailableError:
+            return
+        with self._lock:
+            keys = {k for k in self._latest if tenant is None or k[0] == tenant} | set(found)
+            for key in keys:
+                if self._changes.get(key, 0) == seen.get(key, 0):
+                    self._adopt(key, found.get(key))
+
+    def _adopt(self, key: tuple[str, str], record: AdapterRecord | None) -> None:
+        """Serve ``record`` as the newest version of ``key``, None: it was deleted (lock held)."""
+        current = self._latest.get(key)
+        if record is None and current is not None:
+            del self._latest[key]
+            self._unserve(current)
+        elif record is not None and (current is None or current.version != record.version):
+            self._publish(record, None)
+
     # ---- internals ----
     def _write_staged(self, staged: Path, files: Mapping[str, BinaryIO]) -> None:
         limits = {CONFIG_FILE: self.limits.max_config_bytes, WEIGHTS_FILE: self.limits.max_weights_bytes}
@@ -128,16 +187,21 @@ class AdapterRegistry:
             self.check(weights)
         return weights
 
-    def _publish(self, record: AdapterRecord, weights: LoRAWeights) -> None:
-        """Make ``record`` the served version (lock held); the one it replaces stops taking requests."""
-        previous = self._latest.get((record.tenant, record.name))
-        self._latest[(record.tenant, record.name)] = record
+    def _publish(self, record: AdapterRecord, weights: LoRAWeights | None) -> None:
+        """Make ``record`` the served version (lock held); the one it replaces stops taking requests.
+        Without ``weights`` the cache reads them from ``record.path`` on first use."""
+        key = (record.tenant, record.name)
+        previous = self._latest.get(key)
+        self._latest[key] = record
+        self._changes[key] = self._changes.get(key, 0) + 1
         if self.cache is not None:
             self.cache.register(record.adapter_id, record.path, weights)
         if previous is not None:
             self._unserve(previous)
 
     def _unserve(self, record: AdapterRecord) -> None:
+        key = (record.tenant, record.name)
+        self._changes[key] = self._changes.get(key, 0) + 1
         if self.cache is not None and self.cache.is_registered(record.adapter_id):
             self.cache.unregister(record.adapter_id)
 

@@ -80,10 +80,14 @@ class AdapterRecord:
 
 
 class AdapterStore(Protocol):
-    """Where adapter versions live: SQLite + local disk today, an S3-compatible store later.
+    """Where adapter versions live: SQLite + local disk (this file), or PostgreSQL + an S3-compatible
+    bucket shared by replicas (``adapters/shared_store.py``).
 
-    Tenant and adapter names must pass ``validate_name``; bad ones raise StoreError.
+    Tenant and adapter names must pass ``validate_name``; bad ones raise StoreError. A shared
+    store raises StoreUnavailableError when its database or bucket cannot be reached.
     """
+
+    shared: bool  # other processes change the catalogue: readers must ask, not trust what they saw
 
     def staging_dir(self) -> AbstractContextManager[Path]:
         """An empty directory on the store's filesystem, removed on exit whatever happens."""
@@ -112,8 +116,11 @@ class AdapterStore(Protocol):
     def delete(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:  # ``list`` is the method above
         """Remove every version (metadata, then uploaded files; local dirs stay); KeyError if unknown."""
 
+    def fetch(self, path: Path) -> None:
+        """Make a record's ``path`` present on local disk (a shared store downloads it); may block."""
 
-def _check_names(tenant: str, name: str | None = None) -> None:
+
+def check_names(tenant: str, name: str | None = None) -> None:
     try:
         validate_name(tenant, "tenant")
         if name is not None:
@@ -130,7 +137,7 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _adapter_files(directory: Path) -> tuple[Path, Path]:
+def adapter_files(directory: Path) -> tuple[Path, Path]:
     """(config, weights) of ``directory``; StoreError if either is missing or a symlink."""
     files = (directory / CONFIG_FILE, directory / WEIGHTS_FILE)
     for file in files:
@@ -150,12 +157,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _digest(files: tuple[Path, Path]) -> tuple[str, int]:
+def files_digest(files: tuple[Path, Path]) -> tuple[str, int]:
     """(sha256 of the weights, total bytes) of (config, weights)."""
     return file_sha256(files[1]), sum(file.stat().st_size for file in files)
 
 
-def _remove(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """rm -rf ``path`` (a symlink itself is unlinked, never followed)."""
     with contextlib.suppress(FileNotFoundError):
         if path.is_dir() and not path.is_symlink():
@@ -171,6 +178,8 @@ class SQLiteAdapterStore:
     (SQLite's write lock orders commits; flocks keep live staging dirs from being swept).
     ``problems`` lists rows found at open whose files are missing; it should stay empty.
     """
+
+    shared = False
 
     def __init__(self, data_dir: Path, allowed_roots: Sequence[Path] = ()) -> None:
         self.data_dir = Path(os.path.realpath(data_dir))
@@ -238,7 +247,7 @@ class SQLiteAdapterStore:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # live: a staging dir of another store object or process
-                _remove(self._staging / token)
+                remove_tree(self._staging / token)
                 lock_path.unlink(missing_ok=True)
 
     def _recover(self) -> None:
@@ -250,7 +259,7 @@ class SQLiteAdapterStore:
             for version_dir in self._adapters.glob("*/*/v*"):
                 if _VERSION_DIR.fullmatch(version_dir.name) and version_dir not in committed:
                     logger.warning("removing %s: a version directory that never committed", version_dir)
-                    _remove(version_dir)
+                    remove_tree(version_dir)
             self._prune_empty_dirs([*self._adapters.glob("*/*"), *self._adapters.glob("*")])
         for tenant, name, version, path, _ in rows:
             if not all((self.data_dir / path / file).is_file() for file in (CONFIG_FILE, WEIGHTS_FILE)):
@@ -267,38 +276,38 @@ class SQLiteAdapterStore:
     # ---- writes
 
     def commit(self, tenant: str, name: str, staged: Path, config: LoRAConfig) -> AdapterRecord:
-        _check_names(tenant, name)
+        check_names(tenant, name)
         staged = Path(staged)
         if staged.parent != self._staging or staged.is_symlink() or not staged.is_dir():
             raise StoreError(f"{staged} is not a staging dir of this store (use staging_dir())")
-        files = _adapter_files(staged)
+        files = adapter_files(staged)
         for file in files:
             _fsync(file)
         _fsync(staged, directory=True)
-        digest = _digest(files)
+        digest = files_digest(files)
         with self._write() as db:
             version = self._next_version(db, tenant, name)
             final = self._adapters / tenant / name / f"v{version}"
             self._make_dirs(final.parent)
-            _remove(final)  # left by a crash between rename and COMMIT in another process: never acked
+            remove_tree(final)  # left by a crash between rename and COMMIT in another process: never acked
             os.rename(staged, final)
             try:
                 _fsync(final.parent, directory=True)
                 return self._insert(db, tenant, name, version, digest, config, final, "upload")
             except BaseException:
-                _remove(final)
+                remove_tree(final)
                 raise
 
     def register_local(self, tenant: str, name: str, path: Path, config: LoRAConfig) -> AdapterRecord:
-        _check_names(tenant, name)
+        check_names(tenant, name)
         directory = self.check_local_path(path)
-        digest = _digest(_adapter_files(directory))
+        digest = files_digest(adapter_files(directory))
         with self._write() as db:
             version = self._next_version(db, tenant, name)
             return self._insert(db, tenant, name, version, digest, config, directory, "local")
 
     def delete(self, tenant: str, name: str) -> list[AdapterRecord]:
-        _check_names(tenant, name)
+        check_names(tenant, name)
         with self._write() as db:
             removed = self._select(db, "WHERE tenant = ? AND name = ? ORDER BY version", (tenant, name))
             if not removed:
@@ -306,7 +315,7 @@ class SQLiteAdapterStore:
             db.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
         for record in removed:
             if record.source == "upload":  # a crash here leaves orphans, which the next open removes
-                _remove(record.path)
+                remove_tree(record.path)
         with self._write():
             self._prune_empty_dirs([self._adapters / tenant / name, self._adapters / tenant])
         return removed
@@ -366,27 +375,32 @@ class SQLiteAdapterStore:
             return self._select(self._db, where, params)
 
     def latest(self, tenant: str, name: str) -> AdapterRecord | None:
-        _check_names(tenant, name)
+        check_names(tenant, name)
         found = self._read("WHERE tenant = ? AND name = ? ORDER BY version DESC LIMIT 1", tenant, name)
         return found[0] if found else None
 
     def get(self, tenant: str, name: str, version: int) -> AdapterRecord | None:
-        _check_names(tenant, name)
+        check_names(tenant, name)
         found = self._read("WHERE tenant = ? AND name = ? AND version = ?", tenant, name, version)
         return found[0] if found else None
 
     def versions(self, tenant: str, name: str) -> list[AdapterRecord]:
-        _check_names(tenant, name)
+        check_names(tenant, name)
         return self._read("WHERE tenant = ? AND name = ? ORDER BY version", tenant, name)
 
     def list(self, tenant: str | None = None) -> list[AdapterRecord]:
         if tenant is not None:
-            _check_names(tenant)
+            check_names(tenant)
         return self._read(
             "WHERE (?1 IS NULL OR tenant = ?1) AND version = (SELECT MAX(version) FROM adapters b "
             "WHERE b.tenant = a.tenant AND b.name = a.name) ORDER BY tenant, name",
             tenant,
         )
+
+    # ---- the disk tier: every version is on local disk already
+
+    def fetch(self, path: Path) -> None:
+        pass
 
     # ---- local directories
 
@@ -411,5 +425,5 @@ class SQLiteAdapterStore:
             raise StoreError(f"local adapter path {real} is outside the allowed roots ({roots})")
         if real.is_relative_to(self.data_dir):
             raise StoreError(f"local adapter path {real} is inside the store's data directory")
-        _adapter_files(real)
+        adapter_files(real)
         return real

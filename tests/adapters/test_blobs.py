@@ -3,52 +3,28 @@ by boto3 exactly as any S3-compatible endpoint would be)."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from adapters.blobs import S3Blobs
 from adapters.errors import StoreError, StoreUnavailableError
+from tests.services import S3_CREDENTIALS, MotoS3, free_port
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
-CREDENTIALS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("moto's S3 server did not start")
-            time.sleep(0.1)
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
+    server = MotoS3().start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
 def blobs(endpoint, request) -> S3Blobs:
-    client = boto3.client("s3", endpoint_url=endpoint, **CREDENTIALS)
+    client = boto3.client("s3", endpoint_url=endpoint, **S3_CREDENTIALS)
     bucket = f"adapters-{request.node.name.replace('_', '-')[:40].lower()}"
     client.create_bucket(Bucket=bucket)
     return S3Blobs(f"s3://{bucket}/catalogue", client=client)
@@ -105,7 +81,9 @@ def test_delete_removes_the_marker_then_the_files(blobs, adapter_dir):
 
 def test_an_unreachable_bucket_is_store_unavailable(adapter_dir, tmp_path):
     quick = boto3.session.Config(connect_timeout=1, retries={"max_attempts": 1})
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{_free_port()}", config=quick, **CREDENTIALS)
+    client = boto3.client(
+        "s3", endpoint_url=f"http://127.0.0.1:{free_port()}", config=quick, **S3_CREDENTIALS
+    )
     blobs = S3Blobs("s3://down/catalogue", client=client)
     with pytest.raises(StoreUnavailableError, match="is unreachable"):
         blobs.exists("catalogue/acme/bot/v1")
