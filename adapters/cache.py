@@ -3,12 +3,16 @@
 States of one adapter version and the named transitions between them (``Transition``):
 
     ON_DISK ──load_start──► LOADING ──load_done──► IN_HOST ──activate──► IN_SLOT
-       ▲                       └──load_fail──► FAILED        ◄──evict_slot──┘
+       ▲ ▲                     └──load_fail──► FAILED        ◄──evict_slot──┘
+       │ └──retry (a transient failure, RETRY_AFTER_S later)──┘
        └──────────evict_host─────────────────────┘
 
 - load_start: first use, prefetch or pin starts one background read (single-flight: every
   request for a loading adapter waits on the same read).
 - load_done / load_fail: the read validated, or not (the error is kept for the waiting requests).
+- retry: a load that failed for a transient reason (``StoreUnavailableError``: the shared bucket
+  was down) is tried again by the next use ``RETRY_AFTER_S`` after the failure; other failures
+  (a corrupt file) stay failed.
 - activate: ``try_activate`` copies the host weights into a free slot, or into the least recently
   used slot whose adapter is neither leased by a running sequence nor pinned.
 - evict_slot: that slot was taken for another adapter; the host copy stays.
@@ -42,8 +46,10 @@ from adapters.cache_types import (  # the cache's public vocabulary, re-exported
     Tier,
     Transition,
 )
-from adapters.errors import PinError
+from adapters.errors import PinError, StoreUnavailableError
 from adapters.format import LoRAWeights
+
+RETRY_AFTER_S = 1.0  # a load that failed for a transient reason is tried again this long after
 
 __all__ = [
     "AdapterCache",
@@ -68,6 +74,7 @@ class _Entry:
     is_retired: bool = False  # unregistered while in use: freed when the last user releases it
     load: Future[LoRAWeights] | None = None
     load_started_s: float = 0.0
+    failed_at_s: float = 0.0
     error: Exception | None = None
 
 
@@ -276,11 +283,23 @@ class AdapterCache:
         return slot
 
     def _ensure_loading(self, entry: _Entry) -> None:
+        if self._may_retry(entry):
+            entry.error = None
+            self._move(entry, Transition.RETRY)
         if entry.state is AdapterState.ON_DISK and entry.source is not None:
             self.stats.lookups[Tier.DISK] += 1  # a miss in both tiers: first use, prefetch or pin
             self._move(entry, Transition.LOAD_START)
             entry.load_started_s = time.perf_counter()
             entry.load = self._pool.submit(self._read_validated, entry.source)
+
+    @staticmethod
+    def _may_retry(entry: _Entry) -> bool:
+        transient = isinstance(entry.error, StoreUnavailableError)
+        return (
+            entry.state is AdapterState.FAILED
+            and transient
+            and (time.perf_counter() - entry.failed_at_s >= RETRY_AFTER_S)
+        )
 
     def _read_validated(self, path: Path) -> LoRAWeights:
         if self._fetch is not None:
@@ -301,7 +320,7 @@ class AdapterCache:
         try:
             weights = entry.load.result()
         except Exception as exc:  # keep the reason; the engine fails the requests that wait on it
-            entry.error = exc
+            entry.error, entry.failed_at_s = exc, time.perf_counter()
             self._move(entry, Transition.LOAD_FAIL)
         else:
             seconds = time.perf_counter() - entry.load_started_s

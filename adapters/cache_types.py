@@ -32,6 +32,7 @@ class Transition(enum.Enum):
     LOAD_START = ("load_start", AdapterState.ON_DISK, AdapterState.LOADING)
     LOAD_DONE = ("load_done", AdapterState.LOADING, AdapterState.IN_HOST)
     LOAD_FAIL = ("load_fail", AdapterState.LOADING, AdapterState.FAILED)
+    RETRY = ("retry", AdapterState.FAILED, AdapterState.ON_DISK)  # after a transient failure only
     ACTIVATE = ("activate", AdapterState.IN_HOST, AdapterState.IN_SLOT)
     EVICT_SLOT = ("evict_slot", AdapterState.IN_SLOT, AdapterState.IN_HOST)
     EVICT_HOST = ("evict_host", AdapterState.IN_HOST, AdapterState.ON_DISK)

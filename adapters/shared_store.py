@@ -37,6 +37,7 @@ from adapters.blobs import S3Blobs
 from adapters.errors import StoreError, StoreUnavailableError
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, LoRAConfig
 from adapters.store import AdapterRecord, adapter_files, check_names, files_digest, remove_tree
+from adapters.urls import redact
 
 logger = logging.getLogger(__name__)
 
@@ -132,15 +133,6 @@ class _Connections:
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for logs and errors."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
 
 
 class SharedAdapterStore:

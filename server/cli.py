@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from adapters.errors import StoreUnavailableError
 from server.config import EngineConfig, ModelConfig, ServerConfig
 from server.demo_adapters import add_demo_adapters_parser
 from server.settings import (
@@ -102,6 +103,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"loraplex serve: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except StoreUnavailableError as exc:  # the shared adapter store's database or bucket is down
+        print(f"loraplex serve: error: {exc}", file=sys.stderr)
+        return 1
     echo = settings_echo(model_config, engine_config, server_config, options)
     try:
         return _run_server(engine, served_name, registry, keyring, server_config, echo)
@@ -151,10 +155,21 @@ def _open_registry(engine, options: dict[str, object]):
     adapters: dict[str, str] = options["adapters"]
     roots = parse_adapter_roots(str(options["adapter_roots"]))
     roots += [Path(p).expanduser().resolve().parent for p in adapters.values()]  # named by the operator
-    data_dir = options["data_dir"] or default_data_dir(dict(os.environ))
-    store = SQLiteAdapterStore(Path(data_dir).expanduser(), allowed_roots=roots)
+    data_dir = Path(options["data_dir"] or default_data_dir(dict(os.environ))).expanduser()
+    store_url, blobs_url = options["adapter_store"], options["adapter_blobs"]
+    if store_url is None and blobs_url is None:
+        store = SQLiteAdapterStore(data_dir, allowed_roots=roots)
+        where = str(data_dir)
+    else:
+        from adapters.shared_store import open_shared_store
+        from adapters.urls import redact
+
+        if store_url is None or blobs_url is None:
+            raise ValueError("--adapter-store and --adapter-blobs go together: a shared catalogue needs both")
+        store = open_shared_store(str(store_url), str(blobs_url), data_dir, allowed_roots=roots)
+        where = f"{redact(str(store_url))} + {blobs_url} (local copies in {data_dir})"
     registry = engine.open_registry(store)
-    log.info("adapter store in %s: %d adapters", data_dir, len(registry))
+    log.info("adapter store %s: %d adapters", where, len(registry))
     for name, path in adapters.items():
         _register_cli_adapter(registry, name, path)
     return registry

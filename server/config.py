@@ -361,6 +361,18 @@ class ProcessConfig:
         "the adapter store (SQLite database + adapter files), one process per directory; none: "
         "`$XDG_DATA_HOME/loraplex`, else `~/.local/share/loraplex` (the image sets `/data`)",
     )
+    adapter_store: str | None = setting(
+        None,
+        "a `postgresql://user[:password]@host[:port]/db` URL: keep adapter metadata in PostgreSQL, shared by "
+        "every replica given the same URL (needs `--adapter-blobs`; the `shared` extra); none: SQLite in "
+        "`--data-dir`, one process",
+    )
+    adapter_blobs: str | None = setting(
+        None,
+        "an `s3://bucket[/prefix]` URL for the adapter files of a shared `--adapter-store` (endpoint and "
+        "credentials from the usual AWS environment, e.g. `AWS_ENDPOINT_URL`); `--data-dir` then holds "
+        "each replica's local copies",
+    )
     keys_file: Path | None = setting(
         None,
         "JSON file of API key hashes (`loraplex keys add`), re-read when it changes; none: one tenant, no "

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.urls import redact
 from server.config import SETTING, EngineConfig, ModelConfig, ProcessConfig, ServerConfig, Setting
 from server.config_file import config_adapters, config_text, load_config_file
 
@@ -223,6 +224,8 @@ def settings_echo(model_config: ModelConfig, engine_config: EngineConfig, server
         value = options.get(option.name, option.default) if config is None else getattr(config, option.name)
         echo[option.flag] = list(value) if isinstance(value, tuple) else _json(value)
     echo[ADAPTER.flag] = {name: str(path) for name, path in dict(options.get("adapters", {})).items()}
+    if echo.get("adapter-store"):
+        echo["adapter-store"] = redact(str(echo["adapter-store"]))  # never show a password
     return echo
 
 

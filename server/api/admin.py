@@ -86,9 +86,10 @@ def adapter_info(registry: AdapterRegistry, record: AdapterRecord, principal: Pr
     )  # fmt: skip
 
 
-def _find(registry: AdapterRegistry, tenant: str, name: str) -> AdapterRecord:
+async def _find(registry: AdapterRegistry, tenant: str, name: str) -> AdapterRecord:
+    """The newest version, else 404; off the event loop (a shared store's lookup asks its database)."""
     try:
-        return registry.resolve(tenant, name)
+        return await run_in_threadpool(registry.resolve, tenant, name)
     except UnknownAdapterError:
         raise model_not_found(name) from None
 
@@ -122,14 +123,15 @@ async def list_adapters(request: Request, principal: Caller, tenant: str | None 
     """The caller's adapters (admins: every tenant's, unless ``?tenant=`` narrows it)."""
     registry = _registry(request)
     scope = acting_tenant(principal, tenant) if tenant or not principal.is_admin else None
-    return AdapterList(data=[_info(request, r, principal) for r in registry.list(scope)])
+    records = await run_in_threadpool(registry.list, scope)
+    return AdapterList(data=[_info(request, r, principal) for r in records])
 
 
 @router.get("/v1/adapters/{name}")
 async def get_adapter(
     request: Request, principal: Caller, name: str, tenant: str | None = None
 ) -> AdapterInfo:
-    return _info(request, _find(_registry(request), acting_tenant(principal, tenant), name), principal)
+    return _info(request, await _find(_registry(request), acting_tenant(principal, tenant), name), principal)
 
 
 @router.delete("/v1/adapters/{name}")
@@ -159,7 +161,7 @@ async def unpin_adapter(
 
 async def _set_pin(request: Request, principal: Principal, name: str, tenant: str | None, pinned: bool):
     registry = _registry(request)
-    record = _find(registry, acting_tenant(principal, tenant), name)
+    record = await _find(registry, acting_tenant(principal, tenant), name)
     cache = registry.cache
     await _call(cache.pin if pinned else cache.unpin, record.adapter_id)
     return _info(request, record, principal)
@@ -171,7 +173,7 @@ async def merge_adapter(
 ) -> AdapterInfo:
     """Serve the adapter from a merged copy until unmerged (the traffic policy will not drop it)."""
     registry = _registry(request)
-    record = _find(registry, acting_tenant(principal, tenant), name)
+    record = await _find(registry, acting_tenant(principal, tenant), name)
     await _in_host_memory(registry, record)
     try:
         state = await _engine(request).merge(record.adapter_id, timeout_s=_LOAD_TIMEOUT_S)
@@ -192,7 +194,7 @@ async def unmerge_adapter(
     request: Request, principal: Admin, name: str, tenant: str | None = None
 ) -> AdapterInfo:
     """Back to the side path for new requests; running ones finish on the copy, then it is freed."""
-    record = _find(_registry(request), acting_tenant(principal, tenant), name)
+    record = await _find(_registry(request), acting_tenant(principal, tenant), name)
     try:
         await _engine(request).unmerge(record.adapter_id)
     except KeyError as exc:
@@ -221,7 +223,7 @@ async def load_lora_adapter(request: Request, principal: Admin, body: LoadLoRAAd
     """vLLM-compatible: serve a local peft directory (inside --adapter-roots) as ``lora_name``."""
     registry = _registry(request)
     try:
-        registry.resolve(principal.tenant, body.lora_name)
+        await run_in_threadpool(registry.resolve, principal.tenant, body.lora_name)
         exists = True
     except UnknownAdapterError:
         exists = False

@@ -126,7 +126,9 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
     state = _state(request)
     cards = [ModelCard(id=state.served_model_name, created=state.created, root=state.served_model_name)]
     if state.registry is not None:
-        for record in state.registry.list(None if principal.is_admin else principal.tenant):
+        scope = None if principal.is_admin else principal.tenant
+        records = await run_in_threadpool(state.registry.list, scope)
+        for record in records:
             info = admin.adapter_info(state.registry, record, principal, state.engine.is_merged,
                                       state.engine.makes_merged_copies)  # fmt: skip
             cards.append(ModelCard(id=info.id, created=info.created, parent=state.served_model_name))
@@ -137,8 +139,8 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
 async def completions(body: CompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
     with state.admission.reserve(state.engine, state.draining, _num_choices(body)) as reservation:
-        adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
-        generation_input = await run_in_threadpool(convert.completion_input, body, state.engine, adapter)
+        make_input = convert.completion_input
+        generation_input = await run_in_threadpool(_engine_input, make_input, body, state, principal)
         formatter = CompletionFormatter(
             f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
         )
@@ -149,8 +151,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Call
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
     with state.admission.reserve(state.engine, state.draining, _num_choices(body)) as reservation:
-        adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
-        generation_input = await run_in_threadpool(convert.chat_input, body, state.engine, adapter)
+        generation_input = await run_in_threadpool(_engine_input, convert.chat_input, body, state, principal)
         formatter = ChatFormatter(
             f"chatcmpl-{uuid.uuid4().hex}",
             body.model,
@@ -158,6 +159,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
             generation_input.sampling.logprobs,
         )
         return await _generate(request, body, generation_input, formatter, principal, reservation)
+
+
+def _engine_input(make_input, body, state: AppState, principal: Principal) -> convert.GenerationInput:
+    """Resolve the adapter ``body.model`` names (404 if none), then check the body into engine input.
+    Off the event loop: over a shared adapter store the lookup asks the database."""
+    adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
+    return make_input(body, state.engine, adapter)
 
 
 def _num_choices(body: SamplingFields) -> int:

@@ -92,7 +92,7 @@ class Generation:
         if self.finish_reason == "abort":
             return ApiError(503, "The request was aborted before it finished.", type="server_error",
                             code="request_aborted")  # fmt: skip
-        status = 503 if self.error_code == "draining" else 500
+        status = 503 if self.error_code in ("draining", "store_unavailable") else 500  # both: retry later
         return ApiError(status, self.error or "The generation failed.", type="server_error",
                         code=self.error_code or "internal_error")  # fmt: skip
 

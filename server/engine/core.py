@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from adapters.cache import AdapterCache, AdapterState
-from adapters.errors import UnknownAdapterError
+from adapters.errors import StoreUnavailableError, UnknownAdapterError
 from adapters.format import read_peft_dir
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -234,8 +234,10 @@ class EngineCore:
             if self.adapters.is_registered(seq.adapter_id):
                 if self.adapters.state(seq.adapter_id) is not AdapterState.FAILED:
                     continue
-                error = f"adapter {seq.adapter_id!r} failed to load: {self.adapters.error(seq.adapter_id)}"
-                code = "adapter_load_failed"
+                cause = self.adapters.error(seq.adapter_id)
+                error = f"adapter {seq.adapter_id!r} failed to load: {cause}"
+                transient = isinstance(cause, StoreUnavailableError)  # the shared bucket: retried later
+                code = "store_unavailable" if transient else "adapter_load_failed"
             else:
                 error, code = f"adapter {seq.adapter_id!r} was removed", "adapter_removed"
             self.scheduler.finish(seq, FinishReason.ERROR)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapters import cache as cache_module
 from adapters.cache import AdapterCache, AdapterState, Tier, Transition
-from adapters.errors import PinError
+from adapters.errors import PinError, StoreUnavailableError
 from adapters.format import read_peft_dir
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import make_core
@@ -73,7 +74,7 @@ def slot_holds(cache: AdapterCache, slot: int, adapter_dir: Path) -> bool:
     return torch.equal(held, lora_a.to(module.lora_a.dtype))
 
 
-def test_every_transition_in_order(tiny_llama_dir, adapter_dirs, tmp_path):
+def test_every_transition_in_order(tiny_llama_dir, adapter_dirs, tmp_path, monkeypatch):
     one_adapter = read_peft_dir(adapter_dirs[0], 64).num_bytes
     cache, _, seen = new_cache(tiny_llama_dir, num_slots=1, max_host_bytes=one_adapter)
     cache.register("a0", adapter_dirs[0])
@@ -92,12 +93,28 @@ def test_every_transition_in_order(tiny_llama_dir, adapter_dirs, tmp_path):
     cache.register("broken", broken)
     assert activate(cache, "broken") is None
     assert cache.state("broken") is AdapterState.FAILED and "safetensors" in str(cache.error("broken"))
+    assert activate(cache, "broken") is None and cache.state("broken") is AdapterState.FAILED, "stays failed"
+    bucket_down = [True]
+
+    def fetch(path):  # the tier below disk (a shared bucket), down for the first read
+        if bucket_down and bucket_down.pop():
+            raise StoreUnavailableError("the adapter bucket is unreachable")
+
+    cache.set_fetch(fetch)
+    monkeypatch.setattr(cache_module, "RETRY_AFTER_S", 0.3)
+    cache.register("remote", adapter_dirs[0])
+    assert activate(cache, "remote") is None and cache.state("remote") is AdapterState.FAILED
+    assert cache.try_activate("remote") is None and cache.state("remote") is AdapterState.FAILED, "not yet"
+    time.sleep(0.35)
+    assert activate(cache, "remote") == slot, "a transient failure is retried by the next use"
     T = Transition
     assert seen == [T.LOAD_START, T.LOAD_DONE, T.ACTIVATE,  # a0
                     T.LOAD_START, T.LOAD_DONE, T.EVICT_SLOT, T.ACTIVATE, T.EVICT_HOST,  # a1 in, a0 out
-                    T.LOAD_START, T.LOAD_FAIL]  # fmt: skip
+                    T.LOAD_START, T.LOAD_FAIL,  # broken
+                    T.LOAD_START, T.LOAD_FAIL, T.RETRY, T.LOAD_START, T.LOAD_DONE,  # bucket down, back
+                    T.EVICT_SLOT, T.ACTIVATE, T.EVICT_HOST]  # fmt: skip
     assert set(cache.stats.transitions) == set(Transition), "every transition was counted"
-    assert cache.stats.num_loads == 2 and len(cache.stats.load_seconds) == 2
+    assert cache.stats.num_loads == 3 and len(cache.stats.load_seconds) == 3
 
 
 def test_lookups_count_slot_host_and_disk_tiers(tiny_llama_dir, adapter_dirs):

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +69,15 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def start_server(args: Sequence[str], log_path: Path) -> ServerProcess:
-    """``loraplex serve *args`` on a free loopback port, returned once ready; the caller ``stop``s it."""
+def start_server(args: Sequence[str], log_path: Path,
+                 extra_env: Mapping[str, str] | None = None) -> ServerProcess:  # fmt: skip
+    """``loraplex serve *args`` on a free loopback port, returned once ready; the caller ``stop``s it.
+    ``extra_env`` is added to the process's environment (e.g. ``AWS_ENDPOINT_URL``)."""
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     env["HF_HUB_OFFLINE"] = "1"
+    env.update(extra_env or {})
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -88,9 +91,10 @@ def start_server(args: Sequence[str], log_path: Path) -> ServerProcess:
 
 
 @contextmanager
-def running_server(args: Sequence[str], log_path: Path) -> Iterator[ServerProcess]:
+def running_server(args: Sequence[str], log_path: Path,
+                   extra_env: Mapping[str, str] | None = None) -> Iterator[ServerProcess]:  # fmt: skip
     """``start_server`` for the duration of a ``with`` block, stopped after it."""
-    server = start_server(args, log_path)
+    server = start_server(args, log_path, extra_env)
     try:
         yield server
     finally:
