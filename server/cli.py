@@ -52,17 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-LoRA inference server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    for option in SERVE_OPTIONS:
-        notes = [range_help(option.setting.range), f"env {option.env}"]
-        notes += [] if option.default in (None, "") else [f"default {human(option.default)}"]
-        serve.add_argument(f"--{option.flag}", help=_help(option.help, notes))
-    for extra in EXTRA_FLAGS:
-        serve.add_argument(f"--{extra.flag}", action="append" if extra.is_repeatable else None,
-                           metavar=extra.metavar, help=_help(extra.help, [f"env {extra.env}"]))  # fmt: skip
+    add_serve_flags(serve)
     serve.set_defaults(func=serve_command)
+    serve_ray = commands.add_parser(
+        "serve-ray",
+        help="serve the same API as replicas on Ray Serve, each adapter routed to the replica holding it",
+    )
+    add_serve_flags(serve_ray)
+    add_ray_flags(serve_ray)
+    serve_ray.set_defaults(func=serve_ray_command)
     _add_keys_parser(commands)
     add_demo_adapters_parser(commands)
     return parser
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """Every ``loraplex serve`` flag (declared in ``server/config.py``), with its help."""
+    for option in SERVE_OPTIONS:
+        notes = [range_help(option.setting.range), f"env {option.env}"]
+        notes += [] if option.default in (None, "") else [f"default {human(option.default)}"]
+        parser.add_argument(f"--{option.flag}", help=_help(option.help, notes))
+    for extra in EXTRA_FLAGS:
+        parser.add_argument(f"--{extra.flag}", action="append" if extra.is_repeatable else None,
+                            metavar=extra.metavar, help=_help(extra.help, [f"env {extra.env}"]))  # fmt: skip
+
+
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """``serve-ray``'s own flags (``server/ray_serve.py``'s ``RayOptions``)."""
+    from server.ray_options import RAY_FLAGS  # no ray import: the options are plain data
+
+    for flag, (default, meaning) in RAY_FLAGS.items():
+        note = "" if default is None else f" (default {default})"
+        parser.add_argument(f"--{flag}", help=f"{meaning}{note}".replace("%", "%%"))
 
 
 def _help(text: str, notes: list[str]) -> str:
@@ -95,22 +116,67 @@ def serve_command(args: argparse.Namespace) -> int:
     """Load everything, serve until interrupted, shut the engine down; 2 for a bad setting."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        options = resolve_options(args, dict(os.environ))
-        model_config, engine_config, server_config = build_configs(options)
-        if server_config.metrics_auth == "admin" and options["keys_file"] is None:
-            raise ValueError("metrics_auth admin needs --keys-file: without keys there is no admin key")
-        engine, served_name, registry, keyring = _start_engine(options, model_config, engine_config)
+        app, engine, server_config = start_app(resolve_options(args, dict(os.environ)))
     except ValueError as exc:
         print(f"loraplex serve: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except StoreUnavailableError as exc:  # the shared adapter store's database or bucket is down
         print(f"loraplex serve: error: {exc}", file=sys.stderr)
         return 1
-    echo = settings_echo(model_config, engine_config, server_config, options)
     try:
-        return _run_server(engine, served_name, registry, keyring, server_config, echo)
+        return _run_server(app, server_config)
     finally:
         engine.shutdown()
+
+
+def serve_ray_command(args: argparse.Namespace) -> int:
+    """``loraplex serve-ray``: the settings are checked here, then each replica loads its own engine."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from server.ray_options import RayOptions
+
+        options = resolve_options(args, dict(os.environ))
+        check_settings(options)
+        ray_options = RayOptions.from_args(args, options)
+        ray_options.check_store(options)
+        try:
+            from server.ray_serve import run
+        except ImportError as exc:
+            raise ValueError(f"serve-ray needs Ray Serve: pip install 'loraplex[ray]' ({exc})") from None
+    except ValueError as exc:
+        print(f"loraplex serve-ray: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    return run(options, ray_options)
+
+
+def check_settings(options: dict[str, object]) -> tuple[ModelConfig, EngineConfig, ServerConfig]:
+    """The frozen configs of resolved options; ValueError for a bad or inconsistent setting."""
+    model_config, engine_config, server_config = build_configs(options)
+    if server_config.metrics_auth == "admin" and options["keys_file"] is None:
+        raise ValueError("metrics_auth admin needs --keys-file: without keys there is no admin key")
+    return model_config, engine_config, server_config
+
+
+def start_app(options: dict[str, object]):
+    """(app, engine, server config) for resolved options: the model loaded, the adapter registry
+    open, the FastAPI app built. ValueError for a bad setting, StoreUnavailableError when a shared
+    adapter store cannot be reached; the caller shuts the engine down."""
+    model_config, engine_config, server_config = check_settings(options)
+    engine, served_name, registry, keyring = _start_engine(options, model_config, engine_config)
+    from server.api.app import create_app
+
+    echo = settings_echo(model_config, engine_config, server_config, options)
+    app = create_app(engine, served_name, registry, keyring, max_queue=server_config.max_queue,
+                     metrics_auth=server_config.metrics_auth,
+                     request_timeout=server_config.request_timeout, settings=echo)  # fmt: skip
+    if keyring is None:
+        host = server_config.host
+        remote = "" if host in ("127.0.0.1", "localhost", "::1") else f" ({host} is not a loopback address)"
+        log.warning("serving %r single-tenant WITHOUT authentication: anyone who can reach the server can "
+                    "use it%s", served_name, remote)  # fmt: skip
+    else:
+        log.info("serving %r with %d API keys", served_name, len(keyring))
+    return app, engine, server_config
 
 
 def keys_add_command(args: argparse.Namespace) -> int:
@@ -220,26 +286,14 @@ def _start_engine(options: dict[str, object], model_config: ModelConfig, engine_
     return engine, served_name, registry, keyring
 
 
-def _run_server(engine, served_name: str, registry, keyring, server_config: ServerConfig,
-                settings: dict[str, object]) -> int:  # fmt: skip
+def _run_server(app, server_config: ServerConfig) -> int:
     import uvicorn
 
-    from server.api.app import create_app
     from server.api.connections import guarded_protocol
     from server.api.shutdown import DrainingServer
 
-    app = create_app(engine, served_name, registry, keyring, max_queue=server_config.max_queue,
-                     metrics_auth=server_config.metrics_auth,
-                     request_timeout=server_config.request_timeout, settings=settings)  # fmt: skip
     host, port = server_config.host, server_config.port
-    if keyring is None:
-        log.warning(
-            "serving %r single-tenant WITHOUT authentication on http://%s:%s: anyone who can reach this "
-            "address can use it%s", served_name, host, port,
-            "" if host in ("127.0.0.1", "localhost", "::1") else " (it is not a loopback address)",
-        )  # fmt: skip
-    else:
-        log.info("serving %r on http://%s:%s with %d API keys", served_name, host, port, len(keyring))
+    log.info("listening on http://%s:%s", host, port)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
         http=guarded_protocol(server_config.request_timeout, server_config.max_connections),
