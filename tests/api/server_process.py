@@ -69,12 +69,24 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def start_server(args: Sequence[str], log_path: Path,
-                 extra_env: Mapping[str, str] | None = None) -> ServerProcess:  # fmt: skip
+def start_server(args: Sequence[str], log_path: Path, extra_env: Mapping[str, str] | None = None,
+                 subcommand: str = "serve",
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S) -> ServerProcess:  # fmt: skip
     """``loraplex serve *args`` on a free loopback port, returned once ready; the caller ``stop``s it.
-    ``extra_env`` is added to the process's environment (e.g. ``AWS_ENDPOINT_URL``)."""
+    ``extra_env`` is added to the process's environment (e.g. ``AWS_ENDPOINT_URL``); ``subcommand``
+    may be ``serve-ray``."""
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        subcommand,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     env["HF_HUB_OFFLINE"] = "1"
     env.update(extra_env or {})
@@ -83,7 +95,7 @@ def start_server(args: Sequence[str], log_path: Path,
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        wait_ready(server)
+        wait_ready(server, startup_timeout_s)
     except BaseException:
         stop(process)
         raise
@@ -91,10 +103,10 @@ def start_server(args: Sequence[str], log_path: Path,
 
 
 @contextmanager
-def running_server(args: Sequence[str], log_path: Path,
-                   extra_env: Mapping[str, str] | None = None) -> Iterator[ServerProcess]:  # fmt: skip
+def running_server(args: Sequence[str], log_path: Path, extra_env: Mapping[str, str] | None = None,
+                   **options: object) -> Iterator[ServerProcess]:  # fmt: skip
     """``start_server`` for the duration of a ``with`` block, stopped after it."""
-    server = start_server(args, log_path, extra_env)
+    server = start_server(args, log_path, extra_env, **options)  # type: ignore[arg-type]
     try:
         yield server
     finally:
