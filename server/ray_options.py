@@ -30,6 +30,7 @@ RAY_FLAGS: dict[str, tuple[object, str]] = {
         "multiplexed model ids); none: --max-loras, the device slots",
     ),
     "ray-address": (None, "the Ray cluster to join (e.g. auto); none: start a local one"),
+    "route-by-adapter": ("on", "on: a completion goes to a replica holding its adapter; off: by load alone"),
 }
 
 
@@ -43,6 +44,7 @@ class RayOptions:
     replica_gpus: float = 0.0
     max_adapters_per_replica: int = 4
     ray_address: str | None = None
+    route_by_adapter: bool = True
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, options: Mapping[str, object]) -> RayOptions:
@@ -69,6 +71,7 @@ class RayOptions:
             replica_gpus=_number(value, "replica-gpus", float, 0.0),
             max_adapters_per_replica=_number(value, "max-adapters-per-replica", int, 1),
             ray_address=None if value["ray-address"] in (None, "") else str(value["ray-address"]),
+            route_by_adapter=_on_off(value["route-by-adapter"], "route-by-adapter"),
         )
         if (made.min_replicas is None) != (made.max_replicas is None):
             raise ValueError("--min-replicas and --max-replicas go together (autoscaling)")
@@ -103,6 +106,12 @@ def _number(values: Mapping[str, object], flag: str, kind: type, minimum: float)
     if number < minimum:
         raise ValueError(f"--{flag} must be at least {minimum}, got {raw!r}")
     return number
+
+
+def _on_off(raw: object, flag: str) -> bool:
+    if str(raw).lower() not in ("on", "off"):
+        raise ValueError(f"--{flag} must be on or off, got {raw!r}")
+    return str(raw).lower() == "on"
 
 
 def serve_argv(options: Mapping[str, object]) -> list[str]:

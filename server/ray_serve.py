@@ -152,13 +152,14 @@ class OpenAIIngress:
     """The HTTP front: forwards every request to a LoraplexServer replica, a completion's to one
     that holds its ``model`` where Ray Serve has one."""
 
-    def __init__(self, server: DeploymentHandle) -> None:
+    def __init__(self, server: DeploymentHandle, route_by_adapter: bool = True) -> None:
         self.server = server.options(method_name="handle", stream=True)
+        self.route_by_adapter = route_by_adapter
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def forward(self, request: Request, path: str) -> Response:
         body = await request.body()
-        model = routed_model(request.url.path, body)
+        model = routed_model(request.url.path, body) if self.route_by_adapter else None
         handle = self.server if model is None else self.server.options(multiplexed_model_id=model)
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_BY_HOP]
         stream = handle.remote(request.method, request.url.path, request.url.query.encode(), headers, body)
@@ -224,7 +225,7 @@ def application(options: Mapping[str, object], ray: RayOptions) -> Any:
         health_check_period_s=10, graceful_shutdown_timeout_s=30,
     )  # fmt: skip
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
-    return ingress.bind(server.bind(serve_argv(options)))
+    return ingress.bind(server.bind(serve_argv(options)), ray.route_by_adapter)
 
 
 def run(options: Mapping[str, object], ray_options: RayOptions) -> int:

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from adapters.cache_types import Tier
 from adapters.tenants import Principal
 from server import metrics
 from server.api.auth import admin
@@ -91,7 +92,8 @@ class AdapterStats(BaseModel):
     tiers: dict[str, int]
     hit_rate: float | None  # slot or host hits / lookups, within the window
     hit_rate_total: float | None  # since start
-    loads: int
+    loads: int  # disk (or the shared bucket) → host memory reads
+    slot_loads: int  # host memory → device slot copies
     load_failures: int
     load_p50_s: float | None  # over the most recent loads (up to 1024)
     load_p99_s: float | None
@@ -191,7 +193,7 @@ def _adapter_stats(summary: WindowSummary, engine: Engine, top: int, search: str
     return AdapterStats(
         registered=len(registered), tiers=metrics.adapters_per_tier(cache),
         hit_rate=summary.hit_rate, hit_rate_total=totals.hits / totals.lookups if totals.lookups else None,
-        loads=cache.num_loads, load_failures=cache.num_load_failures,
+        loads=cache.num_loads, slot_loads=cache.lookups[Tier.HOST], load_failures=cache.num_load_failures,
         load_p50_s=_quantile(loads, 0.5), load_p99_s=_quantile(loads, 0.99), host_bytes=cache.host_bytes,
         merged=[_copy_info(c) for c in engine.merge_snapshot().copies],
         busiest=[_activity(a, summary, runtime.get(a)) for a in busiest[:top]],

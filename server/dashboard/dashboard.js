@@ -111,7 +111,7 @@ function renderTiles(s) {
   setText("hit-rate", fmtPercent(a.hit_rate));
   setText("hit-rate-total", `${fmtPercent(a.hit_rate_total)} since start`);
   setText("load-latency", `${fmtSeconds(a.load_p50_s)} / ${fmtSeconds(a.load_p99_s)}`);
-  setText("loads", `${a.loads} loads, ${a.load_failures} failed`);
+  setText("loads", `${a.loads} loads, ${a.slot_loads} into slots, ${a.load_failures} failed`);
   setText("merged-count", String(a.merged.length));
   setText("merged-bytes", fmtBytes(a.merged.reduce((sum, c) => sum + c.bytes, 0)));
 }

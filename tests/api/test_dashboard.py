@@ -133,6 +133,7 @@ def test_figures_after_real_traffic(api):
     assert (tenants["globex"]["requests"], tenants["globex"]["tokens"]) == (1, 3)
     assert stats["adapters"]["registered"] == 2 and sum(stats["adapters"]["tiers"].values()) == 2
     assert stats["adapters"]["loads"] >= 1 and stats["adapters"]["load_p50_s"] > 0
+    assert stats["adapters"]["slot_loads"] >= stats["adapters"]["loads"], "each read adapter went into a slot"
     time.sleep(BUCKET_S)  # series end with the last bucket that is over
     series = api.stats(window=300)["series"]
     assert sum(series["tokens_per_s"]) * BUCKET_S == pytest.approx(14 + before_tokens_in_series)

@@ -102,6 +102,7 @@ def test_the_openai_api_is_unchanged_for_clients(ray_server):
         (["--num-replicas", "0"], "--num-replicas must be at least 1"),
         (["--max-replicas", "3"], "--min-replicas and --max-replicas go together"),
         (["--replica-cpus", "lots"], "--replica-cpus: invalid float value"),
+        (["--num-replicas", "1", "--route-by-adapter", "maybe"], "--route-by-adapter must be on or off"),
     ],
 )
 def test_bad_ray_settings_exit_2_before_anything_starts(flags, message):
