@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.conftest import BASE_MODEL
 from tests.api.server_process import ServerProcess as Server
@@ -167,8 +168,12 @@ def test_a_burst_cannot_overrun_the_admission_limit(small_queue):
                 with lock:
                     outcomes.append((response.status_code, error, response.headers.get("retry-after")))
                 if response.status_code == 200:
-                    next(sse_data(response))  # the stream started; hold it until all have answers
+                    # the stream started; hold it (and its reader: a reader collected early closes
+                    # the connection) until all have answers
+                    events = sse_data(response)
+                    next(events)
                     release.wait(60)
+                    events.close()
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(BURST_SIZE)]
     for thread in threads:
@@ -176,13 +181,18 @@ def test_a_burst_cannot_overrun_the_admission_limit(small_queue):
     deadline = time.monotonic() + 60
     while len(outcomes) < BURST_SIZE and time.monotonic() < deadline:
         time.sleep(0.05)
+    # On a loaded machine the burst can take longer than a request: each finished one frees a place.
+    finished_at_most = _generated_tokens(small_queue.url) // (LONG_CONTEXT - 16)
     release.set()  # the admitted clients close their streams: their requests are aborted
     for thread in threads:
         thread.join(60)
     statuses = [status for status, _, _ in outcomes]
     assert len(statuses) == BURST_SIZE
-    assert statuses.count(200) == BURST_SEQS + BURST_QUEUE, sorted(statuses)
-    assert statuses.count(429) == BURST_SIZE - BURST_SEQS - BURST_QUEUE, sorted(statuses)
+    admitted = statuses.count(200)
+    assert BURST_SEQS + BURST_QUEUE <= admitted <= BURST_SEQS + BURST_QUEUE + finished_at_most, sorted(
+        statuses
+    )
+    assert statuses.count(429) == BURST_SIZE - admitted, sorted(statuses)
     for status, error, retry_after in outcomes:
         if status == 429:
             assert error["error"]["code"] == "queue_full" and error["error"]["type"] == "rate_limit_error"
@@ -192,6 +202,15 @@ def test_a_burst_cannot_overrun_the_admission_limit(small_queue):
         while client.post("/v1/completions", json=SHORT).status_code == 429 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert client.post("/v1/completions", json=SHORT).status_code == 200
+
+
+def _generated_tokens(url: str) -> int:
+    """The server's count of generated tokens so far (Prometheus ``/metrics``)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "loraplex_engine_generated_tokens":
+            return int(sum(sample.value for sample in family.samples if sample.name.endswith("_total")))
+    raise AssertionError("no loraplex_engine_generated_tokens in /metrics")
 
 
 # ---- 413 ----

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import httpx
@@ -61,6 +62,12 @@ def test_each_adapter_is_routed_to_the_replica_that_holds_it(ray_server):
         assert _upload(server.url, f"bot{i}", directory).status_code == 201
     replicas: dict[str, Counter] = {}
     texts: dict[str, set] = {}
+    # A replica reports the adapters it loaded every 0.1 s and the proxy learns of it a moment
+    # later: requests sent before that are placed as if nothing were loaded anywhere.
+    for i in range(len(adapters)):
+        body = {"model": f"bot{i}", "prompt": [256, 5, 6], "max_tokens": 4, "temperature": 0}
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+    time.sleep(2)
     for _ in range(4):
         for i in range(len(adapters)):
             body = {"model": f"bot{i}", "prompt": [256, 5, 6], "max_tokens": 4, "temperature": 0}
