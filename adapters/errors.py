@@ -32,6 +32,15 @@ class PinError(ValueError):
     """A pin that cannot be honoured (every other slot is pinned already). HTTP 409 ``too_many_pinned``."""
 
 
+class CompositionError(ValueError):
+    """Adapters that cannot be combined as asked (``adapters/compose.py``; peft's refusals too).
+    ``param`` names the request field at fault. HTTP 400 ``invalid_composition``."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class StoreError(ValueError):
     """Bad input to the store (a name, a path outside the allowed roots, a symlink); the message says
     what. HTTP 400 ``invalid_adapter_source``."""

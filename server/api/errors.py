@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from adapters.errors import (
     AdapterFormatError,
     AdapterTooLargeError,
+    CompositionError,
     PinError,
     StoreError,
     StoreUnavailableError,
@@ -83,6 +84,7 @@ HTTP_ERRORS: tuple[HttpError, ...] = (
     HttpError(AdapterFormatError, 422, "invalid_adapter", "files"),
     HttpError(PinError, 409, "too_many_pinned"),
     HttpError(StoreError, 400, "invalid_adapter_source"),
+    HttpError(CompositionError, 400, "invalid_composition"),  # param: the exception's own
     HttpError(StoreUnavailableError, 503, "store_unavailable", type="server_error"),
     HttpError(ContextLengthError, 400, ContextLengthError.code),
     HttpError(EngineError, 400, None),
@@ -93,7 +95,8 @@ def from_exception(exc: Exception) -> ApiError | None:
     """The ApiError of ``HTTP_ERRORS`` for ``exc``, or None when no row names its type."""
     for row in HTTP_ERRORS:
         if isinstance(exc, row.exception):
-            return ApiError(row.status, str(exc), type=row.type, param=row.param, code=row.code)
+            param = getattr(exc, "param", None) or row.param
+            return ApiError(row.status, str(exc), type=row.type, param=param, code=row.code)
     return None
 
 
@@ -149,6 +152,8 @@ def _describe(error: dict) -> str:
     loc, param = error.get("loc", ()), _param(error.get("loc", ()))
     if error.get("type") == "missing":
         message = "this field is required"
+    if error.get("type") == "extra_forbidden":
+        message = "this server does not support this field (docs/api.md lists the fields it accepts)"
     if loc == ("body",) and error.get("type") == "model_attributes_type":
         return "The request body must be a JSON object (sent with Content-Type: application/json)."
     if param and isinstance(loc[-1], str) and message.startswith(f"{loc[-1]} "):

@@ -1,10 +1,14 @@
 """Request and response bodies of the OpenAI-compatible API (``/v1/completions``, ``/v1/chat/completions``).
 
-Requests are validated strictly (no string → number coercion, no bool → int) but ignore unknown
-fields, as OpenAI clients send fields this server does not know. Optional sampling fields default
-to ``None`` meaning "the engine's default", so clients that send explicit nulls work. Fields the
-server knows but cannot honour yet (``echo``, ``logit_bias``, ``tools``...) are declared so that a
-non-default value can be refused with a clear 400 (see ``server.api.convert``), never ignored.
+Requests are validated strictly (no string → number coercion, no bool → int), and a field this
+server does not know is a 400 naming it, at any depth: an unknown option must never silently
+change what is served (a misspelt ``max_token``, a vLLM extra like ``min_p``, a per-request
+``adapters`` list). The OpenAI fields that never change the output (``user``, ``metadata``,
+``store``, ``service_tier``, ``safety_identifier``, ``prompt_cache_key``) are declared, accepted
+and ignored. Optional sampling fields default to ``None`` meaning "the engine's default", so
+clients that send explicit nulls work. Fields the server knows but cannot honour yet (``echo``,
+``logit_bias``, ``tools``...) are declared so that a non-default value can be refused with a clear
+400 (see ``server.api.convert``), never ignored. docs/api.md lists every field and its status.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Request):
@@ -36,7 +40,13 @@ class SamplingFields(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # refused when non-empty
-    user: str | None = None  # accepted and ignored
+    # OpenAI fields that do not change the output: accepted and ignored
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     # extras (vLLM names)
     top_k: int | None = None
     repetition_penalty: float | None = None

@@ -90,7 +90,8 @@ def test_a_failed_generation_is_a_server_error_body(deltas, status):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_a_failed_stream_ends_with_an_error_event_then_done(path):
-    body = {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    body = {"model": MODEL, "stream": True}
+    body |= {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
     events = events_of(client_for(StubEngine(FAILED)).post(path, json=body).text)
     assert events[-1] == "[DONE]"
     assert "failed to load" in events[-2]["error"]["message"]

@@ -143,6 +143,21 @@ CASES = {
     "max_tokens negative": completion(400, "max_tokens must be >= 1", param="max_tokens", max_tokens=-5),
     "logprobs negative": completion(400, "greater than or equal to 0", param="logprobs", logprobs=-1),
     "echo": completion(400, "echo is not supported", param="echo", echo=True),
+    "an unknown field": completion(400, "min_p: this server does not support", param="min_p", min_p=0.1),
+    "a misspelt field": completion(400, "does not support this field", param="max_token", max_token=3),
+    "per-request adapters": completion(
+        400, "does not support this field", param="adapters", adapters=[{"name": "bot", "weight": 1.0}]
+    ),
+    "an unknown stream option": completion(
+        400, "does not support", param="stream_options.foo", stream_options={"include_usage": True, "foo": 1}
+    ),
+    "an unknown message field": chat(  # the SDK's ``name`` would change the prompt: refused, not dropped
+        400,
+        "does not support",
+        param="messages[0].name",
+        messages=[{"role": "user", "content": "x", "name": "a"}],
+    ),
+    "an unknown chat field": chat(400, "does not support", param="modalities", modalities=["text"]),
     "suffix": completion(400, "suffix is not supported", param="suffix", suffix="!"),
     "best_of 2": completion(400, "best_of is not supported", param="best_of", best_of=2),
     "logit_bias": completion(400, "logit_bias is not supported", param="logit_bias", logit_bias={"65": 5}),
@@ -256,7 +271,7 @@ CASES = {
         "POST",
         "/v1/load_lora_adapter",
         400,
-        "Extra inputs",
+        "does not support this field",
         param="zzz",
         who="admin",
         json={"lora_name": "x", "lora_path": "/x", "zzz": 1},

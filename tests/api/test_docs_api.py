@@ -65,3 +65,25 @@ def test_every_documented_section_has_a_curl_example():
     sections = re.split(r"^### ", API_DOC.read_text(), flags=re.M)[1:]
     for section in sections:
         assert "```bash\ncurl" in section, f"no curl example under: {section.splitlines()[0]}"
+
+
+def _documented_fields() -> dict[str, set[str]]:
+    """The Request fields table: {field: endpoints ("completions", "chat")}."""
+    section = API_DOC.read_text().split("#### Request fields", 1)[1].split("\n### ", 1)[0]
+    fields: dict[str, set[str]] = {}
+    for row in re.findall(r"^\| (`.+?) \| (both|completions|chat) \|", section, re.M):
+        names = re.findall(r"`([a-z_.]+)`", row[0])
+        for name in names:
+            fields[name] = {"completions", "chat"} if row[1] == "both" else {row[1]}
+    return fields
+
+
+def test_the_request_fields_table_lists_exactly_the_fields_the_bodies_accept():
+    from server.api.schemas import ChatCompletionRequest, CompletionRequest
+
+    documented = _documented_fields()
+    for endpoint, body in (("completions", CompletionRequest), ("chat", ChatCompletionRequest)):
+        accepted = set(body.model_fields) | {"stream_options.include_usage"}
+        accepted.discard("stream_options")
+        listed = {name for name, where in documented.items() if endpoint in where}
+        assert listed == accepted, f"{endpoint}: documented {listed ^ accepted} wrongly"

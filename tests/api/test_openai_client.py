@@ -86,6 +86,16 @@ def test_completion_text_usage_and_finish_reason(client):
     assert_usage(response.usage, len(PROMPT), MAX_TOKENS)
 
 
+def test_openai_fields_that_do_not_change_the_output_are_accepted_and_an_unknown_one_is_refused(client):
+    plain = chat(client, BASE, **GREEDY).choices[0].message.content
+    tagged = chat(client, BASE, user="u-1", metadata={"team": "x"}, store=False, service_tier="auto",
+                  safety_identifier="s", prompt_cache_key="k", **GREEDY)  # fmt: skip
+    assert tagged.choices[0].message.content == plain
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, BASE, extra_body={"min_p": 0.2})
+    assert refused.value.body["param"] == "min_p"
+
+
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_an_adapter_changes_the_greedy_completion(client, adapter):
     base = complete(client, BASE, **GREEDY)
