@@ -1,0 +1,232 @@
+"""Several adapters → one, with exactly the meaning of peft's ``add_weighted_adapter`` (issue 18).
+
+    cat                      A = [w₁s₁A₁; w₂s₂A₂; …]   B = [B₁ B₂ …]              rank Σ rᵢ
+    linear, ties, dare_*,    A = merge(±√|wᵢsᵢ|·Aᵢ)     B = merge(√|wᵢsᵢ|·Bᵢ)      rank r (all equal)
+      magnitude_prune        (merge: task arithmetic, TIES, DARE or magnitude pruning, tensor by tensor)
+    *svd                     ΔW = merge(wᵢ·sᵢBᵢAᵢ), then B = U·S, A = Vh at rank ``svd_rank`` (default max rᵢ)
+
+sᵢ is adapter i's scaling (α/r, or α/√r with rsLoRA). Like peft, the result has ``lora_alpha = r``
+and the first adapter's ``use_rslora``, so its scaling is 1 (rsLoRA: √r), and its targets are the
+union of the components'; a module only some components target merges those. One component is
+``linear`` whatever the method says (peft does the same).
+
+DARE prunes at random: the masks come from a ``torch.Generator`` seeded with ``Recipe.seed``, drawn
+module by module in the model's order (layer by layer; q, k, v, o, gate, up, down), A before B,
+component by component, exactly the draws peft makes after ``torch.manual_seed(seed)``. So one
+recipe always makes the same adapter, and the same one as peft.
+
+Everything here is float32 on the CPU; the result is a ``LoRAWeights`` the cache serves like any
+other adapter. Refusals (peft's and ours) are ``CompositionError`` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adapters.errors import CompositionError
+from adapters.format import PROJECTIONS, LoRAConfig, LoRAWeights
+
+METHODS = (
+    "cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+    "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd",
+)  # fmt: skip
+SAME_RANK_METHODS = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+DENSITY_METHODS = tuple(m for m in METHODS if m.removesuffix("_svd") in ("ties", "dare_linear", "dare_ties",
+                                                                          "magnitude_prune"))  # fmt: skip
+SIGN_METHODS = ("total", "frequency")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to combine: ``weights`` one per component, in order; the rest as peft names them."""
+
+    method: str
+    weights: tuple[float, ...]
+    density: float | None = None  # the fraction kept by the pruning methods, in [0, 1]
+    majority_sign_method: str = "total"
+    svd_rank: int | None = None
+    svd_clamp: float | None = None  # a quantile in [0, 1] the SVD factors are clamped to
+    seed: int = 0  # DARE's masks
+
+    def check(self, num_components: int) -> None:
+        """CompositionError naming the parameter for a recipe no adapter could be made from."""
+        if num_components == 0:
+            raise CompositionError("adapters must name at least one adapter", "adapters")
+        if self.method not in METHODS:
+            raise CompositionError(f"combination must be one of {', '.join(METHODS)}; got {self.method!r}",
+                                   "combination")  # fmt: skip
+        if len(self.weights) != num_components or not all(math.isfinite(w) for w in self.weights):
+            raise CompositionError("every adapter needs a finite weight", "adapters")
+        needs_density = self.effective_method(num_components) in DENSITY_METHODS
+        if needs_density and (self.density is None or not 0.0 <= self.density <= 1.0):
+            raise CompositionError(f"{self.method} needs a density in [0, 1]", "density")
+        if self.majority_sign_method not in SIGN_METHODS:
+            raise CompositionError("majority_sign_method must be total or frequency", "majority_sign_method")
+        if self.svd_rank is not None and self.svd_rank < 1:
+            raise CompositionError("svd_rank must be at least 1", "svd_rank")
+        if self.svd_clamp is not None and not 0.0 <= self.svd_clamp <= 1.0:
+            raise CompositionError("svd_clamp must be a quantile in [0, 1]", "svd_clamp")
+
+    def effective_method(self, num_components: int) -> str:
+        return "linear" if num_components == 1 else self.method
+
+
+def compose(components: Sequence[LoRAWeights], recipe: Recipe) -> LoRAWeights:
+    """One adapter equal to peft's ``add_weighted_adapter(components, weights, method, ...)``."""
+    recipe.check(len(components))
+    method = recipe.effective_method(len(components))
+    rank = _new_rank(components, method, recipe.svd_rank)
+    first = components[0].config
+    targets = tuple(sorted({t for c in components for t in c.config.target_modules}))
+    config = LoRAConfig(rank, float(rank), first.use_rslora, targets, first.base_model_name_or_path)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    tensors = {}
+    for key in sorted({k for c in components for k in c.tensors}, key=_model_order):
+        present = [(w, c) for w, c in zip(recipe.weights, components, strict=True) if key in c.tensors]
+        tensors[key] = _compose_module(key, present, method, rank, recipe, generator)
+    return LoRAWeights(config, tensors)
+
+
+def _new_rank(components: Sequence[LoRAWeights], method: str, svd_rank: int | None) -> int:
+    ranks = [c.config.rank for c in components]
+    if method in SAME_RANK_METHODS:
+        if len(set(ranks)) != 1:
+            raise CompositionError(
+                f"{method} needs adapters of one rank (peft refuses it); these have ranks {ranks}: "
+                "use cat or an *_svd method", "combination",
+            )  # fmt: skip
+        return ranks[0]
+    if method == "cat":
+        return sum(ranks)
+    return svd_rank or max(ranks)
+
+
+def _model_order(key: tuple[int, str]) -> tuple[int, int]:
+    """(layer, projection) in the order a Llama's ``named_modules`` visits them."""
+    return key[0], PROJECTIONS.index(key[1])
+
+
+Present = list[tuple[float, LoRAWeights]]
+
+
+def _compose_module(key: tuple[int, str], present: Present, method: str, rank: int, recipe: Recipe,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(A [rank, in], B [out, rank]) of one module."""
+    if method == "cat":
+        return _cat(key, present, rank)
+    if method.endswith("svd"):
+        return _svd(key, present, method.removesuffix("_svd"), rank, recipe, generator)
+    return _factorwise(key, present, method, recipe, generator)
+
+
+def _raw(key: tuple[int, str], adapter: LoRAWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = adapter.tensors[key]
+    return a.float(), b.float()
+
+
+def _cat(key: tuple[int, str], present: Present, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft fills the first rows of a zero [rank, in] A (columns of B) with the present adapters."""
+    a_parts = [_raw(key, c)[0] * w * c.config.scale for w, c in present]
+    b_parts = [_raw(key, c)[1] for _, c in present]
+    a = torch.zeros(rank, a_parts[0].shape[1])
+    b = torch.zeros(b_parts[0].shape[0], rank)
+    a_cat, b_cat = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+    a[: a_cat.shape[0]], b[:, : b_cat.shape[1]] = a_cat, b_cat
+    return a, b
+
+
+def _factorwise(key: tuple[int, str], present: Present, method: str, recipe: Recipe,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """linear, ties, dare_*, magnitude_prune: A and B merged separately, each with √|w·s| (the
+    sign on A only, so a negative weight flips ΔW once)."""
+    scaled = [w * c.config.scale for w, c in present]
+    weights_a = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in scaled])
+    weights_b = torch.tensor([math.sqrt(abs(x)) for x in scaled])
+    merge = _MERGES[method]
+    a = merge([_raw(key, c)[0] for _, c in present], weights_a, recipe, generator)
+    b = merge([_raw(key, c)[1] for _, c in present], weights_b, recipe, generator)
+    return a, b
+
+
+def _svd(key: tuple[int, str], present: Present, base_method: str, rank: int, recipe: Recipe,
+         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """ΔW merged, then cut to ``rank`` by SVD: B = U·S [out, rank], A = Vh [rank, in]."""
+    deltas = [(_raw(key, c)[1] @ _raw(key, c)[0]) * c.config.scale for _, c in present]  # [out, in] each
+    weights = torch.tensor([w for w, _ in present])
+    delta = _MERGES["linear" if base_method == "svd" else base_method](deltas, weights, recipe, generator)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=True)
+    u = u[:, :rank] @ torch.diag(s[:rank])
+    vh = vh[:rank, :]
+    if recipe.svd_clamp is not None:
+        high = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), recipe.svd_clamp)
+        u, vh = u.clamp(-high, high), vh.clamp(-high, high)
+    return vh, u
+
+
+# ---- the merges of tensors (peft.utils.merge_utils' meanings), stacked on a new dim 0 ----
+Merge = Callable[[list[torch.Tensor], torch.Tensor, Recipe, torch.Generator], torch.Tensor]
+
+
+def _weighted(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return stacked * weights.view(weights.shape + (1,) * (stacked.dim() - 1))
+
+
+def _magnitude_pruned(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of largest |values| (ties broken as torch.topk breaks them)."""
+    if density >= 1:
+        return tensor
+    mask = torch.zeros(tensor.numel())
+    mask[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel()), largest=True)[1]] = 1
+    return tensor * mask.reshape(tensor.shape)
+
+
+def _randomly_pruned(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each value with probability ``density``, rescaled by 1/density."""
+    if density >= 1:
+        return tensor
+    mask = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
+    return tensor * mask / density
+
+
+def _majority_sign_mask(stacked: torch.Tensor, method: str) -> torch.Tensor:
+    sign = stacked.sign()
+    magnitude = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    return sign == torch.where(magnitude >= 0, 1, -1)
+
+
+def _disjoint_mean(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (weighted * mask).sum(dim=0) / torch.clamp(mask.sum(dim=0), min=1.0)
+
+
+def _linear(
+    tensors: list[torch.Tensor], weights: torch.Tensor, recipe: Recipe, _: torch.Generator
+) -> torch.Tensor:
+    return _weighted(torch.stack(tensors), weights).sum(dim=0)
+
+
+def _pruned(
+    tensors: list[torch.Tensor], recipe: Recipe, generator: torch.Generator, random: bool
+) -> torch.Tensor:
+    density = float(recipe.density)  # type: ignore[arg-type]  # Recipe.check: set for these methods
+    if random:
+        return torch.stack([_randomly_pruned(t, density, generator) for t in tensors])
+    return torch.stack([_magnitude_pruned(t, density) for t in tensors])
+
+
+def _elected(stacked: torch.Tensor, weights: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """TIES: the sign elected over the pruned tensors, then the mean of the weighted ones that agree."""
+    mask = _majority_sign_mask(stacked, recipe.majority_sign_method)
+    return _disjoint_mean(_weighted(stacked, weights), mask)
+
+
+_MERGES: dict[str, Merge] = {
+    "linear": _linear,
+    "magnitude_prune": lambda t, w, r, g: _weighted(_pruned(t, r, g, random=False), w).sum(dim=0),
+    "dare_linear": lambda t, w, r, g: _weighted(_pruned(t, r, g, random=True), w).sum(dim=0),
+    "ties": lambda t, w, r, g: _elected(_pruned(t, r, g, random=False), w, r),
+    "dare_ties": lambda t, w, r, g: _elected(_pruned(t, r, g, random=True), w, r),
+}
