@@ -9,12 +9,13 @@ shapes (576 hidden, 1536 MLP, 9/3 heads; --layers of them, so the adapters and t
 one are real, the compute small), then for each routing mode starts ``loraplex serve-ray
 --num-replicas 4 --max-loras 8`` afresh and sends the same --requests completions (Zipf s = 1.1
 over the adapters, --concurrency clients in a closed loop, 4 tokens each). Each replica's host tier
-holds --host-adapters adapters (``--max-cpu-adapters-bytes``), as a real host budget holds a
-fraction of a large catalogue.
+holds --host-adapters adapters (``--max-cpu-adapters-bytes``; 48, about a quarter of the
+catalogue: a replica's share), as a real host budget holds a fraction of a large catalogue.
 
 Modes: ``spread`` (``--route-by-adapter off``: Ray Serve's power-of-two-choices on load),
-``affinity`` (the default: the adapter is the multiplexed model id, Ray Serve holding 8 per
-replica, the device slots) and ``affinity-host`` (Ray Serve holding --host-adapters per replica).
+``affinity`` (the defaults: the adapter is the multiplexed model id, Ray Serve remembering 1024
+ids per replica, so each adapter stays where it first went) and ``affinity:N`` (Ray Serve
+remembering N ids per replica: 8 = the device slots, placements forgotten and made again).
 Printed per mode: loads (bucket/disk → host memory reads, summed over the replicas' ``/v1/stats``),
 slot loads (host → device slot copies), request latency p50/p99, and the ratio of loads against
 ``spread``. No figure here is asserted on.
@@ -51,14 +52,23 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters", type=int, default=200)
-    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--requests", type=int, default=6000)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--slots", type=int, default=8, help="--max-loras of each replica")
-    p.add_argument("--host-adapters", type=int, default=32, help="adapters each replica's host tier holds")
+    p.add_argument(
+        "--host-adapters",
+        type=int,
+        default=48,
+        help="adapters each replica's host tier holds (48: about a replica's share)",
+    )
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--zipf", type=float, default=1.1)
-    p.add_argument("--modes", default="spread,affinity,affinity-host")
+    p.add_argument(
+        "--modes",
+        default="spread,affinity,affinity:8",
+        help="spread, affinity (Ray Serve holds the default ids per replica) or affinity:N",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -102,8 +112,8 @@ def start(args, mode: str, model: Path, catalogue: tuple[str, str], env: dict, a
         "--max-cpu-adapters-bytes", str(args.host_adapters * adapter_bytes),
         "--route-by-adapter", "off" if mode == "spread" else "on",
     ]  # fmt: skip
-    if mode == "affinity-host":
-        command += ["--max-adapters-per-replica", str(args.host_adapters)]
+    if mode.startswith("affinity:"):
+        command += ["--max-adapters-per-replica", mode.split(":")[1]]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

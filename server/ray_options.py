@@ -25,9 +25,11 @@ RAY_FLAGS: dict[str, tuple[object, str]] = {
     "replica-cpus": (1.0, "CPUs Ray reserves for each engine replica (fractions allowed)"),
     "replica-gpus": (0.0, "GPUs Ray reserves for each engine replica"),
     "max-adapters-per-replica": (
-        None,
-        "adapters Ray Serve counts as held by one replica when it routes by adapter (its LRU of "
-        "multiplexed model ids); none: --max-loras, the device slots",
+        1024,
+        "adapters Ray Serve remembers a replica holding when it routes by adapter (its LRU of "
+        "multiplexed model ids): a new adapter goes to the replica remembered holding fewest, later "
+        "ones follow it, so the catalogue is split between replicas and each replica's tiers hold its "
+        "share; a small value (--max-loras) forgets placements and moves adapters between replicas",
     ),
     "ray-address": (None, "the Ray cluster to join (e.g. auto); none: start a local one"),
     "route-by-adapter": ("on", "on: a completion goes to a replica holding its adapter; off: by load alone"),
@@ -42,7 +44,7 @@ class RayOptions:
     target_ongoing_requests: float = 8.0
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
-    max_adapters_per_replica: int = 4
+    max_adapters_per_replica: int = 1024
     ray_address: str | None = None
     route_by_adapter: bool = True
 
@@ -56,10 +58,7 @@ class RayOptions:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, object], options: Mapping[str, object]) -> RayOptions:
         """From ``{flag: value or None}`` (flags or a RayService's ``args``)."""
-        defaults = {
-            "target-ongoing-requests": options.get("max_num_seqs") or 8,
-            "max-adapters-per-replica": options.get("max_loras") or 4,
-        }
+        defaults = {"target-ongoing-requests": options.get("max_num_seqs") or 8}
         value = {flag: raw.get(flag) if raw.get(flag) is not None else defaults.get(flag, d)
                  for flag, (d, _) in RAY_FLAGS.items()}  # fmt: skip
         made = cls(
