@@ -10,10 +10,12 @@ and the first adapter's ``use_rslora``, so its scaling is 1 (rsLoRA: √r), and 
 union of the components'; a module only some components target merges those. One component is
 ``linear`` whatever the method says (peft does the same).
 
-DARE prunes at random: the masks come from a ``torch.Generator`` seeded with ``Recipe.seed``, drawn
+DARE prunes at random: the masks come from a ``torch.Generator`` seeded with ``Recipe.seed`` (the
+request's ``composition_seed``, default 0), drawn
 module by module in the model's order (layer by layer; q, k, v, o, gate, up, down), A before B,
-component by component, exactly the draws peft makes after ``torch.manual_seed(seed)``. So one
-recipe always makes the same adapter, and the same one as peft.
+component by component, exactly the draws peft makes after ``torch.manual_seed(seed)`` is called
+as its merging starts (after it initialises the new adapter). So one recipe always makes the same
+adapter, and the same one as peft. A parameter the method does not read is refused, not ignored.
 
 Everything here is float32 on the CPU; the result is a ``LoRAWeights`` the cache serves like any
 other adapter. Refusals (peft's and ours) are ``CompositionError`` naming the parameter.
@@ -47,10 +49,10 @@ class Recipe:
     method: str
     weights: tuple[float, ...]
     density: float | None = None  # the fraction kept by the pruning methods, in [0, 1]
-    majority_sign_method: str = "total"
+    majority_sign_method: str | None = None  # TIES' sign election; None: "total"
     svd_rank: int | None = None
     svd_clamp: float | None = None  # a quantile in [0, 1] the SVD factors are clamped to
-    seed: int = 0  # DARE's masks
+    seed: int | None = None  # DARE's masks; None: 0
 
     def check(self, num_components: int) -> None:
         """CompositionError naming the parameter for a recipe no adapter could be made from."""
@@ -61,29 +63,60 @@ class Recipe:
                                    "combination")  # fmt: skip
         if len(self.weights) != num_components or not all(math.isfinite(w) for w in self.weights):
             raise CompositionError("every adapter needs a finite weight", "adapters")
+        self._check_applies()
         needs_density = self.effective_method(num_components) in DENSITY_METHODS
         if needs_density and (self.density is None or not 0.0 <= self.density <= 1.0):
             raise CompositionError(f"{self.method} needs a density in [0, 1]", "density")
-        if self.majority_sign_method not in SIGN_METHODS:
+        if self.majority_sign_method not in (None, *SIGN_METHODS):
             raise CompositionError("majority_sign_method must be total or frequency", "majority_sign_method")
         if self.svd_rank is not None and self.svd_rank < 1:
             raise CompositionError("svd_rank must be at least 1", "svd_rank")
         if self.svd_clamp is not None and not 0.0 <= self.svd_clamp <= 1.0:
             raise CompositionError("svd_clamp must be a quantile in [0, 1]", "svd_clamp")
 
+    def _check_applies(self) -> None:
+        """A parameter the method does not read is refused (it would be silently ignored)."""
+        applies = {
+            "density": self.method in DENSITY_METHODS,
+            "majority_sign_method": "ties" in self.method,
+            "svd_rank": self.method.endswith("svd"),
+            "svd_clamp": self.method.endswith("svd"),
+            "composition_seed": self.method.startswith("dare"),
+        }
+        given = {
+            "density": self.density, "majority_sign_method": self.majority_sign_method,
+            "svd_rank": self.svd_rank, "svd_clamp": self.svd_clamp, "composition_seed": self.seed,
+        }  # fmt: skip
+        for param, value in given.items():
+            if value is not None and not applies[param]:
+                raise CompositionError(f"{param} does not apply to the {self.method} combination", param)
+
+    @property
+    def key(self) -> dict[str, object]:
+        """What makes the adapter, beside its components: the parts of a content key."""
+        return {"method": self.method, "weights": list(self.weights), "density": self.density,
+                "majority_sign_method": self.majority_sign_method, "svd_rank": self.svd_rank,
+                "svd_clamp": self.svd_clamp, "seed": self.seed}  # fmt: skip
+
     def effective_method(self, num_components: int) -> str:
         return "linear" if num_components == 1 else self.method
 
 
-def compose(components: Sequence[LoRAWeights], recipe: Recipe) -> LoRAWeights:
-    """One adapter equal to peft's ``add_weighted_adapter(components, weights, method, ...)``."""
+def compose(components: Sequence[LoRAWeights], recipe: Recipe, max_rank: int | None = None) -> LoRAWeights:
+    """One adapter equal to peft's ``add_weighted_adapter(components, weights, method, ...)``;
+    CompositionError (before any work) when its rank would be over ``max_rank``."""
     recipe.check(len(components))
     method = recipe.effective_method(len(components))
     rank = _new_rank(components, method, recipe.svd_rank)
+    if max_rank is not None and rank > max_rank:
+        raise CompositionError(
+            f"the composed adapter would have rank {rank}, over this server's --max-lora-rank {max_rank}: "
+            f"use an *_svd combination with svd_rank at most {max_rank}", "combination",
+        )  # fmt: skip
     first = components[0].config
     targets = tuple(sorted({t for c in components for t in c.config.target_modules}))
     config = LoRAConfig(rank, float(rank), first.use_rslora, targets, first.base_model_name_or_path)
-    generator = torch.Generator().manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed or 0)
     tensors = {}
     for key in sorted({k for c in components for k in c.tensors}, key=_model_order):
         present = [(w, c) for w, c in zip(recipe.weights, components, strict=True) if key in c.tensors]
@@ -219,7 +252,7 @@ def _pruned(
 
 def _elected(stacked: torch.Tensor, weights: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """TIES: the sign elected over the pruned tensors, then the mean of the weighted ones that agree."""
-    mask = _majority_sign_mask(stacked, recipe.majority_sign_method)
+    mask = _majority_sign_mask(stacked, recipe.majority_sign_method or "total")
     return _disjoint_mean(_weighted(stacked, weights), mask)
 
 

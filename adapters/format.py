@@ -339,3 +339,34 @@ def read_peft_dir(path: str | Path, max_lora_rank: int, limits: FormatLimits = D
     config = parse_config(_read_config(config_path, limits), max_lora_rank)
     named = _load_weights(weights_path, limits)
     return LoRAWeights(config=config, tensors=parse_tensors(named, config))
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def tensor_name(layer: int, proj: str, half: str) -> str:
+    """The name peft saves a Llama-family projection's ``lora_A`` / ``lora_B`` under."""
+    block = "self_attn" if proj in _ATTENTION else "mlp"
+    return f"base_model.model.model.layers.{layer}.{block}.{proj}.lora_{half}.weight"
+
+
+def write_peft_dir(weights: LoRAWeights, path: str | Path) -> None:
+    """Save ``weights`` as peft saves a LoRA (``PeftModel.from_pretrained`` and ``read_peft_dir``
+    load it back): adapter_config.json + adapter_model.safetensors, fp32 tensors."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = weights.config
+    fields = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
+        "use_rslora": config.use_rslora, "target_modules": sorted(config.target_modules),
+        "exclude_modules": sorted(config.exclude_modules) or None, "bias": "none", "lora_dropout": 0.0,
+        "base_model_name_or_path": config.base_model_name_or_path, "inference_mode": True,
+    }  # fmt: skip
+    tensors = {}
+    for (layer, proj), (a, b) in weights.tensors.items():
+        tensors[tensor_name(layer, proj, "A")] = a.float().contiguous()
+        tensors[tensor_name(layer, proj, "B")] = b.float().contiguous()
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    (path / CONFIG_FILE).write_text(json.dumps(fields, indent=2))

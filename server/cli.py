@@ -166,9 +166,14 @@ def start_app(options: dict[str, object]):
     from server.api.app import create_app
 
     echo = settings_echo(model_config, engine_config, server_config, options)
+    compositions = None
+    if registry is not None:
+        from adapters.compositions import Compositions
+
+        compositions = Compositions(registry, _data_dir(options) / "compositions")
     app = create_app(engine, served_name, registry, keyring, max_queue=server_config.max_queue,
-                     metrics_auth=server_config.metrics_auth,
-                     request_timeout=server_config.request_timeout, settings=echo)  # fmt: skip
+                     metrics_auth=server_config.metrics_auth, request_timeout=server_config.request_timeout,
+                     settings=echo, compositions=compositions)  # fmt: skip
     if keyring is None:
         host = server_config.host
         remote = "" if host in ("127.0.0.1", "localhost", "::1") else f" ({host} is not a loopback address)"
@@ -214,6 +219,10 @@ def keys_list_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_dir(options: dict[str, object]) -> Path:
+    return Path(options["data_dir"] or default_data_dir(dict(os.environ))).expanduser()
+
+
 def _open_registry(engine, options: dict[str, object]):
     """The adapter registry on --data-dir, attached to the engine, with --adapter dirs registered."""
     from adapters.store import SQLiteAdapterStore
@@ -221,7 +230,7 @@ def _open_registry(engine, options: dict[str, object]):
     adapters: dict[str, str] = options["adapters"]
     roots = parse_adapter_roots(str(options["adapter_roots"]))
     roots += [Path(p).expanduser().resolve().parent for p in adapters.values()]  # named by the operator
-    data_dir = Path(options["data_dir"] or default_data_dir(dict(os.environ))).expanduser()
+    data_dir = _data_dir(options)
     store_url, blobs_url = options["adapter_store"], options["adapter_blobs"]
     if store_url is None and blobs_url is None:
         store = SQLiteAdapterStore(data_dir, allowed_roots=roots)

@@ -11,23 +11,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from adapters.compositions import Compositions
 from adapters.errors import AdapterFormatError, StoreError, UnknownAdapterError
-from adapters.format import validate_name
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE, validate_name
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterRecord
 from adapters.tenants import Principal
+from server.api import compose
 from server.api.auth import admin, caller
 from server.api.errors import ApiError, from_adapter_error, model_not_found
 from server.api.schemas import (
     AdapterDeleted,
     AdapterInfo,
     AdapterList,
+    ComposeAdapterRequest,
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
 )
@@ -116,6 +120,27 @@ async def upload_adapter(
         raise ApiError(422, "the same file name was sent twice", param="files", code="invalid_adapter")
     record = await _call(_registry(request).upload, target, name, by_name)
     return _info(request, record, principal)
+
+
+@router.post("/v1/adapters/compose", status_code=201)
+async def compose_adapter(request: Request, principal: Caller, body: ComposeAdapterRequest) -> AdapterInfo:
+    """Save the composition ``body`` describes (as a request's ``adapters`` would compose it) as the
+    next version of ``body.name``: a plain peft adapter from then on, served and listed like uploads."""
+    target = acting_tenant(principal, body.tenant)
+    state = request.app.state.loraplex
+    if body.adapters is None or state.compositions is None:
+        raise ApiError(400, "adapters must name the adapters to compose", param="adapters")
+    parts = compose.components(body, principal, target)
+    record = await _call(_save_composition, state.compositions, _registry(request), target, body, parts)
+    return _info(request, record, principal)
+
+
+def _save_composition(compositions: Compositions, registry: AdapterRegistry, tenant: str,
+                      body: ComposeAdapterRequest, parts: list) -> AdapterRecord:  # fmt: skip
+    composed = compositions.resolve(tenant, parts, compose.recipe(body))
+    with ExitStack() as files:
+        streams = {f: files.enter_context(open(composed.path / f, "rb")) for f in (CONFIG_FILE, WEIGHTS_FILE)}
+        return registry.upload(tenant, body.name, streams)
 
 
 @router.get("/v1/adapters")

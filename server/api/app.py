@@ -17,15 +17,16 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from adapters.compositions import Compositions
 from adapters.format import FormatLimits
 from adapters.registry import AdapterRegistry
 from adapters.tenants import KeyRing, Principal
 from server import metrics
-from server.api import admin, convert, dashboard
+from server.api import admin, compose, convert, dashboard
 from server.api.auth import Authenticator, caller
 from server.api.auth import admin as admin_key
 from server.api.connections import BodyGuard
-from server.api.errors import install_error_handlers
+from server.api.errors import ApiError, install_error_handlers
 from server.api.limits import (
     DEFAULT_MAX_BODY_BYTES,
     UPLOAD_OVERHEAD_BYTES,
@@ -65,19 +66,22 @@ class AppState:
     draining: bool = False  # set by the first SIGTERM (server.api.shutdown)
     created: int = field(default_factory=lambda: int(time.time()))
     settings: dict[str, object] = field(default_factory=dict)  # GET /v1/stats' config echo
+    compositions: Compositions | None = None  # requests' composed adapters (None: no registry)
 
 
 def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry | None = None,
                keyring: KeyRing | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics_auth: str = "none",
                request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, *,
-               settings: dict[str, object] | None = None) -> FastAPI:  # fmt: skip
+               settings: dict[str, object] | None = None,
+               compositions: Compositions | None = None) -> FastAPI:  # fmt: skip
     """The app serving ``engine``: ``model`` = ``served_model_name`` is the base model; any other
     ``model`` names an adapter of ``registry`` in the caller's tenant. ``keyring`` None: single-tenant.
     ``metrics_auth`` "admin": ``/metrics`` needs an admin key (see ``ServerConfig``).
     ``request_timeout``: a body that stalls that long between chunks is a 408; one still arriving
     when the server drains is a 503 (``server.api.connections.BodyGuard``). ``settings``: what
-    ``GET /v1/stats`` reports as ``config`` (``server.settings.settings_echo``; None: {})."""
+    ``GET /v1/stats`` reports as ``config`` (``server.settings.settings_echo``; None: {}).
+    ``compositions``: where composed adapters are built (None: in a temporary directory)."""
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA inference server")
     app.state.loraplex = AppState(
         engine, served_model_name, registry, Authenticator(keyring), Admission(max_queue)
@@ -87,6 +91,8 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
                        max_upload_bytes=max_adapter_bytes + UPLOAD_OVERHEAD_BYTES)  # fmt: skip
     state = app.state.loraplex
     state.settings = settings or {}
+    if registry is not None:
+        state.compositions = compositions or Compositions(registry)
     app.add_middleware(BodyGuard, timeout_s=request_timeout, is_draining=lambda: state.draining)
     install_error_handlers(app)
     app.include_router(router)
@@ -164,8 +170,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
 def _engine_input(make_input, body, state: AppState, principal: Principal) -> convert.GenerationInput:
     """Resolve the adapter ``body.model`` names (404 if none), then check the body into engine input.
     Off the event loop: over a shared adapter store the lookup asks the database."""
-    adapter = convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
-    return make_input(body, state.engine, adapter)
+    return make_input(body, state.engine, _adapter(body, state, principal))
+
+
+def _adapter(body: SamplingFields, state: AppState, principal: Principal) -> str | None:
+    """The engine id ``model`` names, or of the composition ``adapters`` asks for (built if new)."""
+    if not compose.requested(body, state.served_model_name):
+        return convert.resolve_adapter(body.model, state.served_model_name, state.registry, principal)
+    if state.compositions is None:
+        raise ApiError(400, "this server has no adapter registry to compose from", param="adapters")
+    parts = compose.components(body, principal)
+    return state.compositions.resolve(principal.tenant, parts, compose.recipe(body)).adapter_id
 
 
 def _num_choices(body: SamplingFields) -> int:

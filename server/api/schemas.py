@@ -26,7 +26,37 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
+MAX_COMPONENTS = 16  # adapters in one composition
+
+
+class AdapterPart(_Request):
+    """One component of a composition: an adapter the caller may use, and its weight."""
+
+    name: str
+    weight: float = Field(default=1.0, allow_inf_nan=False)
+
+
+class CompositionFields(_Request):
+    """Per-request composition (issue 18): ``adapters`` combined as peft's ``add_weighted_adapter``
+    combines them; the other fields are its arguments (``adapters.compose.Recipe``)."""
+
+    adapters: list[AdapterPart] | None = Field(default=None, min_length=1, max_length=MAX_COMPONENTS)
+    combination: str | None = None  # None: peft's default, svd
+    density: float | None = None
+    majority_sign_method: str | None = None
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    composition_seed: int | None = None  # DARE's masks; None: 0
+
+
+class ComposeAdapterRequest(CompositionFields):
+    """``POST /v1/adapters/compose``: save a composition as the next version of ``name``."""
+
+    name: str
+    tenant: str | None = None  # admins: the tenant to save it in (and to resolve bare names in)
+
+
+class SamplingFields(CompositionFields):
     """Sampling fields shared by both endpoints (OpenAI names, plus vLLM-style extras)."""
 
     model: str

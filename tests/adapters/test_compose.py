@@ -102,7 +102,8 @@ def method_kwargs(method: str) -> dict:
 
 def recipe_of(weights: list[float], kwargs: dict) -> Recipe:
     fields = {k: v for k, v in kwargs.items() if k != "combination_type"}
-    return Recipe(kwargs["combination_type"], tuple(weights), seed=SEED, **fields)
+    seed = SEED if kwargs["combination_type"].startswith("dare") else None
+    return Recipe(kwargs["combination_type"], tuple(weights), seed=seed, **fields)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -176,6 +177,14 @@ def test_peft_refuses_linear_over_different_ranks_and_so_do_we(base_dir, adapter
         (Recipe("ties", (1.0, 1.0), density=0.5, majority_sign_method="median"), 2, "majority_sign_method"),
         (Recipe("svd", (1.0, 1.0), svd_rank=0), 2, "svd_rank"),
         (Recipe("svd", (1.0, 1.0), svd_clamp=2.0), 2, "svd_clamp"),
+        (Recipe("linear", (1.0, 1.0), density=0.5), 2, "density"),
+        (
+            Recipe("dare_linear", (1.0, 1.0), density=0.5, majority_sign_method="total"),
+            2,
+            "majority_sign_method",
+        ),
+        (Recipe("cat", (1.0, 1.0), svd_rank=4), 2, "svd_rank"),
+        (Recipe("ties", (1.0, 1.0), density=0.5, seed=3), 2, "composition_seed"),
     ],
 )
 def test_bad_recipes_name_the_parameter(recipe, num, param):

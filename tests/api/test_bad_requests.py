@@ -145,8 +145,11 @@ CASES = {
     "echo": completion(400, "echo is not supported", param="echo", echo=True),
     "an unknown field": completion(400, "min_p: this server does not support", param="min_p", min_p=0.1),
     "a misspelt field": completion(400, "does not support this field", param="max_token", max_token=3),
-    "per-request adapters": completion(
-        400, "does not support this field", param="adapters", adapters=[{"name": "bot", "weight": 1.0}]
+    "a misspelt composition field": completion(
+        400,
+        "does not support this field",
+        param="adapters[0].scale",
+        adapters=[{"name": "bot", "scale": 1.0}],
     ),
     "an unknown stream option": completion(
         400, "does not support", param="stream_options.foo", stream_options={"include_usage": True, "foo": 1}

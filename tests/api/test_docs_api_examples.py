@@ -32,6 +32,7 @@ from tests.engine.tiny import write_tiny_llama
 
 BASE_MODEL = "tiny"  # --served-model-name
 ADAPTER = "support-bot"  # the adapter the examples upload, and the directory under $ADAPTER_ROOT
+COMPOSED = "support-bot-half"  # the composition the examples save
 COMMAND_TIMEOUT_S = 60
 # ``curl`` in every example: fails on an HTTP error (unless one is expected) and writes the status.
 CURL_FUNCTION = (
@@ -116,13 +117,15 @@ def _models(out: str) -> None:
 def _generated(kind: str) -> Callable[[str], None]:
     def check(out: str) -> None:
         answer = json.loads(out)
-        assert answer["object"] == kind and answer["model"] == ADAPTER and len(answer["choices"]) == 1, answer
+        # the examples name the adapter, or the base model beside a composition's ``adapters``
+        assert answer["object"] == kind and answer["model"] in (ADAPTER, BASE_MODEL), answer
+        assert len(answer["choices"]) == 1, answer
 
     return check
 
 
 def _adapter_ids(out: str) -> None:
-    assert [a["id"] for a in json.loads(out)["data"]] == [ADAPTER], out
+    assert [a["id"] for a in json.loads(out)["data"]] == [ADAPTER, COMPOSED], out
 
 
 def _plain(text: str) -> Callable[[str], None]:
@@ -151,6 +154,7 @@ CHECKS: dict[tuple[str, str], Callable[[str], None]] = {
     ("POST", "/v1/adapters/{name}/unmerge"): _record(tenant="acme", merged=False),
     ("POST", "/v1/load_lora_adapter"): _plain(f"Success: LoRA adapter '{ADAPTER}' added successfully."),
     ("POST", "/v1/unload_lora_adapter"): _plain(f"Success: LoRA adapter '{ADAPTER}' removed successfully."),
+    ("POST", "/v1/adapters/compose"): _record(id=COMPOSED, tenant="acme", version=1, rank=8),
     ("GET", "/v1/adapters"): _adapter_ids,
     ("GET", "/v1/adapters/{name}"): _record(id=ADAPTER, version=1),
     ("DELETE", "/v1/adapters/{name}"): _record(id=ADAPTER, object="adapter", deleted=True, versions=[1]),

@@ -44,6 +44,7 @@ OPERATIONS = [  # every /v1/ operation of the schema (test_every_api_operation_i
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/adapters"),
+    ("POST", "/v1/adapters/compose"),
     ("GET", "/v1/adapters"),
     ("GET", "/v1/adapters/{name}"),
     ("DELETE", "/v1/adapters/{name}"),

@@ -133,3 +133,23 @@ def test_refused_sampling_setting_is_a_bad_request(client: Client) -> None:
     with pytest.raises(BadRequestError) as info:
         client.completions(BASE_MODEL, "Hello", temperature="hot")
     assert info.value.status == 400 and info.value.param == "temperature"
+
+
+def test_compose_composes_adapters_and_saves_a_composition(client: Client, adapter: str) -> None:
+    """compose= at weight 1 answers as the adapter itself (one component is linear: itself);
+    compose_adapter saves a composition, served under its own name as the request composed it."""
+    alone = client.completions(adapter, "Hello", logprobs=1, **GREEDY)
+    same = client.completions(BASE_MODEL, "Hello", compose={adapter: 1.0}, logprobs=1, **GREEDY)
+    assert same.text == alone.text
+    assert same.choices[0].logprobs.token_logprobs == pytest.approx(alone.choices[0].logprobs.token_logprobs,
+                                                                    abs=1e-4)  # fmt: skip
+    half = client.completions(BASE_MODEL, "Hello", compose=[(adapter, 0.5)], combination="linear", **GREEDY)
+    chat = client.chat(BASE_MODEL, MESSAGES, compose=[adapter], combination="cat", **GREEDY)
+    assert isinstance(chat, ChatCompletion) and chat.choices[0].message.content
+    saved = client.compose_adapter("pirate-half", [(adapter, 0.5)], combination="linear")
+    assert isinstance(saved, Adapter) and (saved.id, saved.version) == ("pirate-half", 1)
+    assert client.completions("pirate-half", "Hello", **GREEDY).text == half.text
+    with pytest.raises(BadRequestError) as info:
+        client.completions(BASE_MODEL, "Hello", compose={adapter: 1.0}, combination="mean")
+    assert (info.value.code, info.value.param) == ("invalid_composition", "combination")
+    client.delete_adapter("pirate-half")

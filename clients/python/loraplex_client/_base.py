@@ -103,12 +103,36 @@ def retry_after_s(response: httpx.Response) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+# compose=: {"a": 0.7, "b": 0.4}, [("a", 0.7), ("b", 0.4)] or ["a", "b"] (weight 1)
+Composition = Mapping[str, float] | Sequence[tuple[str, float] | str]
+
+
 def completion_body(model: str, prompt: Prompt, stream: bool, sampling: Mapping[str, Any]) -> dict:
-    return {"model": model, "prompt": _jsonable(prompt), **sampling, "stream": stream}
+    fields = with_composition(sampling)
+    return {"model": model, "prompt": _jsonable(prompt), **fields, "stream": stream}
 
 
 def chat_body(model: str, messages: Sequence[Message], stream: bool, sampling: Mapping[str, Any]) -> dict:
-    return {"model": model, "messages": [dict(m) for m in messages], **sampling, "stream": stream}
+    fields = with_composition(sampling)
+    return {"model": model, "messages": [dict(m) for m in messages], **fields, "stream": stream}
+
+
+def with_composition(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` with a ``compose=`` argument turned into the request's ``adapters`` list."""
+    out = dict(fields)
+    compose = out.pop("compose", None)
+    if compose is not None:
+        out["adapters"] = adapters_field(compose)
+    return out
+
+
+def adapters_field(compose: Composition) -> list[dict[str, Any]]:
+    items = compose.items() if isinstance(compose, Mapping) else compose
+    parts = []
+    for item in items:
+        name, weight = (item, 1.0) if isinstance(item, str) else item
+        parts.append({"name": name, "weight": weight})
+    return parts
 
 
 def _jsonable(prompt: Prompt) -> Any:

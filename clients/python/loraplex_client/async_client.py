@@ -16,11 +16,13 @@ from loraplex_client._base import (
     ADAPTERS_PATH,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT_S,
+    Composition,
     Message,
     Prompt,
     RetryPolicy,
     Settings,
     adapter_path,
+    adapters_field,
     chat_body,
     completion_body,
     retry_after_s,
@@ -142,7 +144,9 @@ class AsyncClient:
     async def completions(
         self, model: str, prompt: Prompt, *, stream: bool = False, **sampling: Any
     ) -> Completion | AsyncStream[CompletionChunk]:
-        """``POST /v1/completions``; ``sampling``: any request field (max_tokens, temperature...)."""
+        """``POST /v1/completions``; ``sampling``: any request field (max_tokens, temperature...),
+        and ``compose=`` ({name: weight} or (name, weight) pairs) with ``combination=`` and its
+        parameters to compose adapters over the base model ``model`` names."""
         body = completion_body(model, prompt, stream, sampling)
         if stream:
             return await self._stream("/v1/completions", body, CompletionChunk)
@@ -174,6 +178,16 @@ class AsyncClient:
         return (await self._call(ModelList, "GET", "/v1/models")).data
 
     # ---- adapter administration ----
+    async def compose_adapter(
+        self, name: str, compose: Composition, *, tenant: str | None = None, **recipe: Any
+    ) -> Adapter:
+        """Save a composition (``compose=`` as in ``completions``; ``recipe``: combination, density...)
+        as the next version of ``name`` (``POST /v1/adapters/compose``)."""
+        body = {"name": name, "adapters": adapters_field(compose), **recipe}
+        if tenant is not None:
+            body["tenant"] = tenant
+        return await self._call(Adapter, "POST", "/v1/adapters/compose", json=body)
+
     async def upload(
         self, name: str, path: str | Path, *, tenant: str | None = None, progress: bool = True
     ) -> Adapter:

@@ -16,11 +16,13 @@ from loraplex_client._base import (
     ADAPTERS_PATH,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT_S,
+    Composition,
     Message,
     Prompt,
     RetryPolicy,
     Settings,
     adapter_path,
+    adapters_field,
     chat_body,
     completion_body,
     retry_after_s,
@@ -143,7 +145,9 @@ class Client:
     def completions(
         self, model: str, prompt: Prompt, *, stream: bool = False, **sampling: Any
     ) -> Completion | Stream[CompletionChunk]:
-        """``POST /v1/completions``; ``sampling``: any request field (max_tokens, temperature...)."""
+        """``POST /v1/completions``; ``sampling``: any request field (max_tokens, temperature...),
+        and ``compose=`` ({name: weight} or (name, weight) pairs) with ``combination=`` and its
+        parameters to compose adapters over the base model ``model`` names."""
         body = completion_body(model, prompt, stream, sampling)
         if stream:
             return self._stream("/v1/completions", body, CompletionChunk)
@@ -175,6 +179,16 @@ class Client:
         return self._call(ModelList, "GET", "/v1/models").data
 
     # ---- adapter administration ----
+    def compose_adapter(
+        self, name: str, compose: Composition, *, tenant: str | None = None, **recipe: Any
+    ) -> Adapter:
+        """Save a composition (``compose=`` as in ``completions``; ``recipe``: combination, density...)
+        as the next version of ``name`` (``POST /v1/adapters/compose``)."""
+        body = {"name": name, "adapters": adapters_field(compose), **recipe}
+        if tenant is not None:
+            body["tenant"] = tenant
+        return self._call(Adapter, "POST", "/v1/adapters/compose", json=body)
+
     def upload(
         self, name: str, path: str | Path, *, tenant: str | None = None, progress: bool = True
     ) -> Adapter:
