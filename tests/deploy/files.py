@@ -25,7 +25,13 @@ ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loraplex.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 K8S = DEPLOY / "k8s"
+K8S_SHARED = K8S / "shared"
+RAYSERVICE = K8S / "rayservice.yaml"
 INSTALL_SCRIPT = DEPLOY / "docker" / "install.sh"
+COMPOSE_REPLICAS = DEPLOY / "compose" / "replicas.yml"
+NGINX_CONF = DEPLOY / "compose" / "nginx.conf"
+PROMETHEUS_REPLICAS_CONFIG = DEPLOY / "prometheus" / "prometheus-replicas.yml"
+PYPROJECT = REPO_ROOT / "pyproject.toml"
 
 
 def load_yaml_documents(path: Path) -> list[dict]:
@@ -70,6 +76,93 @@ def serve_options(args: list[str], environ: dict[str, str]) -> dict[str, object]
     except SystemExit:
         pytest.fail(f"`loraplex serve {shlex.join(args)}` does not parse (see the usage message above)")
     return resolve_options(parsed, {k: v for k, v in environ.items() if k.startswith("LORAPLEX_")})
+
+
+def pyproject_extras() -> dict[str, list[str]]:
+    """The optional dependencies of the loraplex package: extra name → its requirements."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
+
+
+# ---- compose variables ----
+_VARIABLE = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+)
+
+
+def compose_variables(value: object) -> dict[str, str | None]:
+    """Every ``${VAR...}`` a compose document interpolates → its default (None: no default)."""
+    found: dict[str, str | None] = {}
+    if isinstance(value, dict):
+        for item in value.values():
+            found.update(compose_variables(item))
+    elif isinstance(value, list):
+        for item in value:
+            found.update(compose_variables(item))
+    elif isinstance(value, str):
+        for match in _VARIABLE.finditer(value):
+            name = match["name"] or match["bare"]
+            if name:
+                found[name] = match["arg"] if match["op"] in (":-", "-") else None
+    return found
+
+
+def interpolate(value: object, environ: dict[str, str]) -> object:
+    """A compose document with its variables replaced as ``docker compose`` does (``$$`` is ``$``,
+    ``${VAR:-default}``, ``${VAR-default}``, ``${VAR:?error}``, ``${VAR}``); pytest.fail for an unset
+    required one."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, environ) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, environ) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, op, arg = match["name"] or match["bare"], match["op"], match["arg"]
+        current = environ.get(name)
+        if (op in (":-", ":?") and not current) or (op in ("-", "?") and current is None):
+            if op.endswith("?"):
+                pytest.fail(f"${{{name}}} is required: {arg}")
+            return arg
+        return current or ""
+
+    return _VARIABLE.sub(replace, value)
+
+
+# ---- Kubernetes containers ----
+def container_env(container: dict) -> dict[str, str]:
+    """A container's env as name → value, a Secret's key as ``<secret NAME/KEY>``."""
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = f"<secret {ref['name']}/{ref['key']}>"
+    return env
+
+
+def secret_refs(container: dict) -> dict[str, tuple[str, str]]:
+    """Env var → (Secret name, key) for each variable a container takes from a Secret."""
+    return {
+        item["name"]: (item["valueFrom"]["secretKeyRef"]["name"], item["valueFrom"]["secretKeyRef"]["key"])
+        for item in container.get("env", [])
+        if "secretKeyRef" in item.get("valueFrom", {})
+    }
+
+
+def image_options(args: list[str], environ: dict[str, str]) -> dict[str, object]:
+    """``loraplex serve`` as the image runs it: its entrypoint and ENV, then ``environ`` and ``args``."""
+    _, stages = dockerfile_stages()
+    [entrypoint] = stages[-1].all("ENTRYPOINT")
+    assert exec_form(entrypoint)[:2] == ["loraplex", "serve"]
+    return serve_options([*exec_form(entrypoint)[2:], *args], {**stages[-1].env(), **environ})
 
 
 # ---- the Dockerfile ----

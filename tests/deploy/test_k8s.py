@@ -1,6 +1,7 @@
 """deploy/k8s: every manifest is a valid Kubernetes object (kubernetes-validate's schemas, strict),
 and the pieces fit: probes on the right paths and port, a grace period longer than the drain, the
 PVC at --data-dir, the keys Secret at --keys-file, one replica, the HPA example not applied.
+deploy/k8s/shared (N replicas) and rayservice.yaml have their own test files.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 
 from tests.deploy.files import (
     K8S,
+    RAYSERVICE,
     dockerfile_stages,
     exec_form,
     load_yaml,
@@ -25,11 +27,12 @@ UVICORN_SHUTDOWN_S = 6  # after the drain: failed requests' error events (1 s) +
 
 
 def manifests() -> dict[str, list[dict]]:
-    """File name → its Kubernetes objects (the kustomization file is not one)."""
+    """File name → its Kubernetes objects (the kustomization file is not one, and the RayService,
+    a KubeRay custom resource, is checked by test_rayservice.py)."""
     return {
         path.name: load_yaml_documents(path)
         for path in sorted(K8S.glob("*.yaml"))
-        if path.name != "kustomization.yaml"
+        if path.name not in ("kustomization.yaml", RAYSERVICE.name)
     }
 
 
