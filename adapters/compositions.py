@@ -54,7 +54,6 @@ class Composed:
     adapter_id: str  # the engine / cache id
     key: str  # hex sha256 of the content
     path: Path  # the peft directory
-    records: tuple[AdapterRecord, ...]  # the component versions it was made from
 
 
 class Compositions:
@@ -86,7 +85,12 @@ class Compositions:
                 if composed is not None:
                     self._kept.move_to_end(adapter_id)
                     return composed
-            composed = self._build(adapter_id, key, records, recipe)
+            try:
+                composed = self._build(adapter_id, key, records, recipe)
+            except BaseException:
+                with self._lock:  # a failed build leaves no lock behind
+                    self._building.pop(adapter_id, None)
+                raise
             with self._lock:
                 self._kept[adapter_id] = composed
                 self._building.pop(adapter_id, None)
@@ -94,10 +98,6 @@ class Compositions:
         for old in evicted:
             self._forget(old)
         return composed
-
-    def weights_of(self, composed: Composed) -> LoRAWeights:
-        """The composed adapter as read back from its files (what ``POST /v1/adapters/compose`` saves)."""
-        return read_peft_dir(composed.path, self.registry.max_lora_rank, self.registry.limits)
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -130,7 +130,7 @@ class Compositions:
         cache = self.registry.cache
         if cache is not None:
             cache.register(adapter_id, path, weights)
-        return Composed(adapter_id, key, path, records)
+        return Composed(adapter_id, key, path)
 
     def _read(self, record: AdapterRecord) -> LoRAWeights:
         self.registry.store.fetch(record.path)

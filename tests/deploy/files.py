@@ -276,3 +276,29 @@ def metric_names(expr: str) -> set[str]:
 def for_promql_tools(expr: str) -> str:
     """A Grafana expression with its template variables replaced, so Prometheus can parse it."""
     return expr.replace("$__rate_interval", "1m").replace("$__interval", "1m").replace("$instance", ".*")
+
+
+# ---- mounts ----
+def mount_at(pod_spec: dict, path: str) -> tuple[dict, dict]:
+    """(volumeMount, volume) of the pod's one container's mount whose mountPath is ``path`` or a
+    parent of it."""
+    [container] = pod_spec["containers"]
+    mounts = [m for m in container["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])]
+    assert mounts, f"nothing is mounted at {path}"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    [volume] = [v for v in pod_spec["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+def assert_volumes_declared_and_bind_mounts_exist(document: dict, root: Path) -> None:
+    """Every named volume a compose service mounts is declared (and every declared one used); every
+    bind mount (a path starting with ".", relative to ``root``) exists."""
+    used = set()
+    for name, service in document["services"].items():
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (root / source).exists(), f"{name}: {source} does not exist"
+            else:
+                used.add(source)
+    assert used == set(document["volumes"])

@@ -12,6 +12,7 @@ from importlib import resources
 
 import pytest
 
+from tests.deploy import files
 from tests.deploy.files import (
     COMPOSE_FILE,
     PROMETHEUS_CONFIG,
@@ -102,16 +103,7 @@ def test_stopping_waits_longer_than_the_drain():
 
 
 def test_every_named_volume_is_declared_and_every_bind_mount_exists():
-    document = compose()
-    used = set()
-    for name, service in document["services"].items():
-        for mount in service.get("volumes", []):
-            source = mount.split(":")[0]
-            if source.startswith("."):
-                assert (REPO_ROOT / source).exists(), f"{name}: {source} does not exist"
-            else:
-                used.add(source)
-    assert used == set(document["volumes"])
+    files.assert_volumes_declared_and_bind_mounts_exist(compose(), REPO_ROOT)
 
 
 def test_prometheus_scrapes_the_loraplex_service_with_the_config_from_deploy():

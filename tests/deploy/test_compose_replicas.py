@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from tests.api.server_process import free_port, stop
+from tests.deploy import files
 from tests.deploy.conftest import BASE_MODEL
 from tests.deploy.files import (
     ALERTS,
@@ -254,16 +255,7 @@ def test_stopping_waits_longer_than_the_drain():
 
 
 def test_every_named_volume_is_declared_and_every_bind_mount_exists():
-    document = compose()
-    used = set()
-    for name, service in document["services"].items():
-        for mount in service.get("volumes", []):
-            source = mount.split(":")[0]
-            if source.startswith("."):
-                assert (COMPOSE_DIR / source).exists(), f"{name}: {source} does not exist"
-            else:
-                used.add(source)
-    assert used == set(document["volumes"])
+    files.assert_volumes_declared_and_bind_mounts_exist(compose(), COMPOSE_DIR)
 
 
 # ---- nginx ----

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy import files
 from tests.deploy.files import (
     K8S,
     RAYSERVICE,
@@ -63,12 +64,7 @@ def container_options() -> dict[str, object]:
 
 
 def mount_at(path: str) -> tuple[dict, dict]:
-    """(volumeMount, volume) of the mount whose mountPath is ``path`` or a parent of it."""
-    mounts = [m for m in container()["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])]
-    assert mounts, f"nothing is mounted at {path}"
-    mount = max(mounts, key=lambda m: len(m["mountPath"]))
-    [volume] = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
-    return mount, volume
+    return files.mount_at(pod_spec(), path)
 
 
 def test_every_manifest_is_a_valid_kubernetes_object():

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.deploy import files
 from tests.deploy.files import (
     K8S,
     K8S_SHARED,
@@ -65,11 +66,7 @@ def options() -> dict[str, object]:
 
 
 def mount_at(path: str) -> tuple[dict, dict]:
-    mounts = [m for m in container()["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])]
-    assert mounts, f"nothing is mounted at {path}"
-    mount = max(mounts, key=lambda m: len(m["mountPath"]))
-    [volume] = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
-    return mount, volume
+    return files.mount_at(pod_spec(), path)
 
 
 def test_every_manifest_is_a_valid_kubernetes_object():

@@ -126,6 +126,12 @@ def with_composition(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def compose_body(name: str, compose: Composition, tenant: str | None, recipe: Mapping[str, Any]) -> dict:
+    """The body of ``POST /v1/adapters/compose``."""
+    body = {"name": name, "adapters": adapters_field(compose), **recipe}
+    return body if tenant is None else {**body, "tenant": tenant}
+
+
 def adapters_field(compose: Composition) -> list[dict[str, Any]]:
     items = compose.items() if isinstance(compose, Mapping) else compose
     parts = []

@@ -22,9 +22,9 @@ from loraplex_client._base import (
     RetryPolicy,
     Settings,
     adapter_path,
-    adapters_field,
     chat_body,
     completion_body,
+    compose_body,
     retry_after_s,
     tenant_params,
 )
@@ -183,9 +183,7 @@ class AsyncClient:
     ) -> Adapter:
         """Save a composition (``compose=`` as in ``completions``; ``recipe``: combination, density...)
         as the next version of ``name`` (``POST /v1/adapters/compose``)."""
-        body = {"name": name, "adapters": adapters_field(compose), **recipe}
-        if tenant is not None:
-            body["tenant"] = tenant
+        body = compose_body(name, compose, tenant, recipe)
         return await self._call(Adapter, "POST", "/v1/adapters/compose", json=body)
 
     async def upload(
