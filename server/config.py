@@ -94,8 +94,9 @@ class ModelConfig:
     quantization: str = setting(
         "auto",
         "weights of the base model's linear layers (adapters always stay in full precision): `auto` "
-        "serves a `.gguf` base on its own Q4_0/Q4_1 blocks (as `int4`) when no `--dtype` is given and "
-        "the start-up measurement finds that faster than dense, and any other base as stored; "
+        "serves a `.gguf` base's Q4_0/Q4_1/Q4_K weights on their own blocks (as `int4`; its other weights "
+        "dense) when no `--dtype` is given and the start-up measurement finds that faster than dense, "
+        "and any other base as stored; "
         "`none` dequantizes to the serving dtype; `int4` (groups of 32 inputs, scale and minimum) or "
         "`int8` (per output channel) quantize at load, on CPU; `nf4` quantizes at load with bitsandbytes "
         "(the `quant` extra) exactly as transformers' 4-bit loading does, so QLoRA adapters see the base "

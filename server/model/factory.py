@@ -16,8 +16,8 @@ from server.model.host_memory import keep_freed_memory
 from server.model.llama import LlamaForServing, Weights, load_weights
 from server.model.loader import Checkpoint, iter_safetensors, resolve_checkpoint
 from server.model.lora_linear import LinearKwargs, MultiLoRALinear
+from server.model.quant import gguf_codes
 from server.model.quant import plan as quant_plan
-from server.model.quant.gguf_codes import read_int4_codes
 from server.model.quant.int_weights import Int4Weight
 
 if TYPE_CHECKING:
@@ -125,13 +125,19 @@ def pick_quantization(
         return quant_plan.QuantPlan("none", f"auto: --dtype {model_config.dtype} asks for dense weights")
     if kernels is None:
         return quant_plan.QuantPlan("none", "auto: no start-up measurement for a model this small")
+    types = gguf_codes.linear_types(checkpoint.gguf_path)
+    four_bit = sum(kind in gguf_codes.INT4_TYPES for kind in types.values())
+    if not four_bit:
+        kinds = ", ".join(sorted(set(types.values())))
+        return quant_plan.QuantPlan("none", f"auto: the GGUF's linear weights are {kinds}, none 4-bit blocks")
     timings = cpu_tuning.time_int4_against_dense(cpu_tuning.GemmShapes.of(checkpoint.config), kernels.dtype,
                                                  kernels.gemm)  # fmt: skip
     int4_ms = timings.pop("int4 bfloat16 activations")
     dense_name, dense_ms = next(iter(timings.items()), ("dense", float("inf")))
     measured = f"ms per decode pass: int4 {int4_ms:.1f}, {dense_name} {dense_ms:.1f}"
     if int4_ms < INT4_MIN_GAIN * dense_ms:
-        return quant_plan.QuantPlan("int4", f"auto: the GGUF's own 4-bit blocks are faster here ({measured})")
+        why = f"auto: the GGUF's own 4-bit blocks are faster here ({measured})"
+        return quant_plan.QuantPlan("int4", why, file_blocks_only=True)
     return quant_plan.QuantPlan("none", f"auto: dense is as fast or faster here ({measured})")
 
 
@@ -139,17 +145,22 @@ def quantized_weights(
     weights: dict[str, torch.Tensor], plan: quant_plan.QuantPlan, checkpoint: Checkpoint
 ) -> Weights:
     """The model's weights under ``plan`` (int4 from a GGUF's own blocks where it has them); logs one line."""
-    file_codes = None
-    if plan.scheme == "int4" and checkpoint.gguf_path is not None:
+    linears = None
+    if plan.scheme != "none" and checkpoint.gguf_path is not None:
         config = checkpoint.config
-        file_codes = read_int4_codes(
-            checkpoint.gguf_path, config.num_attention_heads, config.num_key_value_heads
-        )
-    out = quant_plan.apply(weights, plan.scheme, file_codes)
-    log.info(
-        "quantization %s: %s (%s)", plan.scheme, quant_plan.summary(out, len(file_codes or {})), plan.why
-    )
+        read = gguf_codes.read_linears if plan.scheme == "int4" else _types_only
+        linears = read(checkpoint.gguf_path, config.num_attention_heads, config.num_key_value_heads)
+    codes = linears.codes if linears is not None else {}
+    out = quant_plan.apply(weights, plan, codes)
+    from_file = [name for name, c in codes.items() if out.get(name) is c]
+    said = quant_plan.summary(out, linears.types if linears is not None else None, from_file)
+    log.info("quantization %s: %s (%s)", plan.scheme, said, plan.why)
     return out
+
+
+def _types_only(gguf_path: Path, num_heads: int, num_kv_heads: int) -> gguf_codes.GgufLinears:
+    """A GGUF's linear weights' types and no codes (int8 and nf4 quantize the dense weights)."""
+    return gguf_codes.GgufLinears(gguf_codes.linear_types(gguf_path), {})
 
 
 def _set_int4_dequantize_rows(model: LlamaForServing, rows: int | None) -> None:

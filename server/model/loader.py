@@ -288,16 +288,44 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
 
 
 def _check_gguf_architecture(gguf_path: Path) -> None:
-    """Refuse a GGUF of an unsupported architecture before spending time on conversion."""
+    """Refuse a GGUF of an unsupported architecture, or with a tensor type gguf-py (which
+    transformers' loader dequantizes with) cannot read, before spending time on conversion."""
     from gguf import GGUFReader
 
-    field = GGUFReader(gguf_path).fields.get("general.architecture")
+    reader = GGUFReader(gguf_path)
+    field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else None
     if arch not in _GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{gguf_path} has GGUF architecture {arch!r}; loraplex converts {', '.join(_GGUF_ARCHITECTURES)} "
             f"GGUFs (giving {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+    readable: dict[object, bool] = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type
+        if kind not in readable:
+            readable[kind] = _gguf_type_is_readable(kind)
+        if not readable[kind]:
+            raise UnsupportedModelError(
+                f"{gguf_path.name}: tensor {tensor.name} is stored as {kind.name}, a GGUF type that cannot "
+                "be dequantized here (gguf-py has no decoder for it); re-quantize the file to another type"
+            )
+
+
+def _gguf_type_is_readable(kind: Any) -> bool:
+    """Whether gguf-py dequantizes ``kind`` (probed on one zero block)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        return True
+    _, type_bytes = GGML_QUANT_SIZES[kind]
+    try:
+        dequantize(np.zeros((1, type_bytes), dtype=np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _write_conversion(gguf_path: Path, out_dir: Path) -> None:
