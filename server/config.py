@@ -167,6 +167,13 @@ class EngineConfig:
         "window, if smaller). More than that is refused when the model loads",
         range="`>= 2`",
     )
+    max_logprobs: int = setting(
+        20,
+        "most alternatives per token a request may ask for: completions' `logprobs` (also the prompt "
+        "tokens' with `echo`) and chat's `top_logprobs`; a request over it is a 400 naming the field "
+        "(vLLM's default, and OpenAI's chat limit)",
+        range="`>= 0`",
+    )
     kv_cache_bytes: int | None = setting(
         None,
         "KV-cache budget; none: room for `max-num-seqs` sequences of `max-model-len` tokens, capped at "
@@ -245,6 +252,7 @@ class EngineConfig:
             self.max_merged_bytes is None or self.max_merged_bytes >= 0,
             f"max_merged_bytes must be >= 0, got {self.max_merged_bytes}",
         )
+        _require(self.max_logprobs >= 0, f"max_logprobs must be >= 0, got {self.max_logprobs}")
         _require(
             self.max_cpu_adapters_bytes >= 0,
             f"max_cpu_adapters_bytes must be >= 0, got {self.max_cpu_adapters_bytes}",

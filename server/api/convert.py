@@ -150,6 +150,8 @@ def _sampling(
     """SamplingParams from the request; max_tokens None means up to the end of the context."""
     if max_tokens is None:  # at least 1, so an over-long prompt gets the engine's context-length error
         max_tokens = max(1, engine.limits.max_model_len - len(prompt_ids))
+    if max_tokens < 1:  # the engine's 0 (run the prompt only) is not offered here yet
+        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
     kwargs = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
     if req.stop is not None:
         kwargs["stop"] = req.stop

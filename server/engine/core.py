@@ -29,10 +29,10 @@ from server.engine.kv_cache import DEFAULT_CPU_KV_BYTES_CAP, KVCache, kv_bytes_p
 from server.engine.merging import MergeManager, MergePolicyConfig
 from server.engine.route import RouteKind
 from server.engine.runner import ModelRunner
-from server.engine.sampler import Sampler, SamplingParams
+from server.engine.sampler import Sampler, SamplingParams, TopLogprobs
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
-from server.engine.views import EngineStats, StepStats, TokenDelta
+from server.engine.views import EngineStats, PromptLogprobs, StepStats, TokenDelta
 from server.model.factory import LoadedModel
 from server.model.loader import Checkpoint
 from server.model.lora_binding import LoRASlotWriter
@@ -95,11 +95,26 @@ class EngineCore:
             raise EngineError("the prompt is empty")
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise EngineError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        self._validate_logprobs(sampling)
         total = len(prompt_token_ids) + sampling.max_tokens
         if total > self.max_model_len:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks "
                 f"for {total} ({len(prompt_token_ids)} in the prompt + {sampling.max_tokens} max_tokens)"
+            )
+
+    def _validate_logprobs(self, sampling: SamplingParams) -> None:
+        """Alternatives within ``max_logprobs``, biased tokens within the vocabulary (EngineError)."""
+        limit = self.config.max_logprobs
+        for name in ("top_logprobs", "prompt_logprobs"):
+            asked = getattr(sampling, name)
+            if asked is not None and asked > limit:
+                raise EngineError(f"{name} must be at most {limit} (--max-logprobs), got {asked}", param=name)
+        outside = [token_id for token_id, _ in sampling.logit_bias if token_id >= self.vocab_size]
+        if outside:
+            raise EngineError(
+                f"logit_bias names token ids outside the vocabulary [0, {self.vocab_size}): {outside[:5]}",
+                param="logit_bias",
             )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
@@ -149,8 +164,8 @@ class EngineCore:
         if out.is_empty:
             self.merges.poll()
             return failed
-        sampled = self.runner.run(out, self.merges)
-        self.scheduler.postprocess(out, sampled.token_ids, sampled.logprobs)
+        computed = self.runner.run(out, self.merges)
+        self.scheduler.postprocess(out, computed.sampled, computed.prompt_logprobs)
         self._observe_traffic(out)
         deltas = failed + [self._emit(item.seq) for item in out.scheduled if item.samples]
         self._observe_step(out, time.perf_counter() - started_s)
@@ -181,7 +196,7 @@ class EngineCore:
             num_seqs=len(items),
             num_tokens=sum(i.num_new_tokens for i in items),
             num_prompt_tokens=sum(len(seq.prompt_token_ids) for seq in first if not seq.num_preemptions),
-            num_generated_tokens=sum(i.samples for i in items),
+            num_generated_tokens=sum(i.samples and i.seq.sampling.max_tokens > 0 for i in items),
             num_adapters=len({i.seq.adapter_id for i in items} - {None}),
             duration_s=duration_s,
             num_waiting=len(self.scheduler.waiting),
@@ -205,25 +220,32 @@ class EngineCore:
         )
 
     def _emit(self, seq: Sequence) -> TokenDelta:
+        """The delta of a step that sampled for ``seq``: its new token (none when it asked for none,
+        max_tokens 0) and, in its first delta, its prompt's logprobs if it asked for them."""
         detok = self._detok[seq.request_id]
-        token, logprob = seq.output_token_ids[-1], seq.output_logprobs[-1]
-        text = detok.push(token)
+        tokens = seq.output_token_ids[-1:]
+        text = detok.push(tokens[0]) if tokens else ""
         if detok.stopped and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)
         if seq.is_finished:
             text += detok.flush()
-        return self._delta(seq, [token], [logprob], text)
+        return self._delta(
+            seq, tokens, seq.output_logprobs[-1:], text, top_logprobs=seq.output_top_logprobs[-1:],
+            prompt_logprobs=_prompt_logprobs(seq) if len(seq.output_token_ids) <= 1 else None,
+        )  # fmt: skip
 
     def _delta(
         self, seq: Sequence, tokens: list[int], logprobs: list[float | None], text: str,
-        error: str | None = None, code: str | None = None,
+        error: str | None = None, code: str | None = None, *, top_logprobs: list[TopLogprobs] | None = None,
+        prompt_logprobs: PromptLogprobs | None = None,
     ) -> TokenDelta:  # fmt: skip
         reason = seq.finish_reason.value if seq.finish_reason else None
         if seq.is_finished:
             self._seqs.pop(seq.request_id, None)
             self._detok.pop(seq.request_id, None)
         return TokenDelta(seq.request_id, tokens, text, logprobs, reason, len(seq.prompt_token_ids),
-                          len(seq.output_token_ids), error, code)  # fmt: skip
+                          len(seq.output_token_ids), error, code, top_logprobs or [],
+                          prompt_logprobs)  # fmt: skip
 
     def _fail_unloadable(self) -> list[TokenDelta]:
         """Waiting requests whose adapter failed to load (or vanished) end with an error."""
@@ -263,6 +285,14 @@ def _merge_policy_config(config: EngineConfig, quantization: str | None) -> Merg
         max_merged_bytes=config.max_merged_bytes, merge_share=config.merge_share,
         unmerge_share=config.unmerge_share,
     )  # fmt: skip
+
+
+def _prompt_logprobs(seq: Sequence) -> PromptLogprobs | None:
+    """The prompt's logprobs, if ``seq`` asked for them: None for its first token, then each scored
+    token's (every one, once the prompt is computed)."""
+    if seq.sampling.prompt_logprobs is None:
+        return None
+    return PromptLogprobs([None, *seq.prompt_logprobs], [None, *seq.prompt_top_logprobs])
 
 
 def _adapter_ids(seqs: list[Sequence]) -> tuple[str, ...]:

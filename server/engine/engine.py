@@ -162,8 +162,9 @@ class Engine:
     def limits(self) -> EngineLimits:
         config = self.core.config
         return EngineLimits(
-            config.max_num_seqs, self.core.max_model_len, config.max_loras, config.max_lora_rank
-        )
+            config.max_num_seqs, self.core.max_model_len, config.max_loras, config.max_lora_rank,
+            config.max_logprobs,
+        )  # fmt: skip
 
     def stats(self) -> EngineStats:
         return self.core.stats()

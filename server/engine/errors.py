@@ -11,9 +11,14 @@ from adapters.errors import UnknownAdapterError
 
 
 class EngineError(ValueError):
-    """A request the engine refuses (HTTP 400); ``code`` is the OpenAI-style error code."""
+    """A request the engine refuses (HTTP 400); ``code`` is the OpenAI-style error code, ``param``
+    the request field at fault when there is one."""
 
     code = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(EngineError):

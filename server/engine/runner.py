@@ -1,19 +1,24 @@
 """Turns a scheduled step into one forward over the flat mixed batch, then samples.
 
 The runner alone builds the ForwardBatch (token ids, positions, KV rows, attention groups,
-LoRA segments); the model only reads it.
+LoRA segments); the model only reads it. The model computes logits at the last token of each
+sequence that samples and, for sequences that asked for prompt logprobs, at the prefill positions
+that score a prompt token (``Sequence.prompt_scoring_positions``): those rows alone get a
+log_softmax, so scoring costs nothing to the requests beside them, and a prompt prefilled in
+several chunks is scored chunk by chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
 import torch
 
 from server.engine.kv_cache import KVCache
-from server.engine.sampler import SampleOutput, Sampler
+from server.engine.sampler import SampleOutput, Sampler, TokenLogprobs, TopLogprobs, token_logprobs
 from server.engine.scheduler import ScheduledSeq, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.model.forward_batch import ForwardBatch, PrefillChunk
@@ -36,6 +41,17 @@ class DecodeFields(TypedDict):
     decode_is_all_tokens: bool
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step's forwards computed."""
+
+    sampled: SampleOutput  # one row per scheduled sequence that samples, in scheduled order
+    prompt_logprobs: dict[Sequence, TokenLogprobs]  # the prompt tokens each one scored this step
+
+
+ScoringPlan = list[tuple[ScheduledSeq, range]]  # per scheduled sequence that scores: its positions
+
+
 class ModelRunner:
     def __init__(
         self, model: LlamaForServing, kv_cache: KVCache, sampler: Sampler, slot_ranks: list[int] | None = None
@@ -47,27 +63,50 @@ class ModelRunner:
         self.device = model.embed_tokens.device
         self.dtype = model.embed_tokens.dtype
 
-    def run(self, out: SchedulerOutput, copies: MergedWeights | None = None) -> SampleOutput:
-        """Tokens for the scheduled sequences that sample, in order.
+    def run(self, out: SchedulerOutput, copies: MergedWeights | None = None) -> StepOutput:
+        """Tokens for the scheduled sequences that sample, in order, and the prompt tokens scored.
 
         One forward for the side-path batch (base model + LoRA slots) and one per merged copy in
         the step, with that copy's weights applied (``out.scheduled`` is sorted by route).
         """
         token_ids: list[int] = []
         logprobs: list[float | None] = []
+        top_logprobs: list[TopLogprobs] = []
+        scored: dict[Sequence, TokenLogprobs] = {}
         for copy, group in itertools.groupby(out.scheduled, key=lambda item: item.route.forward_copy):
             with copies.applied(copy) if copies is not None else contextlib.nullcontext():
-                sampled = self._forward_and_sample(list(group))
-            token_ids += sampled.token_ids
-            logprobs += sampled.logprobs
-        return SampleOutput(token_ids, logprobs)
+                step = self._forward_and_sample(list(group))
+            token_ids += step.sampled.token_ids
+            logprobs += step.sampled.logprobs
+            top_logprobs += step.sampled.top_logprobs
+            scored.update(step.prompt_logprobs)
+        return StepOutput(SampleOutput(token_ids, logprobs, top_logprobs), scored)
 
-    def _forward_and_sample(self, scheduled: list[ScheduledSeq]) -> SampleOutput:
-        batch = self.build_batch(scheduled)
-        logits = self.model(batch, self.kv_cache.layers)  # [B_sample, V]
-        return self.sampler.sample(logits, [item.seq for item in scheduled if item.samples])
+    def _forward_and_sample(self, scheduled: list[ScheduledSeq]) -> StepOutput:
+        plan = scoring_plan(scheduled)
+        batch = self.build_batch(scheduled, plan)
+        logits = self.model(batch, self.kv_cache.layers)  # [B_sample + P, V]
+        rows = [item.seq for item in scheduled if item.samples]
+        sampled = self.sampler.sample(logits[: len(rows)], rows)
+        return StepOutput(sampled, self._score_prompts(logits[len(rows) :], plan))
 
-    def build_batch(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
+    def _score_prompts(self, logits: torch.Tensor, plan: ScoringPlan) -> dict[Sequence, TokenLogprobs]:
+        """The prompt tokens ``plan`` scores, from their rows of ``logits`` [P, V] (in plan order)."""
+        if not plan:
+            return {}
+        targets = [item.seq.prompt_token_ids[p + 1] for item, positions in plan for p in positions]
+        num_top = [item.seq.sampling.prompt_logprobs or 0 for item, positions in plan for _ in positions]
+        scores = token_logprobs(logits, self._tensor(targets), num_top)  # one pass over all P rows
+        by_seq: dict[Sequence, TokenLogprobs] = {}
+        start = 0
+        for item, positions in plan:
+            end = start + len(positions)
+            by_seq[item.seq] = TokenLogprobs(scores.logprobs[start:end], scores.top_logprobs[start:end])
+            start = end
+        return by_seq
+
+    def build_batch(self, scheduled: list[ScheduledSeq], plan: ScoringPlan | None = None) -> ForwardBatch:
+        """The step's ForwardBatch; its logits rows are the sampling rows, then ``plan``'s positions."""
         input_ids: list[int] = []
         positions: list[int] = []
         kv_rows: list[int] = []
@@ -75,6 +114,7 @@ class ModelRunner:
         decodes: list[tuple[int, Sequence, int]] = []  # (token index, seq, ctx_len)
         prefills: list[PrefillChunk] = []
         logits_index: list[int] = []
+        starts: dict[Sequence, int] = {}
         for item in scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
@@ -91,6 +131,9 @@ class ModelRunner:
                 )
             if item.samples:
                 logits_index.append(len(input_ids) - 1)
+            starts[item.seq] = first - start  # flat index of position 0, were it in the batch
+        for item, scored in plan or ():
+            logits_index.extend(starts[item.seq] + p for p in scored)
         return ForwardBatch(
             input_ids=self._tensor(input_ids),
             positions=self._tensor(positions),
@@ -136,3 +179,14 @@ class ModelRunner:
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+def scoring_plan(scheduled: list[ScheduledSeq]) -> ScoringPlan:
+    """The positions of this step's prefill chunks whose logits score a prompt token, per sequence."""
+    plan = []
+    for item in scheduled:
+        start = item.seq.num_computed_tokens
+        positions = item.seq.prompt_scoring_positions(start, start + item.num_new_tokens)
+        if positions:
+            plan.append((item, positions))
+    return plan

@@ -2,11 +2,16 @@
 
 Per row, in this order (each step matches the transformers processor named, so HF is the reference):
 
+    0. logit_bias added to the logits (OpenAI's; vLLM applies it before the penalties too)
     1. repetition penalty over prompt + output tokens   (RepetitionPenaltyLogitsProcessor)
     2. presence / frequency penalties over output tokens (OpenAI: l -= presence*(c>0) + frequency*c)
-    3. greedy rows (temperature 0): argmax of the penalised logits, no randomness consumed
+    3. greedy rows (temperature 0): argmax of the processed logits, no randomness consumed
     4. sampling rows: temperature (TemperatureLogitsWarper), top-k (TopKLogitsWarper), top-p
        (TopPLogitsWarper), both with min_tokens_to_keep=1, then one categorical draw
+
+Logprobs, where a row asks for them, are of the distribution the model produced: log_softmax of the
+raw logits, before the bias, penalties and temperature (vLLM's default ``logprobs_mode``,
+``raw_logprobs``), for the chosen token and the row's ``top_logprobs`` most likely ones.
 
 The draw uses the exponential race (argmax of p / E with E ~ Exp(1), as vLLM does), which is exactly
 categorical sampling and lets all rows share one argmax. A row with its own generator (a seeded
@@ -20,13 +25,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI range)
 MAX_PENALTY = 2.0  # presence/frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI range)
 GREEDY_TEMPERATURE = 1e-5  # below this a temperature is treated as 0 (greedy), as vLLM does
 _SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
@@ -67,6 +73,9 @@ def _as_tuple(name: str, value: object) -> tuple[object, ...]:
     return tuple(value)
 
 
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, raw logprob) pairs, the most likely first
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings, validated on construction (ValueError names the bad field).
@@ -75,6 +84,13 @@ class SamplingParams:
     disable those filters. ``stop`` is only validated here; the engine's detokenizer applies it.
     Lists given for ``stop`` / ``stop_token_ids`` are stored as tuples; ints given for float fields
     are stored as floats.
+
+    ``max_tokens`` 0 runs the prompt only (to score it with ``prompt_logprobs``): no token is made.
+    ``logprobs``: each generated token's logprob, with its ``top_logprobs`` most likely alternatives.
+    ``prompt_logprobs`` (None: off): each prompt token's logprob given the tokens before it, with
+    that many alternatives. ``logit_bias``: (token id, bias) pairs, given as a mapping or pairs,
+    stored as pairs sorted by id (a repeated id keeps its last bias); ids are checked against the
+    vocabulary by the engine, which alone knows it.
     """
 
     max_tokens: int = 16
@@ -89,10 +105,16 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("max_tokens", self.max_tokens, 0)
         _check_int("top_k", self.top_k, -1, bound=">= 1, or 0 / -1 to disable")
+        _check_int("top_logprobs", self.top_logprobs, 0)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
         if self.seed is not None:
             _check_int("seed", self.seed, *_SEED_RANGE)
         for name in ("ignore_eos", "logprobs"):
@@ -100,6 +122,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._validate_floats()
         self._validate_stops()
+        object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias))
 
     def _validate_floats(self) -> None:
         """Check every float field against _FLOAT_RANGES and store it as a float."""
@@ -119,12 +142,33 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", stop_ids)
 
     @property
+    def num_top_logprobs(self) -> int:
+        """Alternatives per generated token: ``top_logprobs`` when logprobs are asked for, else 0."""
+        return self.top_logprobs if self.logprobs else 0
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _logit_bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` (a mapping or (id, bias) pairs) as pairs sorted by id; ValueError if malformed."""
+    items = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(items, Iterable) or isinstance(items, str):
+        raise ValueError(f"logit_bias must map token ids to biases, got {type(value).__name__}")
+    in_range = f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+    bias: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"logit_bias must map token ids to biases, got the item {item!r}")
+        token_id, amount = item
+        _check_int("logit_bias", token_id, 0, bound="keyed by token ids >= 0")
+        bias[int(token_id)] = _check_real("logit_bias", amount, lambda v: abs(v) <= MAX_LOGIT_BIAS, in_range)
+    return tuple(sorted(bias.items()))
 
 
 class SamplingRow(Protocol):
@@ -137,9 +181,18 @@ class SamplingRow(Protocol):
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Raw logprobs of some tokens, one row of logits each."""
+
+    logprobs: list[float]  # log_softmax of the row's raw logits at its token
+    top_logprobs: list[TopLogprobs]  # the row's k most likely tokens; () where k is 0
+
+
+@dataclass(frozen=True)
 class SampleOutput:
     token_ids: list[int]  # one per row
     logprobs: list[float | None]  # raw log_softmax of the chosen token; None where not requested
+    top_logprobs: list[TopLogprobs]  # one per row: its num_top_logprobs alternatives, () where none
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -153,6 +206,24 @@ def _padded_ids(id_lists: list[list[int]], vocab: int, device: torch.device) -> 
     rows = [ids + [vocab] * (width - len(ids)) for ids in id_lists]
     ids = torch.tensor(rows, dtype=torch.int64, device=device)  # [R, L]
     return ids.masked_fill((ids < 0) | (ids >= vocab), vocab)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Add each row's ``logit_bias`` in place to ``logits`` [B, V] fp32, contiguous: one index_add_
+    over the flattened batch for every (row, token) pair at once. Ids outside the vocabulary are
+    ignored (the engine refuses them before they get here)."""
+    vocab = logits.shape[1]
+    pairs = [
+        (i * vocab + token_id, bias)
+        for i, row in enumerate(rows)
+        for token_id, bias in row.sampling.logit_bias
+        if token_id < vocab
+    ]
+    if not pairs:
+        return
+    index = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=logits.device)  # [P]
+    values = torch.tensor([p[1] for p in pairs], dtype=logits.dtype, device=logits.device)  # [P]
+    logits.view(-1).index_add_(0, index, values)
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -210,12 +281,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p_cut: torc
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """The logits each row's token is chosen from: [B, V] fp32, a new tensor on the logits' device.
 
-    Greedy rows get the penalised logits (their token is the argmax); sampling rows get them divided by
-    the temperature and with what top-k/top-p removes set to -inf (softmax gives the draw distribution).
+    Greedy rows get the biased, penalised logits (their token is the argmax); sampling rows get them
+    divided by the temperature and with what top-k/top-p removes set to -inf (softmax gives the draw
+    distribution).
     """
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [num_rows={len(rows)}, vocab], got {tuple(logits.shape)}")
-    out = logits.to(torch.float32, copy=True)  # [B, V]
+    out = logits.to(torch.float32, copy=True).contiguous()  # [B, V]
+    apply_logit_bias(out, rows)
     apply_penalties(out, rows)
     params = [row.sampling for row in rows]
     if all(p.is_greedy for p in params):
@@ -252,7 +325,8 @@ class Sampler:
             probs = processed[sampling].softmax(dim=-1)  # [S, V]
             noise = self._exponential_noise(probs, [rows[i] for i in sampling])  # [S, V]
             tokens[sampling] = probs.div_(noise).argmax(dim=-1)
-        return SampleOutput(token_ids=tokens.tolist(), logprobs=_chosen_logprobs(logits, tokens, rows))
+        logprobs, top = _chosen_logprobs(logits, tokens, rows)
+        return SampleOutput(token_ids=tokens.tolist(), logprobs=logprobs, top_logprobs=top)
 
     def _exponential_noise(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Exp(1) noise shaped like ``probs`` [S, V]: seeded rows from their own generator, one row each,
@@ -269,15 +343,31 @@ class Sampler:
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> TokenLogprobs:
+    """Raw logprobs of ``token_ids`` [N] under ``logits`` [N, V], with row i's ``num_top[i]`` most
+    likely tokens (at most V): one log_softmax and one topk for all rows, then one host copy each."""
+    raw = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    chosen = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # [N]
+    k = min(max(num_top, default=0), raw.shape[1])
+    if k == 0:
+        return TokenLogprobs(chosen, [()] * len(chosen))
+    values, ids = raw.topk(k, dim=-1)  # [N, k], the most likely first
+    value_rows, id_rows = values.tolist(), ids.tolist()
+    top = [tuple(zip(id_rows[i][:n], value_rows[i][:n], strict=True)) for i, n in enumerate(num_top)]
+    return TokenLogprobs(chosen, top)
+
+
 def _chosen_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]
-) -> list[float | None]:
-    """log_softmax of the raw logits [B, V] at ``tokens`` [B] for rows that asked, None for the rest."""
+) -> tuple[list[float | None], list[TopLogprobs]]:
+    """Logprobs of ``tokens`` [B] under the raw ``logits`` [B, V] and each row's alternatives, for the
+    rows that asked (log_softmax runs over those rows only); None and () for the rest."""
     wanted = [i for i, row in enumerate(rows) if row.sampling.logprobs]
-    result: list[float | None] = [None] * len(rows)
+    chosen: list[float | None] = [None] * len(rows)
+    top: list[TopLogprobs] = [()] * len(rows)
     if wanted:
-        raw = torch.log_softmax(logits[wanted].float(), dim=-1)  # [W, V]
-        values = raw.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1).tolist()
-        for i, value in zip(wanted, values, strict=True):
-            result[i] = value
-    return result
+        num_top = [rows[i].sampling.num_top_logprobs for i in wanted]
+        scored = token_logprobs(logits[wanted], tokens[wanted], num_top)
+        for i, value, alternatives in zip(wanted, scored.logprobs, scored.top_logprobs, strict=True):
+            chosen[i], top[i] = value, alternatives
+    return chosen, top

@@ -20,12 +20,14 @@ base + side-path batch and one per merged copy, each over a contiguous run of th
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, cast
 
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
 from server.engine.route import Route
+from server.engine.sampler import SampleOutput, TokenLogprobs
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 STARVATION_STEPS = 32
@@ -263,19 +265,33 @@ class Scheduler(Generic[LeaseT, CopyT]):
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def postprocess(self, out: SchedulerOutput, token_ids: list[int], logprobs: list[float | None]) -> None:
-        """Advance every scheduled sequence; sampled ones get their token and stop checks."""
-        sampled = iter(zip(token_ids, logprobs, strict=True))
+    def postprocess(
+        self,
+        out: SchedulerOutput,
+        sampled: SampleOutput,
+        prompt_logprobs: Mapping[Sequence, TokenLogprobs] | None = None,
+    ) -> None:
+        """Advance every scheduled sequence: the prompt tokens scored this step are recorded, sampled
+        ones get their token (with its logprobs) and stop checks, and one that asked for no token
+        (max_tokens 0) ends once its prompt is computed, its sampled token dropped."""
+        for seq, scores in (prompt_logprobs or {}).items():
+            seq.prompt_logprobs.extend(scores.logprobs)
+            seq.prompt_top_logprobs.extend(scores.top_logprobs)
+        rows = iter(zip(sampled.token_ids, sampled.logprobs, sampled.top_logprobs, strict=True))
         for item in out.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
             if not item.samples:
                 continue
-            token, logprob = next(sampled)
+            token, logprob, top = next(rows)
             if seq.is_finished:
+                continue
+            if seq.sampling.max_tokens == 0:
+                self.finish(seq, FinishReason.LENGTH)
                 continue
             seq.output_token_ids.append(token)
             seq.output_logprobs.append(logprob)
+            seq.output_top_logprobs.append(top)
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.finish(seq, reason)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.sampler import SamplingParams
+from server.engine.sampler import SamplingParams, TopLogprobs
 
 
 class SequenceStatus(enum.Enum):
@@ -35,6 +35,10 @@ class Sequence:
     merged_copy: object | None = None  # held while running on a merged copy of its adapter (no slot)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float | None] = field(default_factory=list)
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # () where none were asked
+    # sampling.prompt_logprobs set: prompt tokens 1, 2, ... scored so far (token 0 has no context)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in this sequence's blocks
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -50,6 +54,15 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         """Tokens still to feed before the next sample (prompt + outputs after a preemption)."""
         return self.num_tokens - self.num_computed_tokens
+
+    def prompt_scoring_positions(self, start: int, end: int) -> range:
+        """Positions in [start, end) whose logits score a prompt token not scored yet: position p's
+        next-token logits give token p + 1's logprob. Empty unless ``prompt_logprobs`` is asked for,
+        and after a preemption (the prompt was scored before)."""
+        if self.sampling.prompt_logprobs is None:
+            return range(0)
+        first = len(self.prompt_logprobs)  # scores token first + 1
+        return range(max(start, first), min(end, len(self.prompt_token_ids) - 1))
 
     def token_at(self, index: int) -> int:
         num_prompt = len(self.prompt_token_ids)

@@ -9,11 +9,21 @@ blocks one for long.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adapters.cache import AdapterCache, AdapterState, Tier, Transition
 from server.engine.merging import CopyState, MergedCopy, MergeManager
+from server.engine.sampler import TopLogprobs
 from server.stats import CacheCounters
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Each prompt token's raw logprob given the tokens before it, and the most likely tokens at its
+    position (``SamplingParams.prompt_logprobs`` of them); the first token has neither (None)."""
+
+    logprobs: list[float | None]  # [prompt length]
+    top_logprobs: list[TopLogprobs | None]  # [prompt length]
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,8 @@ class TokenDelta:
     error: str | None = None
     # with ``error``: an OpenAI-style code (``draining``, ``adapter_load_failed``, ...)
     error_code: str | None = None
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token; () where none asked
+    prompt_logprobs: PromptLogprobs | None = None  # in the first delta of a request that asked
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class EngineLimits:
     max_model_len: int  # prompt + output tokens per request
     max_loras: int  # device slots: distinct adapters per step on the side path
     max_lora_rank: int  # largest adapter rank accepted
+    max_logprobs: int = 20  # most alternatives per token a request may ask for (EngineConfig's)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class ForwardBatch:
     decode_kv_lens: torch.Tensor | None  # [Bd] int64, real KV rows of each decode seq (its first ones)
     decode_is_all_tokens: bool  # the decode sequences are the whole batch, in token order
     prefills: tuple[PrefillChunk, ...]
-    logits_index: torch.Tensor  # [B_sample] int64, tokens whose next-token logits are needed
+    logits_index: torch.Tensor  # [B_logits] int64, tokens whose next-token logits are needed
     lora: LoRASegments
 
     @property

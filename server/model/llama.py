@@ -204,7 +204,7 @@ class LlamaForServing(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: KVCaches) -> torch.Tensor:
-        """One step over the flat batch → next-token logits [B_sample, V] in fp32."""
+        """One step over the flat batch → next-token logits [B_logits, V] in fp32."""
         hidden = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
         cos = self.rope_cos.index_select(0, batch.positions)  # [T, D]
         sin = self.rope_sin.index_select(0, batch.positions)
@@ -212,7 +212,7 @@ class LlamaForServing(nn.Module):
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, kv, batch)
         assert residual is not None  # a model has at least one layer
-        last = (residual + hidden).index_select(0, batch.logits_index)  # [B_sample, hidden]
+        last = (residual + hidden).index_select(0, batch.logits_index)  # [B_logits, hidden]
         return base_linear(self.norm(last), self.lm_head_gemm_weight, None, self.gemm).float()
 
     def lora_layers(self) -> Iterator[tuple[int, MultiLoRALinear]]:

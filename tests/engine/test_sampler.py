@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -46,6 +47,9 @@ def hf_reference(logits: torch.Tensor, row: Row) -> torch.Tensor:
     p = row.sampling
     scores = logits.float().clone().unsqueeze(0)  # [1, V]
     input_ids = torch.tensor([row.prompt_token_ids + row.output_token_ids], dtype=torch.int64)  # [1, L]
+    if p.logit_bias:
+        bias = {(token_id,): value for token_id, value in p.logit_bias}
+        scores = SequenceBiasLogitsProcessor(bias)(input_ids, scores)
     if p.repetition_penalty != 1.0 and input_ids.numel():
         scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(input_ids, scores)
     for token, count in Counter(row.output_token_ids).items():
@@ -89,6 +93,10 @@ def mixed_rows(vocab: int) -> list[Row]:
             output,
         ),
         Row(SamplingParams(temperature=2.0, top_k=3, top_p=0.3, seed=4), None, [], output),
+        Row(SamplingParams(temperature=0.0, logit_bias={3: 2.5, 9: -100, 0: 0.5}), None, prompt, output),
+        Row(
+            SamplingParams(temperature=0.9, top_k=10, repetition_penalty=1.3, logit_bias={5: 4}), None, prompt
+        ),
     ]
 
 
@@ -300,13 +308,73 @@ def test_logprobs_are_raw_log_softmax_of_chosen_token():
             assert logprob is None
 
 
+def test_top_logprobs_are_the_most_likely_tokens_of_the_raw_distribution():
+    """Each row's top_logprobs most likely tokens under the raw logits (before penalties and
+    temperature), most likely first, for the rows that ask; () for the others."""
+    gen = torch.Generator().manual_seed(8)
+    vocab = 50
+    ks = [0, 3, 1, 0, 7, 2, 0, 5, 4, 0, 6, 1, 2, 3]
+    rows = [
+        replace(r, sampling=replace(r.sampling, logprobs=i % 4 != 3, top_logprobs=ks[i]))
+        for i, r in enumerate(mixed_rows(vocab))
+    ]
+    logits = random_logits(gen, len(rows), vocab)
+    out = Sampler().sample(logits, rows)
+    raw = torch.log_softmax(logits, dim=-1)
+    for i, (row, top) in enumerate(zip(rows, out.top_logprobs, strict=True)):
+        k = row.sampling.num_top_logprobs
+        values, ids = raw[i].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.int64))
+        assert [t for t, _ in top] == ids.tolist(), f"row {i}"
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-6), f"row {i}"
+        assert k == (ks[i] if i % 4 != 3 else 0)
+
+
+def test_top_logprobs_beyond_the_vocabulary_are_the_whole_vocabulary():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    row = Row(SamplingParams(temperature=0.0, logprobs=True, top_logprobs=20))
+    [top] = Sampler().sample(logits, [row]).top_logprobs
+    assert [t for t, _ in top] == [2, 1, 0]
+
+
+def test_logit_bias_forces_and_bans_tokens_beside_unbiased_rows():
+    """+100 makes a token the greedy and the sampled choice, -100 bans the argmax; rows without a
+    bias get exactly the logits (and tokens) they get alone, and the raw logprobs ignore the bias."""
+    gen = torch.Generator().manual_seed(9)
+    vocab = 30
+    logits = random_logits(gen, 4, vocab)
+    top = logits.argmax(-1).tolist()
+    plain = [Row(SamplingParams(temperature=0.0)), Row(SamplingParams(temperature=0.8, seed=3))]
+    forced = Row(SamplingParams(temperature=1.0, logit_bias={7: 100.0}, logprobs=True))
+    banned = Row(SamplingParams(temperature=0.0, logit_bias={top[3]: -100}))
+    seeded_plain = [plain[0], seeded_row(plain[1].sampling)]
+    out = Sampler().sample(logits, [*seeded_plain, forced, banned])
+    assert out.token_ids[2] == 7 and out.token_ids[3] != top[3]
+    assert out.token_ids[3] == logits[3].topk(2).indices[1].item()  # the runner-up wins
+    alone = Sampler().sample(logits[:2], [plain[0], seeded_row(plain[1].sampling)])
+    assert out.token_ids[:2] == alone.token_ids
+    processed = process_logits(logits, [*plain, forced, banned])
+    assert torch.equal(processed[0], logits[0])
+    assert out.logprobs[2] == pytest.approx(float(torch.log_softmax(logits[2], -1)[7]), abs=1e-6)
+
+
+def test_logit_bias_is_stored_as_sorted_pairs():
+    params = SamplingParams(logit_bias={9: 1, 2: -3.5})
+    assert params.logit_bias == ((2, -3.5), (9, 1.0))
+    assert SamplingParams(logit_bias=[(4, 1.0), (4, 2.0)]).logit_bias == ((4, 2.0),)
+    assert SamplingParams(logit_bias={1: 100, 2: -100}).logit_bias == ((1, 100.0), (2, -100.0))
+
+
+def test_max_tokens_zero_runs_the_prompt_only():
+    assert SamplingParams(max_tokens=0, prompt_logprobs=2).max_tokens == 0
+
+
 # --- SamplingParams validation --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "field_name,value",
     [
-        ("max_tokens", 0),
+        ("max_tokens", -1),
         ("max_tokens", 1.5),
         ("temperature", -0.1),
         ("temperature", math.nan),
@@ -335,6 +403,20 @@ def test_logprobs_are_raw_log_softmax_of_chosen_token():
         ("stop_token_ids", ("a",)),
         ("ignore_eos", "yes"),
         ("logprobs", 1),
+        ("top_logprobs", -1),
+        ("top_logprobs", 1.0),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", True),
+        ("logit_bias", {1: 100.5}),
+        ("logit_bias", {1: -101}),
+        ("logit_bias", {1: math.nan}),
+        ("logit_bias", {1: math.inf}),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"5": 1.0}),
+        ("logit_bias", {1.5: 1.0}),
+        ("logit_bias", {1: "2"}),
+        ("logit_bias", 5),
+        ("logit_bias", [(1, 2, 3)]),
     ],
 )
 def test_invalid_params_raise_naming_the_field(field_name, value):

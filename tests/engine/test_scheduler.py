@@ -18,7 +18,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
 from server.engine.route import Route, RouteKind
-from server.engine.sampler import SamplingParams
+from server.engine.sampler import SampleOutput, SamplingParams
 from server.engine.scheduler import STARVATION_STEPS, Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -119,7 +119,7 @@ def step(sched: Scheduler, tokens: dict[str, int] | None = None) -> SchedulerOut
     """One engine step: schedule, then sample ``tokens[request_id]`` (default TOKEN) per sampled row."""
     out = sched.schedule()
     token_ids = [(tokens or {}).get(s.seq.request_id, TOKEN) for s in out.scheduled if s.samples]
-    sched.postprocess(out, token_ids, [-0.5] * len(token_ids))
+    sched.postprocess(out, SampleOutput(token_ids, [-0.5] * len(token_ids), [()] * len(token_ids)))
     return out
 
 
@@ -493,6 +493,6 @@ def test_postprocess_skips_a_sequence_aborted_after_scheduling():
     add(sched, gone, kept)
     out = sched.schedule()
     sched.finish(gone, FinishReason.ABORT)
-    sched.postprocess(out, [11, 12], [None, None])
+    sched.postprocess(out, SampleOutput([11, 12], [None, None], [(), ()]))
     assert (gone.output_token_ids, kept.output_token_ids) == ([], [12])
     assert gone.finish_reason is FinishReason.ABORT and sched.running == [kept]
