@@ -144,27 +144,26 @@ async def list_models(request: Request, principal: Caller) -> ModelList:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
-    with state.admission.reserve(state.engine, state.draining, _num_choices(body)) as reservation:
+    with state.admission.reserve(state.engine, state.draining, convert.num_requests(body)) as reservation:
         make_input = convert.completion_input
-        generation_input = await run_in_threadpool(_engine_input, make_input, body, state, principal)
+        inputs = await run_in_threadpool(_engine_input, make_input, body, state, principal)
         formatter = CompletionFormatter(
-            f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, generation_input.sampling.logprobs
-        )
-        return await _generate(request, body, generation_input, formatter, principal, reservation)
+            f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, inputs.sampling.logprobs,
+            inputs.choices_per_prompt, echoes=[r.echo for r in inputs.requests] if body.echo else None,
+        )  # fmt: skip
+        return await _generate(request, body, inputs, formatter, principal, reservation)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Caller) -> Response:
     state = _state(request)
-    with state.admission.reserve(state.engine, state.draining, _num_choices(body)) as reservation:
-        generation_input = await run_in_threadpool(_engine_input, convert.chat_input, body, state, principal)
+    with state.admission.reserve(state.engine, state.draining, convert.num_requests(body)) as reservation:
+        inputs = await run_in_threadpool(_engine_input, convert.chat_input, body, state, principal)
         formatter = ChatFormatter(
-            f"chatcmpl-{uuid.uuid4().hex}",
-            body.model,
-            state.engine.tokenizer,
-            generation_input.sampling.logprobs,
-        )
-        return await _generate(request, body, generation_input, formatter, principal, reservation)
+            f"chatcmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, inputs.sampling.logprobs,
+            inputs.choices_per_prompt,
+        )  # fmt: skip
+        return await _generate(request, body, inputs, formatter, principal, reservation)
 
 
 def _engine_input(make_input, body, state: AppState, principal: Principal) -> convert.GenerationInput:
@@ -183,10 +182,6 @@ def _adapter(body: SamplingFields, state: AppState, principal: Principal) -> str
     return state.compositions.resolve(principal.tenant, parts, compose.recipe(body)).adapter_id
 
 
-def _num_choices(body: SamplingFields) -> int:
-    return min(max(body.n or 1, 1), convert.MAX_CHOICES)
-
-
 async def _generate(
     request: Request,
     body: SamplingFields,
@@ -202,12 +197,14 @@ async def _generate(
     state = _state(request)
     engine = state.engine
     observer = metrics.request_observer(request, inputs.adapter or state.served_model_name, principal.tenant)
-    n = len(inputs.choices)
+    n = len(inputs.requests)
     ids = [formatter.request_id] if n == 1 else [f"{formatter.request_id}-{i}" for i in range(n)]
     streams = []
     try:
-        for request_id, sampling in zip(ids, inputs.choices, strict=True):
-            streams.append(await engine.submit(inputs.prompt_token_ids, sampling, inputs.adapter, request_id))
+        for request_id, one in zip(ids, inputs.requests, strict=True):
+            streams.append(
+                await engine.submit(one.prompt_token_ids, one.sampling, inputs.adapter, request_id)
+            )
     except BaseException:
         for stream in streams:
             await stream.aclose()

@@ -7,6 +7,7 @@ before anything is submitted, so a refused request never costs engine work.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,17 +24,15 @@ from server.engine.views import EngineLimits
 
 # request field → predicate that is true when its value is one this server cannot honour yet
 _UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
-    "echo": bool,
     "suffix": lambda v: v is not None,
     "best_of": lambda v: v not in (None, 1),
-    "logit_bias": bool,
 }
 _UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
-    "top_logprobs": bool,
     "tools": bool,
-    "logit_bias": bool,
     "response_format": lambda v: v is not None and v.get("type", "text") != "text",
 }
+_ECHO_HINT = " (0 only with echo, which scores the prompt and generates nothing)"
+_TOKEN_ID = re.compile(r"-?[0-9]+")  # a logit_bias key: a token id written in decimal
 # request fields passed to SamplingParams unchanged when not None
 _SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
@@ -49,20 +48,54 @@ class EngineLike(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def encode_chat(self, messages: list[dict]) -> list[int]: ...
+    def detokenize(self, token_ids: list[int]) -> tuple[str, list[int]]: ...
 
 
 MAX_CHOICES = 16
 
 
 @dataclass(frozen=True)
-class GenerationInput:
+class Echo:
+    """The prompt a completions choice starts with (``echo``): its text (as given, else decoded),
+    its token ids and where each token's text starts (offsets into the decoded prompt)."""
+
+    text: str
+    token_ids: list[int]
+    text_offsets: list[int]
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One engine request: one choice of one prompt."""
+
     prompt_token_ids: list[int]
-    choices: list[SamplingParams]  # one per choice (``n``); a given seed becomes seed + index
+    sampling: SamplingParams  # a given seed becomes seed + the choice's index among its prompt's
+    echo: Echo | None = None
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    requests: list[EngineRequest]  # prompt by prompt, ``choices_per_prompt`` choices each
     adapter: str | None  # None: the base model
+    choices_per_prompt: int = 1  # ``n``
 
     @property
     def sampling(self) -> SamplingParams:
-        return self.choices[0]
+        return self.requests[0].sampling
+
+
+def num_requests(body: SamplingFields) -> int:
+    """Engine requests ``body`` makes (its prompts × ``n``), read before it is checked: what the
+    admission control reserves."""
+    prompts = len(completion_prompts(body.prompt)) if isinstance(body, CompletionRequest) else 1
+    return prompts * min(max(body.n or 1, 1), MAX_CHOICES)
+
+
+def completion_prompts(prompt: str | list) -> list:
+    """Each prompt of a completions ``prompt``: one unless it is a list of strings or of id lists."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
 
 
 def resolve_adapter(model: str, served_model_name: str, registry: AdapterRegistry | None,
@@ -83,20 +116,41 @@ def resolve_adapter(model: str, served_model_name: str, registry: AdapterRegistr
 
 
 def completion_input(req: CompletionRequest, engine: EngineLike, adapter: str | None) -> GenerationInput:
-    """Check a /v1/completions body and turn it into engine input (ApiError when refused)."""
+    """Check a /v1/completions body and turn it into engine input (ApiError when refused).
+
+    ``logprobs: k`` asks for each generated token's logprob and k alternatives; with ``echo`` the
+    prompt tokens get theirs too (vLLM's ``prompt_logprobs = logprobs``), and ``max_tokens`` may be
+    0: the prompt is scored and nothing generated, as lm-evaluation-harness asks.
+    """
     _refuse_unsupported(req, _UNSUPPORTED_COMPLETION)
-    prompt_ids = _completion_prompt_ids(req.prompt, engine)
-    sampling = _sampling(req, req.max_tokens, req.logprobs is not None, prompt_ids, engine)
-    return GenerationInput(prompt_ids, _choices(sampling, req.n or 1), adapter)
+    _check_num_logprobs("logprobs", req.logprobs, engine)
+    echo, k = bool(req.echo), req.logprobs
+    _check_max_tokens("max_tokens", req.max_tokens, 0 if echo else 1, _ECHO_HINT)
+    logprobs = {"logprobs": k is not None, "top_logprobs": k or 0, "prompt_logprobs": k if echo else None}
+    requests = []
+    for prompt in completion_prompts(req.prompt):
+        prompt_ids = _completion_prompt_ids(prompt, engine)
+        sampling = _sampling(req, req.max_tokens, prompt_ids, engine, logprobs)
+        echoed = _echo(prompt, prompt_ids, engine) if echo else None
+        requests += [EngineRequest(prompt_ids, s, echoed) for s in _choices(sampling, req.n or 1)]
+    return GenerationInput(requests, adapter, req.n or 1)
 
 
 def chat_input(req: ChatCompletionRequest, engine: EngineLike, adapter: str | None) -> GenerationInput:
     """Check a /v1/chat/completions body and turn it into engine input (ApiError when refused)."""
     _refuse_unsupported(req, _UNSUPPORTED_CHAT)
+    _check_num_logprobs("top_logprobs", req.top_logprobs, engine)
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     prompt_ids = _chat_prompt_ids(req, engine)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    sampling = _sampling(req, max_tokens, bool(req.logprobs), prompt_ids, engine)
-    return GenerationInput(prompt_ids, _choices(sampling, req.n or 1), adapter)
+    _check_max_tokens("max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+                      max_tokens, 1)  # fmt: skip
+    logprobs = {"logprobs": bool(req.logprobs), "top_logprobs": req.top_logprobs or 0}
+    sampling = _sampling(req, max_tokens, prompt_ids, engine, logprobs)
+    return GenerationInput(
+        [EngineRequest(prompt_ids, s) for s in _choices(sampling, req.n or 1)], adapter, req.n or 1
+    )
 
 
 def _choices(sampling: SamplingParams, n: int) -> list[SamplingParams]:
@@ -117,14 +171,31 @@ def _refuse_unsupported(req: SamplingFields, unsupported: dict[str, Callable[[An
             raise ApiError(400, f"{name} is not supported by this server yet", param=name)
 
 
-def _completion_prompt_ids(prompt: str | list, engine: EngineLike) -> list[int]:
-    """Token ids of the one prompt: text is encoded, ids are taken as they are."""
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise ApiError(
-                400, f"one prompt per request is supported for now, got {len(prompt)}", param="prompt"
-            )
-        prompt = prompt[0]
+def _check_num_logprobs(name: str, value: int | None, engine: EngineLike) -> None:
+    limit = engine.limits.max_logprobs
+    if value is not None and value > limit:
+        raise ApiError(400, f"{name} must be at most {limit} (this server's --max-logprobs), got {value}",
+                       param=name)  # fmt: skip
+
+
+def _echo(prompt: str | list[int], prompt_ids: list[int], engine: EngineLike) -> Echo:
+    text, offsets = engine.detokenize(prompt_ids)
+    return Echo(prompt if isinstance(prompt, str) else text, prompt_ids, offsets)
+
+
+def _logit_bias(value: dict[str, float] | None) -> dict[int, float]:
+    """``logit_bias`` keyed by token id (its keys are JSON strings); SamplingParams checks the rest."""
+    bias = {}
+    for key, amount in (value or {}).items():
+        if not _TOKEN_ID.fullmatch(key):
+            raise ApiError(400, f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                           param="logit_bias")  # fmt: skip
+        bias[int(key)] = amount
+    return bias
+
+
+def _completion_prompt_ids(prompt: str | list[int], engine: EngineLike) -> list[int]:
+    """Token ids of one prompt: text is encoded, ids are taken as they are."""
     if not isinstance(prompt, str):
         return list(prompt)
     try:
@@ -144,18 +215,27 @@ def _chat_prompt_ids(req: ChatCompletionRequest, engine: EngineLike) -> list[int
         ) from exc
 
 
+def _check_max_tokens(name: str, value: int | None, low: int, zero_hint: str = "") -> None:
+    """0 is the engine's "run the prompt only": offered by completions with echo alone (as vLLM)."""
+    if value is not None and value < low:
+        hint = zero_hint if value == 0 else ""
+        raise ApiError(400, f"{name} must be >= {low}{hint}, got {value}", param=name)
+
+
 def _sampling(
-    req: SamplingFields, max_tokens: int | None, logprobs: bool, prompt_ids: list[int], engine: EngineLike
-) -> SamplingParams:
-    """SamplingParams from the request; max_tokens None means up to the end of the context."""
+    req: SamplingFields, max_tokens: int | None, prompt_ids: list[int], engine: EngineLike,
+    logprobs: dict[str, Any],
+) -> SamplingParams:  # fmt: skip
+    """SamplingParams from the request (``logprobs``: its logprob fields); max_tokens None means up
+    to the end of the context."""
     if max_tokens is None:  # at least 1, so an over-long prompt gets the engine's context-length error
         max_tokens = max(1, engine.limits.max_model_len - len(prompt_ids))
-    if max_tokens < 1:  # the engine's 0 (run the prompt only) is not offered here yet
-        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
     kwargs = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
     if req.stop is not None:
         kwargs["stop"] = req.stop
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        return SamplingParams(
+            max_tokens=max_tokens, logit_bias=_logit_bias(req.logit_bias), **logprobs, **kwargs
+        )
     except ValueError as exc:
         raise from_sampling_error(exc) from exc

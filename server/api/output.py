@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,11 +22,13 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.api import schemas
+from server.api.convert import Echo
 from server.api.errors import ApiError
-from server.engine.views import TokenDelta
+from server.api.logprobs import ScoredTokens, TokenTexts, chat_logprobs, completion_logprobs
+from server.engine.sampler import TopLogprobs
+from server.engine.views import PromptLogprobs, TokenDelta
 
 log = logging.getLogger(__name__)
-_MIN_LOGPROB = -9999.0  # stands in for -inf, which JSON cannot carry
 _DONE = "data: [DONE]\n\n"
 
 
@@ -52,7 +53,9 @@ class Generation:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)  # per token: where the text it released starts
+    prompt_logprobs: PromptLogprobs | None = None  # sent with the first delta, when asked for
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -64,6 +67,8 @@ class Generation:
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
+        self.top_logprobs.extend(delta.top_logprobs or [()] * len(delta.token_ids))  # []: none asked
+        self.prompt_logprobs = delta.prompt_logprobs or self.prompt_logprobs
         self.finish_reason = delta.finish_reason
         self.prompt_tokens, self.completion_tokens = delta.num_prompt_tokens, delta.num_output_tokens
         self.error, self.error_code = delta.error, delta.error_code
@@ -78,10 +83,15 @@ class Generation:
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, total_tokens=total
         )
 
+    def scored(self, shift: int = 0) -> ScoredTokens:
+        """The generated tokens with their logprobs; text offsets ``shift`` characters further."""
+        offsets = [shift + offset for offset in self.text_offsets]
+        return ScoredTokens(self.token_ids, self.logprobs, self.top_logprobs, offsets)
+
     @staticmethod
-    def total_usage(choices: list[Generation]) -> schemas.Usage:
-        """The prompt counted once, the completions of every choice added up."""
-        prompt = choices[0].prompt_tokens if choices else 0
+    def total_usage(choices: list[Generation], choices_per_prompt: int = 1) -> schemas.Usage:
+        """Each prompt counted once (its choices are consecutive), every choice's completion added up."""
+        prompt = sum(g.prompt_tokens for g in choices[:: max(choices_per_prompt, 1)])
         completion = sum(g.completion_tokens for g in choices)
         return schemas.Usage(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
@@ -97,23 +107,24 @@ class Generation:
                         code=self.error_code or "internal_error")  # fmt: skip
 
 
-def _logprob(value: float | None) -> float:
-    return _MIN_LOGPROB if value is None or not math.isfinite(value) else max(value, _MIN_LOGPROB)
-
-
 class Formatter:
-    """The OpenAI shapes of one endpoint; ``piece`` is the part of a Generation one chunk carries."""
+    """The OpenAI shapes of one endpoint; ``piece`` is the part of a Generation one chunk carries.
+    Choices come prompt by prompt, ``choices_per_prompt`` each (usage counts each prompt once)."""
 
-    def __init__(self, request_id: str, model: str, tokenizer: Any, logprobs: bool) -> None:
-        self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
+    def __init__(
+        self, request_id: str, model: str, tokenizer: Any, logprobs: bool, choices_per_prompt: int = 1
+    ) -> None:
+        self.request_id, self.model, self.token_text = request_id, model, TokenTexts(tokenizer)
         self.want_logprobs = logprobs
+        self.choices_per_prompt = choices_per_prompt
         self.created = int(time.time())
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
 
     def first_chunk(self, num_choices: int = 1) -> dict | None:
         return None
+
+    def has_news(self, piece: Generation, index: int) -> bool:
+        """Whether a delta of choice ``index`` is worth a chunk."""
+        return bool(piece.text or piece.finish_reason or (self.want_logprobs and piece.token_ids))
 
     def chunk(self, piece: Generation, base_offset: int = 0, index: int = 0) -> dict:
         """One streamed chunk of choice ``index``; ``base_offset``: characters of it sent before."""
@@ -126,17 +137,39 @@ class Formatter:
         """The whole body: one choice per generation, in order, and the usage of them all."""
         raise NotImplementedError
 
+    def usage(self, choices: list[Generation]) -> schemas.Usage:
+        return Generation.total_usage(choices, self.choices_per_prompt)
+
 
 class CompletionFormatter(Formatter):
-    """``text_completion`` bodies; logprobs in the legacy shape (chosen token only)."""
+    """``text_completion`` bodies; logprobs in the legacy shape. With ``echoes`` (one per choice,
+    completions' ``echo``) a choice's text, tokens and logprobs start with its prompt's: in the
+    whole body, or in the choice's first streamed chunk (as vLLM streams it)."""
 
-    def _logprobs(self, gen: Generation, base_offset: int = 0) -> schemas.CompletionLogprobs | None:
-        if not self.want_logprobs:
-            return None
-        return schemas.CompletionLogprobs(
-            tokens=[self.token_text(t) for t in gen.token_ids],
-            token_logprobs=[_logprob(v) for v in gen.logprobs],
-            text_offset=[base_offset + offset for offset in gen.text_offsets],
+    def __init__(self, *args: Any, echoes: list[Echo | None] | None = None, **kwargs: Any) -> None:
+        """``Formatter``'s arguments, and ``echoes``."""
+        super().__init__(*args, **kwargs)
+        self.echoes = echoes
+        self._echoed: set[int] = set()  # streamed choices whose prompt went out
+
+    def _echo(self, index: int) -> Echo | None:
+        return self.echoes[index] if self.echoes else None
+
+    def _choice(
+        self, gen: Generation, index: int, base_offset: int, with_prompt: bool
+    ) -> schemas.CompletionChoice:
+        """Choice ``index`` of ``gen`` (a whole generation or a piece ``base_offset`` characters in),
+        its prompt's text and tokens first when ``with_prompt``."""
+        echo = self._echo(index)
+        prompt = echo if with_prompt else None
+        shift = base_offset + (len(echo.text) if echo is not None else 0)
+        parts = [ScoredTokens.of_prompt(prompt, gen.prompt_logprobs)] if prompt is not None else []
+        text = (prompt.text if prompt is not None else "") + gen.text
+        logprobs = (
+            completion_logprobs([*parts, gen.scored(shift)], self.token_text) if self.want_logprobs else None
+        )
+        return schemas.CompletionChoice(
+            index=index, text=text, logprobs=logprobs, finish_reason=gen.finish_reason
         )
 
     def _body(self, choices: list[schemas.CompletionChoice], usage: schemas.Usage | None) -> dict:
@@ -144,39 +177,28 @@ class CompletionFormatter(Formatter):
             id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
         ).model_dump()
 
+    def has_news(self, piece: Generation, index: int) -> bool:
+        pending = self._echo(index) is not None and index not in self._echoed
+        return pending or super().has_news(piece, index)
+
     def chunk(self, piece: Generation, base_offset: int = 0, index: int = 0) -> dict:
-        logprobs = self._logprobs(piece, base_offset)
-        choice = schemas.CompletionChoice(
-            index=index, text=piece.text, logprobs=logprobs, finish_reason=piece.finish_reason
-        )
-        return self._body([choice], None)
+        with_prompt = index not in self._echoed
+        self._echoed.add(index)
+        return self._body([self._choice(piece, index, base_offset, with_prompt)], None)
 
     def usage_chunk(self, choices: list[Generation]) -> dict:
-        return self._body([], Generation.total_usage(choices))
+        return self._body([], self.usage(choices))
 
     def response(self, choices: list[Generation]) -> dict:
-        body = [
-            schemas.CompletionChoice(
-                index=i, text=g.text, logprobs=self._logprobs(g), finish_reason=g.finish_reason
-            )
-            for i, g in enumerate(choices)
-        ]
-        return self._body(body, Generation.total_usage(choices))
+        body = [self._choice(g, i, 0, with_prompt=True) for i, g in enumerate(choices)]
+        return self._body(body, self.usage(choices))
 
 
 class ChatFormatter(Formatter):
     """``chat.completion`` bodies and ``chat.completion.chunk`` deltas (the first carries the role)."""
 
     def _logprobs(self, gen: Generation) -> schemas.ChatLogprobs | None:
-        if not self.want_logprobs:
-            return None
-        content = []
-        for token_id, value in zip(gen.token_ids, gen.logprobs, strict=True):
-            text = self.token_text(token_id)
-            content.append(
-                schemas.TokenLogprob(token=text, logprob=_logprob(value), bytes=list(text.encode()))
-            )
-        return schemas.ChatLogprobs(content=content)
+        return chat_logprobs(gen.scored(), self.token_text) if self.want_logprobs else None
 
     def _chunk(self, choices: list[schemas.ChatChunkChoice], usage: schemas.Usage | None = None) -> dict:
         return schemas.ChatCompletionChunk(
@@ -195,7 +217,7 @@ class ChatFormatter(Formatter):
         return self._chunk([choice])
 
     def usage_chunk(self, choices: list[Generation]) -> dict:
-        return self._chunk([], Generation.total_usage(choices))
+        return self._chunk([], self.usage(choices))
 
     def response(self, choices: list[Generation]) -> dict:
         body = [
@@ -207,7 +229,7 @@ class ChatFormatter(Formatter):
         ]  # fmt: skip
         return schemas.ChatCompletionResponse(
             id=self.request_id, created=self.created, model=self.model, choices=body,
-            usage=Generation.total_usage(choices),
+            usage=self.usage(choices),
         ).model_dump()  # fmt: skip
 
 
@@ -325,7 +347,7 @@ async def _chunks(
         if total.failed:
             yield total.failure().body()
             return
-        if delta.text or delta.finish_reason or (formatter.want_logprobs and delta.token_ids):
+        if formatter.has_news(piece, index):
             yield formatter.chunk(piece, base_offset, index)
     if include_usage:
         yield formatter.usage_chunk(totals)

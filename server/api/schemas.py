@@ -6,9 +6,9 @@ change what is served (a misspelt ``max_token``, a vLLM extra like ``min_p``, a 
 ``adapters`` list). The OpenAI fields that never change the output (``user``, ``metadata``,
 ``store``, ``service_tier``, ``safety_identifier``, ``prompt_cache_key``) are declared, accepted
 and ignored. Optional sampling fields default to ``None`` meaning "the engine's default", so
-clients that send explicit nulls work. Fields the server knows but cannot honour yet (``echo``,
-``logit_bias``, ``tools``...) are declared so that a non-default value can be refused with a clear
-400 (see ``server.api.convert``), never ignored. docs/api.md lists every field and its status.
+clients that send explicit nulls work. Fields the server knows but cannot honour yet (``suffix``,
+``tools``...) are declared so that a non-default value can be refused with a clear 400 (see
+``server.api.convert``), never ignored. docs/api.md lists every field and its status.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class SamplingFields(CompositionFields):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None  # refused when non-empty
+    logit_bias: dict[str, float] | None = None  # token id (as a string) → bias in [-100, 100]
     # OpenAI fields that do not change the output: accepted and ignored
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -92,13 +92,17 @@ class SamplingFields(CompositionFields):
         return value
 
 
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+
+
 class CompletionRequest(SamplingFields):
-    """``POST /v1/completions``. ``prompt``: text, token ids, or a list of them (one item for now)."""
+    """``POST /v1/completions``. ``prompt``: text, token ids, or a list of up to MAX_PROMPTS of them
+    (choices come prompt by prompt, ``n`` each)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16  # null: up to the end of the model's context
-    logprobs: int | None = Field(default=None, ge=0)  # any value: the chosen token's logprob only
-    echo: bool | None = False  # refused when true
+    max_tokens: int | None = 16  # null: up to the end of the model's context; 0 only with echo
+    logprobs: int | None = Field(default=None, ge=0)  # the chosen token's logprob and this many more
+    echo: bool | None = False  # the prompt comes back before the completion (with logprobs: scored)
     suffix: str | None = None  # refused when set
     best_of: int | None = None  # refused unless 1
 
@@ -106,11 +110,13 @@ class CompletionRequest(SamplingFields):
     @classmethod
     def _prompt_shape(cls, value: Any) -> Any:
         """One clear message for every malformed prompt (instead of one error per union member)."""
-        if isinstance(value, str) or (isinstance(value, list) and _is_prompt_list(value)):
-            return value
-        raise ValueError(
-            "prompt must be a string, a list of token ids, a list of strings or a list of token-id lists"
-        )
+        if not (isinstance(value, str) or (isinstance(value, list) and _is_prompt_list(value))):
+            raise ValueError(
+                "prompt must be a string, a list of token ids, a list of strings or a list of token-id lists"
+            )
+        if isinstance(value, list) and not _is_token_ids(value) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"prompt must hold at most {MAX_PROMPTS} prompts, got {len(value)}")
+        return value
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -156,7 +162,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = None  # null: up to the end of the model's context
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
-    top_logprobs: int | None = None  # refused unless 0
+    top_logprobs: int | None = Field(default=None, ge=0)  # alternatives per token; needs logprobs
     tools: list[dict] | None = None  # refused when non-empty
     response_format: dict | None = None  # refused unless {"type": "text"}
 
@@ -169,15 +175,18 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy completions logprobs, for the chosen tokens only (``top_logprobs`` is null).
+    """OpenAI's legacy completions logprobs, one entry per token (with ``echo``, the prompt's first).
 
-    ``text_offset[i]``: the character offset in the completion text where the text released with
+    ``top_logprobs[i]``: token text → logprob of the chosen token, then of the ``logprobs`` most
+    likely ones (as vLLM: k + 1 entries, k when the chosen one is among them). The first prompt
+    token has no context: its ``token_logprobs`` and ``top_logprobs`` entries are null.
+    ``text_offset[i]``: the character offset in the choice's text where the text released with
     token i starts (a token that completes a held-back character shares the offset of that text).
     """
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: None = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -199,11 +208,17 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
 class TokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list[dict] = Field(default_factory=list)
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # the request's top_logprobs most likely
 
 
 class ChatLogprobs(BaseModel):

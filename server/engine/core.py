@@ -93,8 +93,7 @@ class EngineCore:
             raise UnknownAdapterError(adapter_id)
         if not prompt_token_ids:
             raise EngineError("the prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise EngineError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        self.check_token_ids(prompt_token_ids)
         self._validate_logprobs(sampling)
         total = len(prompt_token_ids) + sampling.max_tokens
         if total > self.max_model_len:
@@ -102,6 +101,11 @@ class EngineCore:
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks "
                 f"for {total} ({len(prompt_token_ids)} in the prompt + {sampling.max_tokens} max_tokens)"
             )
+
+    def check_token_ids(self, token_ids: list[int]) -> None:
+        """EngineError unless every id is an int in the vocabulary."""
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in token_ids):
+            raise EngineError(f"prompt token ids must be integers in [0, {self.vocab_size})")
 
     def _validate_logprobs(self, sampling: SamplingParams) -> None:
         """Alternatives within ``max_logprobs``, biased tokens within the vocabulary (EngineError)."""

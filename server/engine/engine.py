@@ -27,6 +27,7 @@ from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from server.config import EngineConfig, ModelConfig
 from server.engine.core import EngineCore
+from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import REQUEST_ERRORS
 from server.engine.merging import CopyState
 from server.engine.request_stream import RequestStream, deliver
@@ -263,6 +264,19 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text)  # transformers types encode's result as Any
         return ids
+
+    def detokenize(self, token_ids: list[int]) -> tuple[str, list[int]]:
+        """The text of ``token_ids`` as the engine releases it (special tokens skipped), and per token
+        where the text it releases starts in it (a token that completes a character another token
+        began shares that token's offset): the prompt of completions' ``echo``, with its offsets.
+        EngineError for an id outside the vocabulary, as ``submit`` would raise."""
+        self.core.check_token_ids(token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, ())
+        offsets, text = [], ""
+        for token_id in token_ids:
+            offsets.append(len(text))
+            text += detok.push(token_id)
+        return text + detok.flush(), offsets
 
     async def generate_text(
         self, prompt: str | list[dict[str, str]], sampling: SamplingParams, adapter: str | None = None

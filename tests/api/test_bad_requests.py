@@ -139,10 +139,22 @@ CASES = {
     "repetition_penalty 0": completion(
         400, "repetition_penalty must be > 0", param="repetition_penalty", repetition_penalty=0
     ),
-    "max_tokens 0": completion(400, "max_tokens must be >= 1", param="max_tokens", max_tokens=0),
+    "max_tokens 0": completion(
+        400, "max_tokens must be >= 1 (0 only with echo", param="max_tokens", max_tokens=0
+    ),
     "max_tokens negative": completion(400, "max_tokens must be >= 1", param="max_tokens", max_tokens=-5),
+    "max_tokens negative with echo": completion(
+        400, "max_tokens must be >= 0", param="max_tokens", max_tokens=-1, echo=True, logprobs=1
+    ),
     "logprobs negative": completion(400, "greater than or equal to 0", param="logprobs", logprobs=-1),
-    "echo": completion(400, "echo is not supported", param="echo", echo=True),
+    "logprobs over max-logprobs": completion(
+        400, "logprobs must be at most 20", param="logprobs", logprobs=21
+    ),
+    "echo logprobs over max-logprobs": completion(
+        400, "at most 20", param="logprobs", logprobs=50, echo=True, max_tokens=0
+    ),
+    "echo a string": completion(400, "valid boolean", param="echo", echo="yes"),
+    "logprobs a boolean": completion(400, "valid integer", param="logprobs", logprobs=True),
     "an unknown field": completion(400, "min_p: this server does not support", param="min_p", min_p=0.1),
     "a misspelt field": completion(400, "does not support this field", param="max_token", max_token=3),
     "a misspelt composition field": completion(
@@ -163,11 +175,36 @@ CASES = {
     "an unknown chat field": chat(400, "does not support", param="modalities", modalities=["text"]),
     "suffix": completion(400, "suffix is not supported", param="suffix", suffix="!"),
     "best_of 2": completion(400, "best_of is not supported", param="best_of", best_of=2),
-    "logit_bias": completion(400, "logit_bias is not supported", param="logit_bias", logit_bias={"65": 5}),
+    "logit_bias key not an id": completion(400, "token ids", param="logit_bias", logit_bias={"a": 5}),
+    "logit_bias key a float": completion(400, "token ids", param="logit_bias", logit_bias={"6.5": 5}),
+    "logit_bias key negative": completion(400, "token ids >= 0", param="logit_bias", logit_bias={"-1": 5}),
+    "logit_bias id past the vocabulary": completion(
+        400, f"outside the vocabulary [0, {VOCAB_SIZE})", param="logit_bias", logit_bias={str(VOCAB_SIZE): 1}
+    ),
+    "logit_bias over 100": completion(400, "in [-100, 100]", param="logit_bias", logit_bias={"65": 100.5}),
+    "logit_bias under -100": completion(400, "in [-100, 100]", param="logit_bias", logit_bias={"65": -101}),
+    "logit_bias a string value": completion(
+        400, "valid number", param="logit_bias.65", logit_bias={"65": "5"}
+    ),
+    "logit_bias a list": completion(400, "dictionary", param="logit_bias", logit_bias=[65, 5]),
+    "logit_bias NaN": raw(
+        b'{"model": "tiny", "prompt": "x", "logit_bias": {"65": NaN}}',
+        400,
+        "logit_bias must be a finite number",
+    ),
+    "logit_bias Infinity": raw(
+        b'{"model": "tiny", "prompt": "x", "logit_bias": {"65": -Infinity}}',
+        400,
+        "logit_bias must be a finite",
+    ),
     # ---- prompts the engine refuses ----
     "empty prompt": completion(400, "the prompt is empty", prompt=""),
     "empty token-id prompt": completion(400, "the prompt is empty", prompt=[]),
-    "two prompts": completion(400, "one prompt per request", param="prompt", prompt=["a", "b"]),
+    "too many prompts": completion(400, "at most 256 prompts", param="prompt", prompt=["a"] * 257),
+    "an empty prompt among several": completion(400, "the prompt is empty", prompt=["a", ""]),
+    "a bad token id among several prompts": completion(
+        400, f"[0, {VOCAB_SIZE})", prompt=[[65], [VOCAB_SIZE]]
+    ),
     "token id past the vocabulary": completion(400, f"[0, {VOCAB_SIZE})", prompt=[VOCAB_SIZE]),
     "negative token id": completion(400, f"[0, {VOCAB_SIZE})", prompt=[65, -1]),
     "context length exceeded": completion(
@@ -374,7 +411,22 @@ CASES = {
         400, "required", param="messages[0].content", messages=[{"role": "user"}]
     ),
     "chat logprobs a number": chat(400, "valid boolean", param="logprobs", logprobs=5),
-    "chat top_logprobs": chat(400, "top_logprobs is not supported", param="top_logprobs", top_logprobs=5),
+    "chat top_logprobs without logprobs": chat(
+        400, "top_logprobs needs logprobs: true", param="top_logprobs", top_logprobs=5
+    ),
+    "chat top_logprobs over max-logprobs": chat(
+        400, "top_logprobs must be at most 20", param="top_logprobs", top_logprobs=21, logprobs=True
+    ),
+    "chat top_logprobs negative": chat(
+        400, "greater than or equal to 0", param="top_logprobs", top_logprobs=-1, logprobs=True
+    ),
+    "chat top_logprobs a string": chat(400, "valid integer", param="top_logprobs", top_logprobs="2"),
+    "chat logit_bias past the vocabulary": chat(
+        400, "outside the vocabulary", param="logit_bias", logit_bias={"100000": 1}
+    ),
+    "chat logit_bias key not an id": chat(400, "token ids", param="logit_bias", logit_bias={"x": 1}),
+    "chat echo": chat(400, "does not support this field", param="echo", echo=True),
+    "chat max_tokens 0": chat(400, "max_tokens must be >= 1, got 0", param="max_tokens", max_tokens=0),
     "chat tools": chat(400, "tools is not supported", param="tools", tools=[{"type": "function"}]),
     "chat json response_format": chat(
         400,
@@ -382,7 +434,9 @@ CASES = {
         param="response_format",
         response_format={"type": "json_object"},
     ),
-    "chat max_completion_tokens 0": chat(400, "max_tokens must be >= 1", max_completion_tokens=0),
+    "chat max_completion_tokens 0": chat(
+        400, "max_completion_tokens must be >= 1", param="max_completion_tokens", max_completion_tokens=0
+    ),
     "chat temperature negative": chat(400, "temperature must be >= 0", param="temperature", temperature=-0.5),
     "chat context length exceeded": chat(
         400,

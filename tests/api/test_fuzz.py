@@ -11,10 +11,12 @@ adapter, an adapter directory inside the allowed root) so the success paths run 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -103,8 +105,10 @@ def fuzzer(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> It
 
 # Fields refused by design whatever their value (n, echo, tools...), and the ranges in which the
 # sampling fields are accepted: a nudged generation request keeps only values it can succeed with.
-REFUSED_FIELDS = ("echo", "suffix", "logit_bias", "top_logprobs", "tools", "response_format")
+REFUSED_FIELDS = ("suffix", "tools", "response_format")
 SANE_VALUES = {
+    "logprobs": lambda v: 0 <= v <= 5,  # chat's true/false pass as booleans
+    "top_logprobs": lambda v: isinstance(v, int) and 0 <= v <= 5,
     "n": lambda v: isinstance(v, int) and 1 <= v <= 3,
     "best_of": lambda v: v == 1,
     "temperature": lambda v: 0 <= v <= 2,
@@ -114,13 +118,21 @@ SANE_VALUES = {
     "frequency_penalty": lambda v: abs(v) <= 2,
     "repetition_penalty": lambda v: 0 < v <= 2,
     "seed": lambda v: isinstance(v, int) and 0 <= v < 2**63,
-    "max_tokens": lambda v: isinstance(v, int) and 1 <= v <= 16,
+    "max_tokens": lambda v: isinstance(v, int) and 0 <= v <= 16,  # 0: with echo, the prompt is scored
     "max_completion_tokens": lambda v: isinstance(v, int) and 1 <= v <= 16,
 }
 
 
 def _is_sane(key: str, value: object) -> bool:
-    return value is None or (type(value) in (int, float) and SANE_VALUES[key](value))
+    return value is None or type(value) is bool or (type(value) in (int, float) and SANE_VALUES[key](value))
+
+
+def _sane_bias(bias: object) -> dict[str, float]:
+    """A generated logit_bias made one the engine takes: its keys as in-vocabulary ids, biases clipped."""
+    if not isinstance(bias, dict):
+        return {}
+    finite = {k: v for k, v in bias.items() if type(v) in (int, float) and math.isfinite(v)}
+    return {str(sum(map(ord, str(k))) % VOCAB_SIZE): max(-100.0, min(100.0, v)) for k, v in finite.items()}
 
 
 def _servable(body: dict) -> None:
@@ -160,6 +172,8 @@ def nudge(case, fuzzer: Fuzzer, towards: str | None) -> None:
             k for k in body if k in REFUSED_FIELDS or (k in SANE_VALUES and not _is_sane(k, body[k]))
         ]:
             del body[key]
+        if "logit_bias" in body:
+            body["logit_bias"] = _sane_bias(body["logit_bias"])
     if isinstance(body, dict) and "lora_path" in body:
         body["lora_path"] = str(fuzzer.roots / LOCAL)
     if isinstance(body, dict) and "lora_name" in body and towards == "adapter":
@@ -229,6 +243,50 @@ def test_no_input_gets_a_5xx_or_a_malformed_error(fuzzer: Fuzzer, method: str, p
 
     fuzz()
     assert time.monotonic() - started < MAX_SECONDS_PER_OPERATION
+
+
+PROMPTS = (
+    st.text(max_size=12)
+    | st.lists(st.integers(-3, VOCAB_SIZE + 3), max_size=12)
+    | st.lists(st.text(max_size=8), min_size=1, max_size=3)
+    | st.lists(st.lists(st.integers(-1, VOCAB_SIZE), max_size=8), min_size=1, max_size=3)
+)
+ODD_NUMBERS = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-200, 200)
+LOGPROB_FIELDS = {  # the fields of prompt scoring, top_logprobs and logit_bias, valid and not
+    "echo": st.booleans() | st.none() | st.just("yes"),
+    "logprobs": st.integers(-2, 25) | st.none() | st.booleans(),
+    "top_logprobs": st.integers(-2, 25) | st.none(),
+    "max_tokens": st.integers(-1, 4) | st.none(),
+    "logit_bias": st.none()
+    | st.dictionaries(st.text(max_size=4) | st.integers(-5, 300).map(str), ODD_NUMBERS, max_size=4),
+    "stream": st.booleans(),
+    "n": st.integers(1, 2),
+}
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    prompt=PROMPTS,
+    fields=st.fixed_dictionaries({}, optional=LOGPROB_FIELDS),
+    nan_json=st.booleans(),
+)
+def test_logprob_and_bias_fields_never_get_a_5xx(fuzzer: Fuzzer, path, prompt, fields, nan_json) -> None:
+    """Prompt scoring, top_logprobs and logit_bias with any values (NaN and infinities sent as JSON
+    tokens too), on both endpoints, batches of prompts included: a 2xx or an OpenAI-shaped 4xx."""
+    body = {"model": BASE, **fields}
+    if path == "/v1/completions":
+        body["prompt"] = prompt
+    else:
+        body["messages"] = [{"role": "user", "content": prompt if isinstance(prompt, str) else "x"}]
+        if type(fields.get("logprobs")) is int:  # chat's logprobs is a boolean (top_logprobs the count)
+            body["logprobs"] = fields["logprobs"] % 2 == 0
+    try:
+        content = json.dumps(body, allow_nan=nan_json)
+    except ValueError:  # a non-finite number, and allow_nan False
+        return
+    response = fuzzer.client.post(path, content=content, headers={"Content-Type": "application/json"})
+    check_response(SimpleNamespace(method="POST", formatted_path=path, body=body), response)
 
 
 def test_every_api_operation_is_fuzzed(fuzzer: Fuzzer) -> None:

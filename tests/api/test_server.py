@@ -95,7 +95,11 @@ def test_completion_logprobs_cover_each_token(client):
     body = complete(client, prompt="Hi", max_tokens=6, logprobs=0, **GREEDY)
     logprobs = body["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"]) == 6
-    assert all(v <= 0 for v in logprobs["token_logprobs"]) and logprobs["top_logprobs"] is None
+    assert all(v <= 0 for v in logprobs["token_logprobs"])
+    # logprobs 0: no alternatives, each entry holds the chosen token alone (vLLM's shape)
+    assert logprobs["top_logprobs"] == [
+        {token: value} for token, value in zip(logprobs["tokens"], logprobs["token_logprobs"], strict=True)
+    ]
     assert logprobs["text_offset"] == sorted(logprobs["text_offset"]) and logprobs["text_offset"][0] == 0
 
 
@@ -164,10 +168,10 @@ BAD_REQUESTS = {
     "n 0": ({"prompt": "x", "n": 0}, 400, "n", None),
     "temperature as a string": ({"prompt": "x", "temperature": "hot"}, 400, "temperature", None),
     "missing prompt": ({}, 400, "prompt", None),
-    "two prompts": ({"prompt": ["a", "b"]}, 400, "prompt", None),
+    "too many prompts": ({"prompt": ["a"] * 257}, 400, "prompt", None),
     "token id out of range": ({"prompt": [100_000]}, 400, None, None),
     "prompt too long": ({"prompt": LONG_PROMPT}, 400, None, "context_length_exceeded"),
-    "echo": ({"prompt": "x", "echo": True}, 400, "echo", None),
+    "max_tokens 0 without echo": ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
     "negative logprobs": ({"prompt": "x", "logprobs": -1}, 400, "logprobs", None),
 }
 

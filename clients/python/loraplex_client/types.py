@@ -5,7 +5,7 @@ Models accept fields they do not know, so a newer server does not break an older
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,9 +21,12 @@ class Usage(_Body):
 
 
 class CompletionLogprobs(_Body):
+    """Per token (with ``echo``, the prompt's first, whose first entry is null): its text, logprob,
+    ``{text: logprob}`` of it and its alternatives, and where its text starts."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: Any = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
