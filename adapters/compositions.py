@@ -18,6 +18,12 @@ Contracts:
   unregistered (requests running on it finish on it) and its files removed.
 - Every refusal is a ``CompositionError`` naming the request parameter; an adapter the tenant may
   not see reads as unknown.
+- A build runs on a thread of its own that ends with it, never on the request's (pooled) thread:
+  torch's parallel ops leave an OpenMP thread team on the thread that ran them, and once libgomp
+  manages more threads than there are cores it stops spinning between parallel regions, so every
+  engine step after the first build paid a wake-up per region (on 2 cores: base-model TTFT 31 →
+  46-51 ms, the "cached composition is slower than a plain adapter" of docs/benchmarks.md). A
+  thread that ends takes its team with it.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from adapters.compose import Recipe, compose
 from adapters.errors import AdapterFormatError, CompositionError, UnknownAdapterError
@@ -38,6 +45,7 @@ from adapters.format import LoRAWeights, read_peft_dir, write_peft_dir
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterRecord
 
+T = TypeVar("T")
 DEFAULT_MAX_KEPT = 64
 ID_MARKER = "~composed-"  # "~" is not allowed in adapter names: no upload can take such an id
 
@@ -86,7 +94,7 @@ class Compositions:
                     self._kept.move_to_end(adapter_id)
                     return composed
             try:
-                composed = self._build(adapter_id, key, records, recipe)
+                composed = on_own_thread(lambda: self._build(adapter_id, key, records, recipe))
             except BaseException:
                 with self._lock:  # a failed build leaves no lock behind
                     self._building.pop(adapter_id, None)
@@ -147,6 +155,25 @@ class Compositions:
         if cache is not None and cache.is_registered(composed.adapter_id):
             cache.unregister(composed.adapter_id)
         shutil.rmtree(composed.path, ignore_errors=True)
+
+
+def on_own_thread(work: Callable[[], T]) -> T:
+    """``work()`` run on a new thread, joined; its exception re-raised here."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="loraplex-compose")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def content_key(records: Sequence[AdapterRecord], recipe: Recipe) -> str:

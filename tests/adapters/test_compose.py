@@ -91,6 +91,36 @@ def assert_same_adapter(got: LoRAWeights, expected: dict, expected_scaling: floa
         assert got.tensors[key][0].shape == (got.config.rank, a.shape[1])
 
 
+def assert_same_svd_adapter(got: LoRAWeights, expected: dict, expected_scaling: float) -> None:
+    """An *svd composition without svd_clamp (adapters/svd.py's fast paths): peft's ΔW at its rank,
+    and its factors up to the sign of each singular pair; a pair whose σ is ~0 (past ΔW's rank) has
+    a zero column in B in both and a zero row in A in ours (an arbitrary unit row in peft's).
+
+    The tolerances are peft's: its float32 SVD is up to ~3e-6 off the exact rank-r cut of these ΔW
+    (ours ~3e-8: float64 work), and its singular vectors up to ~eps·σ₁/gap (≲ 5e-5 here)."""
+    assert set(got.tensors) == set(expected)
+    assert got.config.scale == pytest.approx(expected_scaling)
+    for key, (a_peft, b_peft) in expected.items():
+        a, b = got.tensors[key]
+        assert a.shape == a_peft.shape and b.shape == b_peft.shape, key
+        torch.testing.assert_close(b @ a, b_peft @ a_peft, rtol=1e-5, atol=1e-5, msg=f"ΔW of {key}")
+        sigma = b_peft.norm(dim=0)  # [rank]: peft's S
+        real = sigma > 1e-4 * sigma.max()
+        sign = torch.where((a * a_peft).sum(dim=1) >= 0, 1.0, -1.0)  # [rank]
+        torch.testing.assert_close(b * sign, b_peft, rtol=1e-4, atol=1e-4, msg=f"B of {key}")
+        torch.testing.assert_close((a * sign[:, None])[real], a_peft[real], rtol=1e-4, atol=1e-4,
+                                   msg=f"A of {key}")  # fmt: skip
+        assert torch.equal(a[~real], torch.zeros_like(a[~real])), key
+
+
+def assert_equal_to_peft(method: str, got: LoRAWeights, expected: dict, scaling: float, **kwargs) -> None:
+    """peft's factors exactly, but those of the *svd methods without svd_clamp only up to sign."""
+    if method.endswith("svd") and kwargs.get("svd_clamp") is None:
+        assert_same_svd_adapter(got, expected, scaling)
+    else:
+        assert_same_adapter(got, expected, scaling)
+
+
 def method_kwargs(method: str) -> dict:
     kwargs: dict = {"combination_type": method}
     if method not in ("cat", "linear", "svd"):
@@ -114,7 +144,7 @@ def test_every_method_equals_peft_over_same_rank_adapters_with_different_targets
     kwargs = method_kwargs(method)
     expected, scaling = peft_composition(base_dir, adapter_dirs, names, weights, **kwargs)
     got = ours(adapter_dirs, names, recipe_of(weights, kwargs))
-    assert_same_adapter(got, expected, scaling)
+    assert_equal_to_peft(method, got, expected, scaling)
     assert set(got.config.target_modules) == set(
         ADAPTERS["a4"]["target_modules"] + ADAPTERS["b4"]["target_modules"]
     )
@@ -127,17 +157,62 @@ def test_methods_that_allow_different_ranks_equal_peft_with_rslora_first(method,
     kwargs = method_kwargs(method)
     expected, scaling = peft_composition(base_dir, adapter_dirs, names, weights, **kwargs)
     got = ours(adapter_dirs, names, recipe_of(weights, kwargs))
-    assert_same_adapter(got, expected, scaling)
+    assert_equal_to_peft(method, got, expected, scaling)
     assert got.config.use_rslora and got.config.rank == (16 if method == "cat" else 8)
 
 
-def test_svd_rank_and_clamp_equal_peft(base_dir, adapter_dirs):
+@pytest.mark.parametrize("method", ["svd", "ties_svd", "dare_linear_svd"])
+def test_svd_rank_and_clamp_equal_peft_factor_for_factor(method, base_dir, adapter_dirs):
+    """svd_clamp's quantile depends on the factors' signs: these are peft's, bitwise or to rounding."""
     names, weights = ["c8", "b4"], [1.0, 1.0]
-    kwargs = {"combination_type": "ties_svd", "density": 0.7, "svd_rank": 3, "svd_clamp": 0.9}
+    kwargs = {**method_kwargs(method), "svd_rank": 3, "svd_clamp": 0.9}
+    if method != "svd":
+        kwargs["density"] = 0.7
     expected, scaling = peft_composition(base_dir, adapter_dirs, names, weights, **kwargs)
     got = ours(adapter_dirs, names, recipe_of(weights, kwargs))
     assert_same_adapter(got, expected, scaling)
     assert got.config.rank == 3
+    unclamped = ours(adapter_dirs, names, recipe_of(weights, {**kwargs, "svd_clamp": None}))
+    key = (0, "q_proj")
+    assert not torch.allclose(unclamped.tensors[key][1], got.tensors[key][1], atol=1e-3), "a clamp that bites"
+
+
+@pytest.mark.parametrize("method", ["svd", "magnitude_prune_svd"])
+def test_svd_rank_past_the_rank_of_delta_equals_peft(method, base_dir, adapter_dirs):
+    """Rank 12 from two rank-4 adapters: plain svd's ΔW has rank 8 (4 where one adapter targets the
+    module), so peft's last pairs have σ ≈ 0; ours are zero."""
+    names, weights = ["a4", "b4"], [0.9, -0.6]
+    kwargs = {**method_kwargs(method), "svd_rank": 12}
+    expected, scaling = peft_composition(base_dir, adapter_dirs, names, weights, **kwargs)
+    got = ours(adapter_dirs, names, recipe_of(weights, kwargs))
+    assert_same_svd_adapter(got, expected, scaling)
+    assert got.config.rank == 12
+
+
+def test_svd_never_decomposes_a_full_delta_without_clamp(adapter_dirs, monkeypatch):
+    """The cost contract of adapters/svd.py: plain svd decomposes [Σr, Σr] matrices, the pruned
+    *_svd methods the [m, m] Gram matrix of the smaller side (m = min(out, in)), never [out, in]."""
+    decomposed: list[tuple[str, torch.Size]] = []
+
+    def recording(name: str):
+        original = getattr(torch.linalg, name)
+
+        def decompose(matrix, *args, **kwargs):
+            decomposed.append((name, matrix.shape))
+            return original(matrix, *args, **kwargs)
+
+        return decompose
+
+    for name in ("svd", "eigh"):
+        monkeypatch.setattr(torch.linalg, name, recording(name))
+    components = [read_peft_dir(adapter_dirs[n], MAX_RANK) for n in ("c8", "b4")]
+    compose(components, Recipe("svd", (1.0, 0.5)))
+    assert decomposed and all(n == "svd" and max(shape) <= 8 + 4 for n, shape in decomposed), decomposed
+    decomposed.clear()
+    compose(components, Recipe("ties_svd", (1.0, 0.5), density=0.5))
+    smallest_side = 32  # the tiny Llama's k/v out; hidden 64, intermediate 128
+    assert decomposed and all(n == "eigh" and shape[0] <= 64 for n, shape in decomposed), decomposed
+    assert any(shape[0] == smallest_side for _, shape in decomposed)
 
 
 def test_dare_masks_follow_the_seed(adapter_dirs):

@@ -8,6 +8,7 @@ checked against peft's composed adapter: greedy tokens equal, logprobs within fl
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -143,6 +144,7 @@ CASES = [
     ("dare_linear", ["a4", "b4"], [1.0, 1.0], {"density": 0.6, "composition_seed": 11}),
     ("dare_ties_svd", ["c8", "b4"], [0.9, 0.9], {"density": 0.7, "majority_sign_method": "frequency"}),
     ("magnitude_prune_svd", ["b4", "c8"], [1.0, 0.5], {"density": 0.4, "svd_rank": 6}),
+    ("ties_svd", ["c8", "b4"], [1.0, 0.8], {"density": 0.6, "svd_rank": 4, "svd_clamp": 0.9}),
 ]
 
 
@@ -194,6 +196,25 @@ def test_a_composition_is_built_once_per_content(api):
     assert len(api.compositions) == before + 3 and rebuilt != first
     api.upload("acme", "a4", "a4")  # back to the original content: the first composition again
     assert our_answer(api.complete("acme", **body)) == first
+
+
+def test_a_build_runs_on_a_thread_that_ends_with_it(api, monkeypatch):
+    """Not on the request's pooled thread, which would keep the OpenMP team torch's ops start there
+    (and slow every engine step after it: adapters/compositions.py)."""
+    import adapters.compositions
+
+    seen = []
+    original = adapters.compositions.compose
+
+    def recording(*args, **kwargs):
+        seen.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(adapters.compositions, "compose", recording)
+    body = {"adapters": [{"name": "a4", "weight": 0.2}, {"name": "c8", "weight": 0.9}], "combination": "svd"}
+    our_answer(api.complete("acme", **body))
+    assert len(seen) == 1 and seen[0].name == "loraplex-compose"
+    assert not seen[0].is_alive() and seen[0] not in threading.enumerate()
 
 
 def test_compositions_batch_with_other_requests(api):
