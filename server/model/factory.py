@@ -147,20 +147,18 @@ def quantized_weights(
     """The model's weights under ``plan`` (int4 from a GGUF's own blocks where it has them); logs one line."""
     linears = None
     if plan.scheme != "none" and checkpoint.gguf_path is not None:
-        config = checkpoint.config
-        read = gguf_codes.read_linears if plan.scheme == "int4" else _types_only
-        linears = read(checkpoint.gguf_path, config.num_attention_heads, config.num_key_value_heads)
+        config, path = checkpoint.config, checkpoint.gguf_path
+        linears = (  # int8 and nf4 quantize the dense weights: only the types are read
+            gguf_codes.read_linears(path, config.num_attention_heads, config.num_key_value_heads)
+            if plan.scheme == "int4"
+            else gguf_codes.GgufLinears(gguf_codes.linear_types(path), {})
+        )
     codes = linears.codes if linears is not None else {}
     out = quant_plan.apply(weights, plan, codes)
     from_file = [name for name, c in codes.items() if out.get(name) is c]
     said = quant_plan.summary(out, linears.types if linears is not None else None, from_file)
     log.info("quantization %s: %s (%s)", plan.scheme, said, plan.why)
     return out
-
-
-def _types_only(gguf_path: Path, num_heads: int, num_kv_heads: int) -> gguf_codes.GgufLinears:
-    """A GGUF's linear weights' types and no codes (int8 and nf4 quantize the dense weights)."""
-    return gguf_codes.GgufLinears(gguf_codes.linear_types(gguf_path), {})
 
 
 def _set_int4_dequantize_rows(model: LlamaForServing, rows: int | None) -> None:
