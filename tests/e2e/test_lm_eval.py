@@ -1,0 +1,239 @@
+"""lm-evaluation-harness as a real client: its ``local-completions`` model scores two small local
+tasks (tests/e2e/lm_eval_task: multiple choice and a rolling perplexity) through a real server.
+
+Two ``lm_eval`` processes run at the same time against one ``loraplex serve`` of a tiny random
+Llama, so the server batches their requests together: docs/api.md's command as written (token-id
+prompts, batches of 4, 2 concurrent requests) against a peft adapter, and a run of the base model
+with text prompts (``tokenized_requests=False``, one prompt a request, 4 concurrent). Every
+sample's loglikelihood and is_greedy in lm-eval's ``--log_samples`` output is checked against HF
+transformers (the base) or peft (the adapter) on the same context and continuation tokens, and
+each task's metrics against those computed from the HF values. The base's and the adapter's
+scores are far apart next to the tolerance, so a wrong logprob (or the wrong model) shows.
+Everything is offline: the data are local JSON lines files and the hub is never asked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapters.tenants import add_key
+from tests.api.server_process import REPO_ROOT, running_server
+from tests.api.test_logprobs_api import hf_logprobs
+from tests.engine.test_engine_parity import save_peft_adapter
+from tests.engine.tiny import write_tiny_llama
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("lm_eval", reason="needs lm-evaluation-harness: pip install -e '.[eval]'")
+
+API_DOC = REPO_ROOT / "docs" / "api.md"
+SECTION = "#### Evaluating an adapter with lm-evaluation-harness"
+TASK_DIR = REPO_ROOT / "tests" / "e2e" / "lm_eval_task"
+MC_TASK, ROLLING_TASK = "loraplex_tiny_mc", "loraplex_tiny_rolling"
+BASE = "tiny"  # --served-model-name
+ADAPTER = "support-bot"  # the adapter docs/api.md's command evaluates
+DOC_OUTPUT = "lm-eval-results"  # the doc command's --output_path, pointed at a temp dir here
+LM_EVAL_TIMEOUT_S = 240
+TOLERANCE = 2e-4  # on a sum of up to 75 fp32 token logprobs (seen: under 5e-6)
+APART = 5 * TOLERANCE  # the least the base and the adapter differ by on any continuation (seen: 0.006)
+BASE_MODEL_ARGS = "tokenizer_backend=huggingface,tokenized_requests=False,num_concurrent=4,max_retries=1"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One lm_eval process's output: the results file and each task's logged samples by doc_id."""
+
+    results: dict
+    samples: dict[str, list[dict]]  # task -> samples, in doc_id order
+
+
+def documented_command() -> str:
+    """The shell command of docs/api.md's lm-evaluation-harness section (continuation lines joined)."""
+    text = API_DOC.read_text()
+    start = text.index(SECTION)
+    section = text[start : text.index("\n#", start + len(SECTION))]
+    [block] = re.findall(r"^```shell\n(.*?)^```$", section, flags=re.M | re.S)
+    return block.replace("\\\n", " ").strip()
+
+
+def lm_eval_env(root: Path, url: str, key: str, model_dir: Path) -> dict[str, str]:
+    """The doc's variables, the venv's ``lm_eval`` first on PATH, the hub and datasets offline, and
+    every HF cache in ``root`` (datasets' Arrow cache of the task data included)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env.update(URL=url, KEY=key, MODEL_DIR=str(model_dir), HF_HOME=str(root / "hf"))
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def start_lm_eval(command: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``command`` in bash from the repository root (the tasks' data paths are relative to it)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", command], cwd=REPO_ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def finish(process: subprocess.Popen, log: Path, output: Path) -> Run:
+    """Wait for an lm_eval process; its Run, read from the one model folder under ``output``."""
+    try:
+        process.wait(timeout=LM_EVAL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.returncode != 0:
+        pytest.fail(f"lm_eval exited {process.returncode}:\n{log.read_text(errors='replace')[-6000:]}")
+    [model_dir] = [d for d in output.iterdir() if d.is_dir()]
+    [results] = model_dir.glob("results_*.json")
+    samples = {}
+    for task in (MC_TASK, ROLLING_TASK):
+        [path] = model_dir.glob(f"samples_{task}_*.jsonl")
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        samples[task] = sorted(lines, key=lambda s: s["doc_id"])
+    return Run(json.loads(results.read_text()), samples)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Run], Path, Path]]:
+    """(runs by served model name, the model dir, the adapter dir): both lm_eval runs, finished."""
+    root = tmp_path_factory.mktemp("lm-eval")
+    model_dir = write_tiny_llama(root / "model")
+    adapter_dir = save_peft_adapter(model_dir, root / ADAPTER, seed=31, r=8, lora_alpha=16,
+                                    target_modules=["q_proj", "v_proj", "up_proj"])  # fmt: skip
+    keys_file = root / "keys.json"
+    key = add_key(keys_file, "default")  # a user of the tenant the --adapter flags serve in
+    args = [
+        "--model", str(model_dir), "--served-model-name", BASE, "--adapter", f"{ADAPTER}={adapter_dir}",
+        "--keys-file", str(keys_file), "--data-dir", str(root / "data"), "--max-lora-rank", "16",
+        "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--dtype", "float32", "--device", "cpu",
+    ]  # fmt: skip
+    doc_command = documented_command()
+    assert f"--output_path {DOC_OUTPUT}" in doc_command, doc_command
+    base_command = (
+        f"OPENAI_API_KEY=$KEY lm_eval run --model local-completions --model_args "
+        f"base_url=$URL/v1/completions,model={BASE},tokenizer=$MODEL_DIR,{BASE_MODEL_ARGS} "
+        f"--include_path {TASK_DIR} --tasks {MC_TASK},{ROLLING_TASK} --log_samples --output_path "
+    )
+    with running_server(args, root / "server.log") as server:
+        env = lm_eval_env(root, server.url, key, model_dir)
+        outputs = {ADAPTER: root / "out-adapter", BASE: root / "out-base"}
+        commands = {
+            ADAPTER: doc_command.replace(f"--output_path {DOC_OUTPUT}", f"--output_path {outputs[ADAPTER]}"),
+            BASE: base_command + shlex.quote(str(outputs[BASE])),
+        }
+        processes = {m: start_lm_eval(c, env, root / f"lm-eval-{m}.log") for m, c in commands.items()}
+        runs = {m: finish(p, root / f"lm-eval-{m}.log", outputs[m]) for m, p in processes.items()}
+    yield runs, model_dir, adapter_dir
+
+
+@pytest.fixture(scope="module")
+def runs(setup) -> dict[str, Run]:
+    return setup[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(setup):
+    return AutoTokenizer.from_pretrained(setup[1])
+
+
+@pytest.fixture(scope="module")
+def references(setup) -> dict[str, torch.nn.Module]:
+    """HF's base model and peft's model of the adapter, by served name."""
+    _, model_dir, adapter_dir = setup
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
+    return {BASE: AutoModelForCausalLM.from_pretrained(model_dir).eval(), ADAPTER: adapter.eval()}
+
+
+def task_docs(task: str) -> list[dict]:
+    return [json.loads(line) for line in (TASK_DIR / f"{task}.jsonl").read_text().splitlines()]
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """``text``'s tokens as lm-eval's huggingface tokenizer backend encodes them: no special tokens."""
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def score(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """(sum of the continuation's logprobs after the context, whether each token is the argmax)."""
+    rows = hf_logprobs(model, context + continuation)[len(context) - 1 :]  # [len(continuation), V]
+    picked = rows[torch.arange(len(continuation)), torch.tensor(continuation)]
+    return float(picked.sum()), bool((rows.argmax(-1) == torch.tensor(continuation)).all())
+
+
+def mc_reference(model, tokenizer, doc: dict) -> list[tuple[float, bool]]:
+    """Each choice's (loglikelihood, is_greedy) as a continuation " choice" of the question."""
+    context = token_ids(tokenizer, doc["question"])
+    return [score(model, context, token_ids(tokenizer, " " + choice)) for choice in doc["choices"]]
+
+
+def rolling_reference(model, tokenizer, text: str) -> float:
+    """The text's loglikelihood after the bos token (one window: every doc is short)."""
+    return score(model, [tokenizer.bos_token_id], token_ids(tokenizer, text))[0]
+
+
+def logged(sample: dict) -> list[tuple[float, bool]]:
+    """A multiple-choice sample's filtered (loglikelihood, is_greedy) per choice, from the strings
+    lm-eval logs."""
+    return [(float(ll), greedy == "True") for ll, greedy in sample["filtered_resps"]]
+
+
+# ---- multiple choice ----
+@pytest.mark.parametrize("model", [ADAPTER, BASE])
+def test_multiple_choice_loglikelihoods_and_accuracy_are_hf_and_peft(runs, tokenizer, references, model):
+    samples, docs = runs[model].samples[MC_TASK], task_docs(MC_TASK)
+    assert [s["doc"] for s in samples] == docs
+    acc, acc_norm = [], []
+    for sample, doc in zip(samples, docs, strict=True):
+        arguments = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]
+        assert arguments == [(doc["question"], " " + c) for c in doc["choices"]]
+        expected, got = mc_reference(references[model], tokenizer, doc), logged(sample)
+        assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=TOLERANCE), doc
+        assert [g for _, g in got] == [g for _, g in expected], doc
+        lls = [ll for ll, _ in expected]
+        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["answer"]))
+        normed = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
+        acc_norm.append(float(max(range(len(lls)), key=normed.__getitem__) == doc["answer"]))
+        assert (sample["acc"], sample["acc_norm"]) == (acc[-1], acc_norm[-1]), doc
+    results = runs[model].results["results"][MC_TASK]
+    assert results["acc,none"] == pytest.approx(sum(acc) / len(acc))
+    assert results["acc_norm,none"] == pytest.approx(sum(acc_norm) / len(acc_norm))
+
+
+# ---- rolling loglikelihood (perplexity) ----
+@pytest.mark.parametrize("model", [ADAPTER, BASE])
+def test_rolling_loglikelihoods_and_perplexities_are_hf_and_peft(runs, tokenizer, references, model):
+    samples, docs = runs[model].samples[ROLLING_TASK], task_docs(ROLLING_TASK)
+    assert [s["doc"] for s in samples] == docs
+    expected = [rolling_reference(references[model], tokenizer, d["text"]) for d in docs]
+    assert [float(s["filtered_resps"][0]) for s in samples] == pytest.approx(expected, abs=TOLERANCE)
+    words = sum(len(re.split(r"\s+", d["text"])) for d in docs)
+    num_bytes = sum(len(d["text"].encode()) for d in docs)
+    results = runs[model].results["results"][ROLLING_TASK]
+    assert results["word_perplexity,none"] == pytest.approx(math.exp(-sum(expected) / words), rel=1e-4)
+    assert results["byte_perplexity,none"] == pytest.approx(math.exp(-sum(expected) / num_bytes), rel=1e-4)
+    assert results["bits_per_byte,none"] == pytest.approx(-sum(expected) / num_bytes / math.log(2), rel=1e-4)
+
+
+# ---- the checks can fail ----
+def test_the_adapter_and_the_base_score_apart_by_far_more_than_the_tolerance(runs):
+    """Every continuation's score differs between the adapter and the base by many tolerances, so
+    the comparisons above tell the adapter's logprobs from the base's (or from any wrong ones)."""
+    for task, read in ((MC_TASK, lambda s: [ll for ll, _ in logged(s)]),
+                       (ROLLING_TASK, lambda s: [float(s["filtered_resps"][0])])):  # fmt: skip
+        for adapter, base in zip(runs[ADAPTER].samples[task], runs[BASE].samples[task], strict=True):
+            for a, b in zip(read(adapter), read(base), strict=True):
+                assert abs(a - b) > APART, (task, adapter["doc"])
