@@ -1,5 +1,6 @@
 """lm-evaluation-harness as a real client: its ``local-completions`` model scores two small local
-tasks (tests/e2e/lm_eval_task: multiple choice and a rolling perplexity) through a real server.
+tasks (tests/e2e/lm_eval_task: multiple choice and a rolling perplexity) through a real server,
+and, for the base, a third one the test writes (continuations the model picks greedily, or not).
 
 Two ``lm_eval`` processes run at the same time against one ``loraplex serve`` of a tiny random
 Llama, so the server batches their requests together: docs/api.md's command as written (token-id
@@ -18,10 +19,10 @@ import json
 import math
 import os
 import re
-import shlex
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.tenants import add_key
 from tests.api.server_process import REPO_ROOT, running_server
-from tests.api.test_logprobs_api import hf_logprobs
+from tests.api.test_logprobs_api import greedy_ids, hf_logprobs
 from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import write_tiny_llama
 
@@ -43,6 +44,24 @@ API_DOC = REPO_ROOT / "docs" / "api.md"
 SECTION = "#### Evaluating an adapter with lm-evaluation-harness"
 TASK_DIR = REPO_ROOT / "tests" / "e2e" / "lm_eval_task"
 MC_TASK, ROLLING_TASK = "loraplex_tiny_mc", "loraplex_tiny_rolling"
+GREEDY_TASK = "loraplex_tiny_greedy"  # written by the test: what the base model picks, and not
+GREEDY_CONTEXTS = 3
+GREEDY_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: context
+doc_to_target: continuation
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
 BASE = "tiny"  # --served-model-name
 ADAPTER = "support-bot"  # the adapter docs/api.md's command evaluates
 DOC_OUTPUT = "lm-eval-results"  # the doc command's --output_path, pointed at a temp dir here
@@ -88,7 +107,7 @@ def start_lm_eval(command: str, env: dict[str, str], log: Path) -> subprocess.Po
         )  # fmt: skip
 
 
-def finish(process: subprocess.Popen, log: Path, output: Path) -> Run:
+def finish(process: subprocess.Popen, log: Path, output: Path, tasks: Sequence[str]) -> Run:
     """Wait for an lm_eval process; its Run, read from the one model folder under ``output``."""
     try:
         process.wait(timeout=LM_EVAL_TIMEOUT_S)
@@ -100,62 +119,113 @@ def finish(process: subprocess.Popen, log: Path, output: Path) -> Run:
     [model_dir] = [d for d in output.iterdir() if d.is_dir()]
     [results] = model_dir.glob("results_*.json")
     samples = {}
-    for task in (MC_TASK, ROLLING_TASK):
+    for task in tasks:
         [path] = model_dir.glob(f"samples_{task}_*.jsonl")
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         samples[task] = sorted(lines, key=lambda s: s["doc_id"])
     return Run(json.loads(results.read_text()), samples)
 
 
+@dataclass(frozen=True)
+class Checkpoints:
+    root: Path
+    model_dir: Path
+    adapter_dir: Path
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Run], Path, Path]]:
-    """(runs by served model name, the model dir, the adapter dir): both lm_eval runs, finished."""
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     root = tmp_path_factory.mktemp("lm-eval")
     model_dir = write_tiny_llama(root / "model")
     adapter_dir = save_peft_adapter(model_dir, root / ADAPTER, seed=31, r=8, lora_alpha=16,
                                     target_modules=["q_proj", "v_proj", "up_proj"])  # fmt: skip
+    return Checkpoints(root, model_dir, adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoints: Checkpoints):
+    return AutoTokenizer.from_pretrained(checkpoints.model_dir)
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints: Checkpoints) -> dict[str, torch.nn.Module]:
+    """HF's base model and peft's model of the adapter, by served name."""
+    base = AutoModelForCausalLM.from_pretrained(checkpoints.model_dir)
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoints.model_dir),
+                                        checkpoints.adapter_dir)  # fmt: skip
+    return {BASE: base.eval(), ADAPTER: adapter.eval()}
+
+
+@pytest.fixture(scope="module")
+def greedy_docs(checkpoints: Checkpoints, tokenizer, references) -> list[dict]:
+    """The base run's third task, written to ``<root>/tasks`` with copies of the two others."""
+    tasks = checkpoints.root / "tasks"
+    tasks.mkdir()
+    for task in (MC_TASK, ROLLING_TASK):
+        shutil.copy(TASK_DIR / f"{task}.yaml", tasks)
+    docs = greedy_task_docs(references[BASE], tokenizer)
+    (tasks / f"{GREEDY_TASK}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / f"{GREEDY_TASK}.yaml").write_text(
+        GREEDY_YAML.format(task=GREEDY_TASK, data=tasks / f"{GREEDY_TASK}.jsonl")
+    )
+    return docs
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoints: Checkpoints, greedy_docs) -> Iterator[dict[str, Run]]:
+    """Both lm_eval runs, finished, by served model name."""
+    root = checkpoints.root
     keys_file = root / "keys.json"
     key = add_key(keys_file, "default")  # a user of the tenant the --adapter flags serve in
     args = [
-        "--model", str(model_dir), "--served-model-name", BASE, "--adapter", f"{ADAPTER}={adapter_dir}",
-        "--keys-file", str(keys_file), "--data-dir", str(root / "data"), "--max-lora-rank", "16",
-        "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--dtype", "float32", "--device", "cpu",
+        "--model", str(checkpoints.model_dir), "--served-model-name", BASE,
+        "--adapter", f"{ADAPTER}={checkpoints.adapter_dir}", "--keys-file", str(keys_file),
+        "--data-dir", str(root / "data"), "--max-lora-rank", "16", "--max-num-seqs", "4",
+        "--max-num-batched-tokens", "32", "--dtype", "float32", "--device", "cpu",
     ]  # fmt: skip
     doc_command = documented_command()
     assert f"--output_path {DOC_OUTPUT}" in doc_command, doc_command
-    base_command = (
-        f"OPENAI_API_KEY=$KEY lm_eval run --model local-completions --model_args "
-        f"base_url=$URL/v1/completions,model={BASE},tokenizer=$MODEL_DIR,{BASE_MODEL_ARGS} "
-        f"--include_path {TASK_DIR} --tasks {MC_TASK},{ROLLING_TASK} --log_samples --output_path "
-    )
+    outputs = {ADAPTER: root / "out-adapter", BASE: root / "out-base"}
+    tasks = {ADAPTER: (MC_TASK, ROLLING_TASK), BASE: (MC_TASK, ROLLING_TASK, GREEDY_TASK)}
+    commands = {
+        ADAPTER: doc_command.replace(f"--output_path {DOC_OUTPUT}", f"--output_path {outputs[ADAPTER]}"),
+        BASE: (
+            f"OPENAI_API_KEY=$KEY lm_eval run --model local-completions --model_args "
+            f"base_url=$URL/v1/completions,model={BASE},tokenizer=$MODEL_DIR,{BASE_MODEL_ARGS} "
+            f"--include_path {root / 'tasks'} --tasks {','.join(tasks[BASE])} --log_samples "
+            f"--output_path {outputs[BASE]}"
+        ),
+    }
     with running_server(args, root / "server.log") as server:
-        env = lm_eval_env(root, server.url, key, model_dir)
-        outputs = {ADAPTER: root / "out-adapter", BASE: root / "out-base"}
-        commands = {
-            ADAPTER: doc_command.replace(f"--output_path {DOC_OUTPUT}", f"--output_path {outputs[ADAPTER]}"),
-            BASE: base_command + shlex.quote(str(outputs[BASE])),
-        }
-        processes = {m: start_lm_eval(c, env, root / f"lm-eval-{m}.log") for m, c in commands.items()}
-        runs = {m: finish(p, root / f"lm-eval-{m}.log", outputs[m]) for m, p in processes.items()}
-    yield runs, model_dir, adapter_dir
+        env = lm_eval_env(root, server.url, key, checkpoints.model_dir)
+        logs = {model: root / f"lm-eval-{model}.log" for model in commands}
+        processes = {model: start_lm_eval(c, env, logs[model]) for model, c in commands.items()}
+        try:
+            yield {m: finish(p, logs[m], outputs[m], tasks[m]) for m, p in processes.items()}
+        finally:
+            for process in processes.values():
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
 
 
-@pytest.fixture(scope="module")
-def runs(setup) -> dict[str, Run]:
-    return setup[0]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(setup):
-    return AutoTokenizer.from_pretrained(setup[1])
-
-
-@pytest.fixture(scope="module")
-def references(setup) -> dict[str, torch.nn.Module]:
-    """HF's base model and peft's model of the adapter, by served name."""
-    _, model_dir, adapter_dir = setup
-    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
-    return {BASE: AutoModelForCausalLM.from_pretrained(model_dir).eval(), ADAPTER: adapter.eval()}
+def greedy_task_docs(model, tokenizer) -> list[dict]:
+    """Contexts (prefixes of the rolling task's texts), each twice: followed by the two tokens
+    ``model`` picks greedily after it, then by the first of them and a letter it does not pick.
+    Only contexts whose greedy tokens are the encoding of their text are taken (not a special
+    token, not a byte of a multi-byte character)."""
+    docs = []
+    letters = [token_ids(tokenizer, letter)[0] for letter in "etaoinshr"]
+    for text in (d["text"] for d in task_docs(ROLLING_TASK)):
+        for end in range(8, len(text), 5):
+            context = text[:end].rstrip()
+            picked = greedy_ids(model, token_ids(tokenizer, context), 2)
+            if token_ids(tokenizer, tokenizer.decode(picked)) == picked and len(docs) < 2 * GREEDY_CONTEXTS:
+                other = next(t for t in letters if t != picked[1])
+                for continuation in (picked, [picked[0], other]):
+                    docs.append({"context": context, "continuation": tokenizer.decode(continuation)})
+    assert len(docs) == 2 * GREEDY_CONTEXTS, docs
+    return docs
 
 
 def task_docs(task: str) -> list[dict]:
@@ -186,8 +256,8 @@ def rolling_reference(model, tokenizer, text: str) -> float:
 
 
 def logged(sample: dict) -> list[tuple[float, bool]]:
-    """A multiple-choice sample's filtered (loglikelihood, is_greedy) per choice, from the strings
-    lm-eval logs."""
+    """A loglikelihood or multiple-choice sample's filtered (loglikelihood, is_greedy) per request
+    (per choice), from the strings lm-eval logs."""
     return [(float(ll), greedy == "True") for ll, greedy in sample["filtered_resps"]]
 
 
@@ -226,6 +296,22 @@ def test_rolling_loglikelihoods_and_perplexities_are_hf_and_peft(runs, tokenizer
     assert results["word_perplexity,none"] == pytest.approx(math.exp(-sum(expected) / words), rel=1e-4)
     assert results["byte_perplexity,none"] == pytest.approx(math.exp(-sum(expected) / num_bytes), rel=1e-4)
     assert results["bits_per_byte,none"] == pytest.approx(-sum(expected) / num_bytes / math.log(2), rel=1e-4)
+
+
+# ---- is_greedy ----
+def test_greedy_continuations_are_told_from_others(runs, tokenizer, references, greedy_docs):
+    """A loglikelihood task's acc is is_greedy, which lm-eval reads from the top_logprobs: the base
+    model's own greedy tokens are greedy, the same with the second token changed are not."""
+    samples = runs[BASE].samples[GREEDY_TASK]
+    assert [s["doc"] for s in samples] == greedy_docs
+    for sample, doc in zip(samples, greedy_docs, strict=True):
+        context = token_ids(tokenizer, doc["context"])
+        ll, greedy = score(references[BASE], context, token_ids(tokenizer, doc["continuation"]))
+        assert greedy == (sample["doc_id"] % 2 == 0)  # as the docs were made
+        [(logged_ll, logged_greedy)] = logged(sample)
+        assert (logged_ll, logged_greedy) == (pytest.approx(ll, abs=TOLERANCE), greedy), doc
+        assert sample["acc"] == float(greedy)
+    assert runs[BASE].results["results"][GREEDY_TASK]["acc,none"] == 0.5
 
 
 # ---- the checks can fail ----
