@@ -3,13 +3,14 @@ tasks (tests/e2e/lm_eval_task: multiple choice and a rolling perplexity) through
 and, for the base, a third one the test writes (continuations the model picks greedily, or not).
 
 Two ``lm_eval`` processes run at the same time against one ``loraplex serve`` of a tiny random
-Llama, so the server batches their requests together: docs/api.md's command as written (token-id
-prompts, batches of 4, 2 concurrent requests) against a peft adapter, and a run of the base model
-with text prompts (``tokenized_requests=False``, one prompt a request, 4 concurrent). Every
-sample's loglikelihood and is_greedy in lm-eval's ``--log_samples`` output is checked against HF
-transformers (the base) or peft (the adapter) on the same context and continuation tokens, and
-each task's metrics against those computed from the HF values. The base's and the adapter's
-scores are far apart next to the tolerance, so a wrong logprob (or the wrong model) shows.
+Llama (with a keys file), so the server batches their requests together: docs/api.md's command as
+written (token-id prompts, batches of 4, 2 concurrent requests) against a peft adapter, and a run
+of the base model with text prompts (``tokenized_requests=False``, one prompt a request, 4
+concurrent) and ``max_length=64``, so that the longer rolling texts are scored in two windows.
+Every sample's loglikelihood and is_greedy in lm-eval's ``--log_samples`` output is checked
+against HF transformers (the base) or peft (the adapter) on the same context and continuation
+tokens, and each task's metrics against those computed from the HF values. The other model's
+scores of the same requests are far off next to the tolerance, so a wrong logprob shows.
 Everything is offline: the data are local JSON lines files and the hub is never asked.
 """
 
@@ -38,7 +39,9 @@ from tests.engine.test_engine_parity import save_peft_adapter
 from tests.engine.tiny import write_tiny_llama
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("lm_eval", reason="needs lm-evaluation-harness: pip install -e '.[eval]'")
+lm_eval_utils = pytest.importorskip(
+    "lm_eval.utils", reason="needs lm-evaluation-harness: pip install -e '.[eval]'"
+)
 
 API_DOC = REPO_ROOT / "docs" / "api.md"
 SECTION = "#### Evaluating an adapter with lm-evaluation-harness"
@@ -67,8 +70,14 @@ ADAPTER = "support-bot"  # the adapter docs/api.md's command evaluates
 DOC_OUTPUT = "lm-eval-results"  # the doc command's --output_path, pointed at a temp dir here
 LM_EVAL_TIMEOUT_S = 240
 TOLERANCE = 2e-4  # on a sum of up to 75 fp32 token logprobs (seen: under 5e-6)
-APART = 5 * TOLERANCE  # the least the base and the adapter differ by on any continuation (seen: 0.006)
-BASE_MODEL_ARGS = "tokenizer_backend=huggingface,tokenized_requests=False,num_concurrent=4,max_retries=1"
+APART = 5 * TOLERANCE  # the least the base and the adapter differ by on any request (seen: 0.006)
+# lm-eval's max_length by run: the doc's command sets none (lm-eval's 2048: one rolling window a doc);
+# the base run's 64 cuts the longer rolling docs into two windows, the second without the bos token
+MAX_LENGTH = {ADAPTER: 2048, BASE: 64}
+BASE_MODEL_ARGS = (
+    f"tokenizer_backend=huggingface,tokenized_requests=False,num_concurrent=4,max_retries=1,"
+    f"max_length={MAX_LENGTH[BASE]}"
+)
 
 
 @dataclass(frozen=True)
@@ -250,9 +259,20 @@ def mc_reference(model, tokenizer, doc: dict) -> list[tuple[float, bool]]:
     return [score(model, context, token_ids(tokenizer, " " + choice)) for choice in doc["choices"]]
 
 
-def rolling_reference(model, tokenizer, text: str) -> float:
-    """The text's loglikelihood after the bos token (one window: every doc is short)."""
-    return score(model, [tokenizer.bos_token_id], token_ids(tokenizer, text))[0]
+def rolling_windows(tokenizer, text: str, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """The (context, continuation) windows lm-eval's API models score a text in: the first after the
+    bos token, each later one after the tokens before it, at most ``max_length - 1`` tokens each
+    (lm-eval's own window functions: what the client asks, not what the server answers)."""
+    windows = lm_eval_utils.get_rolling_token_windows(
+        token_list=token_ids(tokenizer, text), prefix_token=tokenizer.bos_token_id,
+        max_seq_len=max_length - 2, context_len=1,
+    )  # fmt: skip
+    return [lm_eval_utils.make_disjoint_window(window) for window in windows]
+
+
+def rolling_reference(model, tokenizer, text: str, max_length: int) -> float:
+    """The text's loglikelihood: the sum over its windows."""
+    return sum(score(model, *window)[0] for window in rolling_windows(tokenizer, text, max_length))
 
 
 def logged(sample: dict) -> list[tuple[float, bool]]:
@@ -288,7 +308,7 @@ def test_multiple_choice_loglikelihoods_and_accuracy_are_hf_and_peft(runs, token
 def test_rolling_loglikelihoods_and_perplexities_are_hf_and_peft(runs, tokenizer, references, model):
     samples, docs = runs[model].samples[ROLLING_TASK], task_docs(ROLLING_TASK)
     assert [s["doc"] for s in samples] == docs
-    expected = [rolling_reference(references[model], tokenizer, d["text"]) for d in docs]
+    expected = [rolling_reference(references[model], tokenizer, d["text"], MAX_LENGTH[model]) for d in docs]
     assert [float(s["filtered_resps"][0]) for s in samples] == pytest.approx(expected, abs=TOLERANCE)
     words = sum(len(re.split(r"\s+", d["text"])) for d in docs)
     num_bytes = sum(len(d["text"].encode()) for d in docs)
@@ -296,6 +316,13 @@ def test_rolling_loglikelihoods_and_perplexities_are_hf_and_peft(runs, tokenizer
     assert results["word_perplexity,none"] == pytest.approx(math.exp(-sum(expected) / words), rel=1e-4)
     assert results["byte_perplexity,none"] == pytest.approx(math.exp(-sum(expected) / num_bytes), rel=1e-4)
     assert results["bits_per_byte,none"] == pytest.approx(-sum(expected) / num_bytes / math.log(2), rel=1e-4)
+
+
+def test_the_base_run_scores_the_longer_texts_in_two_windows(tokenizer):
+    """So the rolling checks cover a window that starts mid-text, without the bos token."""
+    texts = [d["text"] for d in task_docs(ROLLING_TASK)]
+    assert [len(rolling_windows(tokenizer, t, MAX_LENGTH[BASE])) for t in texts] == [1, 2, 2, 2]
+    assert [len(rolling_windows(tokenizer, t, MAX_LENGTH[ADAPTER])) for t in texts] == [1, 1, 1, 1]
 
 
 # ---- is_greedy ----
@@ -315,11 +342,15 @@ def test_greedy_continuations_are_told_from_others(runs, tokenizer, references, 
 
 
 # ---- the checks can fail ----
-def test_the_adapter_and_the_base_score_apart_by_far_more_than_the_tolerance(runs):
-    """Every continuation's score differs between the adapter and the base by many tolerances, so
-    the comparisons above tell the adapter's logprobs from the base's (or from any wrong ones)."""
-    for task, read in ((MC_TASK, lambda s: [ll for ll, _ in logged(s)]),
-                       (ROLLING_TASK, lambda s: [float(s["filtered_resps"][0])])):  # fmt: skip
-        for adapter, base in zip(runs[ADAPTER].samples[task], runs[BASE].samples[task], strict=True):
-            for a, b in zip(read(adapter), read(base), strict=True):
-                assert abs(a - b) > APART, (task, adapter["doc"])
+@pytest.mark.parametrize("model", [ADAPTER, BASE])
+def test_the_other_model_scores_every_request_far_from_what_was_logged(runs, tokenizer, references, model):
+    """Each run's logged scores are more than APART from the other model's HF (or peft) scores of
+    the same requests, so the comparisons above tell the adapter's logprobs from the base's, and
+    from any others that far off."""
+    other = references[BASE if model == ADAPTER else ADAPTER]
+    for sample, doc in zip(runs[model].samples[MC_TASK], task_docs(MC_TASK), strict=True):
+        for (ll, _), (other_ll, _) in zip(logged(sample), mc_reference(other, tokenizer, doc), strict=True):
+            assert abs(ll - other_ll) > APART, doc
+    for sample, doc in zip(runs[model].samples[ROLLING_TASK], task_docs(ROLLING_TASK), strict=True):
+        other_ll = rolling_reference(other, tokenizer, doc["text"], MAX_LENGTH[model])
+        assert abs(float(sample["filtered_resps"][0]) - other_ll) > APART, doc
