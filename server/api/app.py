@@ -203,7 +203,8 @@ async def _generate(
     try:
         for request_id, one in zip(ids, inputs.requests, strict=True):
             streams.append(
-                await engine.submit(one.prompt_token_ids, one.sampling, inputs.adapter, request_id)
+                await engine.submit(one.prompt_token_ids, one.sampling, inputs.adapter, request_id,
+                                    tenant=principal.tenant, cache_salt=body.cache_salt)  # fmt: skip
             )
     except BaseException:
         for stream in streams:

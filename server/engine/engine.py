@@ -179,7 +179,9 @@ class Engine:
         return cache_snapshot(self.core.adapters)
 
     def cache_lookups(self) -> CacheCounters:
-        return cache_lookups(self.core.adapters)
+        """The adapter cache's lookups and the prefix cache's tokens, cumulative (any thread)."""
+        prefix = self.core.scheduler.prefix
+        return cache_lookups(self.core.adapters, prefix.num_hits, prefix.num_queries)
 
     def registered_adapter_ids(self) -> list[str]:
         return self.core.adapters.registered_ids()

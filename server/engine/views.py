@@ -161,10 +161,10 @@ def cache_snapshot(cache: AdapterCache) -> CacheSnapshot:
     )
 
 
-def cache_lookups(cache: AdapterCache) -> CacheCounters:
+def cache_lookups(cache: AdapterCache, prefix_hits: int = 0, prefix_queries: int = 0) -> CacheCounters:
     lookups = cache.stats.lookups
     hits = lookups[Tier.SLOT] + lookups[Tier.HOST]
-    return CacheCounters(hits=hits, lookups=hits + lookups[Tier.DISK])
+    return CacheCounters(hits, hits + lookups[Tier.DISK], prefix_hits, prefix_queries)
 
 
 def adapter_runtime(
