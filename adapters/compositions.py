@@ -10,8 +10,9 @@
 Contracts:
 - A composition is identified by its content: the components' content keys (their sha256 and the
   config that scales them, so a re-upload makes a new one), their weights and the recipe; the
-  adapter cache (hence the prefix cache) knows it by that key. Its engine id is ``<tenant>/~composed-<key>``, the
-  requesting tenant's own, so tenants never share one (nor learn, by timing, what another built).
+  adapter cache (hence the prefix cache) knows it by that key. Its engine id is
+  ``<tenant>/~composed-<key>``, the requesting tenant's own, so tenants never share one (nor
+  learn, by timing, what another built).
 - It is built once (concurrent requests for one key wait for the first build), written to
   ``root/<key>`` as a peft adapter (the disk tier: the host tier may drop it and read it back) and
   registered in the adapter cache, so it is batched and tiered like any upload.

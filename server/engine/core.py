@@ -170,7 +170,9 @@ class EngineCore:
         """Read and validate a peft adapter directory now; it stays readable from ``path`` later."""
         weights = read_peft_dir(Path(path), self.config.max_lora_rank)
         config = weights.config
-        key = content_key(file_sha256(Path(path) / WEIGHTS_FILE), config.rank, config.alpha, config.use_rslora)
+        key = content_key(
+            file_sha256(Path(path) / WEIGHTS_FILE), config.rank, config.alpha, config.use_rslora
+        )
         self.adapters.register(adapter_id, Path(path), weights, key)
 
     def remove_adapter(self, adapter_id: str) -> None:
@@ -213,7 +215,9 @@ class EngineCore:
     def _step_stats(self, out: SchedulerOutput, duration_s: float) -> StepStats:
         """Read after ``postprocess``: a first chunk is one that starts where the prefix cache left it."""
         items = out.scheduled
-        first = [i.seq for i in items if i.seq.num_computed_tokens - i.num_new_tokens == i.seq.num_cached_tokens]
+        first = [
+            i.seq for i in items if i.seq.num_computed_tokens - i.num_new_tokens == i.seq.num_cached_tokens
+        ]
         return StepStats(
             num_seqs=len(items),
             num_tokens=sum(i.num_new_tokens for i in items),
@@ -241,7 +245,8 @@ class EngineCore:
             max_loras=self.config.max_loras,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=prefix.num_queries, prefix_cache_hits=prefix.num_hits,
-            prefix_cache_blocks=blocks.num_cached, prefix_cache_bytes=blocks.num_cached * self.kv_cache.block_bytes,
+            prefix_cache_blocks=blocks.num_cached,
+            prefix_cache_bytes=blocks.num_cached * self.kv_cache.block_bytes,
             prefix_cache_evictions=blocks.num_evictions,
         )  # fmt: skip
 

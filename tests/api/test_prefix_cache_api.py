@@ -55,21 +55,27 @@ class Served:
 
     def counters(self, cache: str = "on") -> tuple[float, float]:
         samples = scrape(self.clients[cache])
-        return tuple(value(samples, f"vllm:prefix_cache_{n}_total", model_name=BASE) for n in ("queries", "hits"))
+        return tuple(
+            value(samples, f"vllm:prefix_cache_{n}_total", model_name=BASE) for n in ("queries", "hits")
+        )
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_llama_dir) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("prefix-api")
-    dirs = {f"a{seed}": save_peft_adapter(tiny_llama_dir, root / f"a{seed}", seed=seed, r=4, lora_alpha=8,
-                                          target_modules=["q_proj", "v_proj"]) for seed in (1, 2)}  # fmt: skip
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    dirs = {
+        f"a{seed}": save_peft_adapter(tiny_llama_dir, root / f"a{seed}", seed=seed, **lora) for seed in (1, 2)
+    }
     keys_file = root / "keys.json"
     keys = {who: add_key(keys_file, tenant, role) for who, tenant, role in WHO}
     engines, clients = [], {}
     for cache in ("on", "off"):
         config = EngineConfig(max_loras=2, max_lora_rank=8, max_num_seqs=4, max_num_batched_tokens=256,
                               prefix_caching=cache)  # fmt: skip
-        engine = Engine.from_config(ModelConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu"), config)
+        engine = Engine.from_config(
+            ModelConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu"), config
+        )
         registry = engine.open_registry(SQLiteAdapterStore(root / f"data-{cache}"))
         engines.append(engine)
         clients[cache] = TestClient(create_app(engine, BASE, registry, KeyRing.load(keys_file))).__enter__()

@@ -31,8 +31,12 @@ SYSTEM = [256, *range(1, 70)]  # a shared "system prompt": 4 full blocks of 16, 
 def adapter_dirs(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("prefix-adapters")
     return {
-        "a1": save_peft_adapter(tiny_llama, root / "a1", seed=1, r=8, lora_alpha=16, target_modules=ALL_TARGETS),
-        "a2": save_peft_adapter(tiny_llama, root / "a2", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"]),
+        "a1": save_peft_adapter(
+            tiny_llama, root / "a1", seed=1, r=8, lora_alpha=16, target_modules=ALL_TARGETS
+        ),
+        "a2": save_peft_adapter(
+            tiny_llama, root / "a2", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"]
+        ),
     }
 
 
@@ -98,8 +102,8 @@ def assert_same(cached: dict[str, Output], uncached: dict[str, Output]) -> None:
             assert [x is None for x in ours] == [x is None for x in theirs], request_id
             pairs = [(a, b) for a, b in zip(ours, theirs, strict=True) if b is not None]
             if pairs:
-                torch.testing.assert_close(torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs]),
-                                           rtol=1e-4, atol=1e-4, msg=request_id)  # fmt: skip
+                ours_t, theirs_t = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
+                torch.testing.assert_close(ours_t, theirs_t, rtol=1e-4, atol=1e-4, msg=request_id)
 
 
 def compare(tiny_llama, adapter_dirs, waves, **overrides):
@@ -147,9 +151,10 @@ def test_block_hashes_chain_on_tokens_weights_tenant_and_salt():
 
 def test_shared_system_prompt_hits_in_mixed_batches_and_outputs_are_unchanged(tiny_llama, adapter_dirs):
     turns = [[*SYSTEM, 100 + i, 101 + i] for i in range(3)]
+    seeded = tuple(SEEDED.items())
     waves = [
-        [Req("base-0", turns[0]), Req("a1-0", turns[0], "a1"), Req("a2-0", turns[0], "a2", tuple(SEEDED.items()))],
-        [Req("base-1", turns[1]), Req("a1-1", turns[1], "a1"), Req("a2-1", turns[1], "a2", tuple(SEEDED.items())),
+        [Req("base-0", turns[0]), Req("a1-0", turns[0], "a1"), Req("a2-0", turns[0], "a2", seeded)],
+        [Req("base-1", turns[1]), Req("a1-1", turns[1], "a1"), Req("a2-1", turns[1], "a2", seeded),
          Req("base-long", [*turns[0], *range(120, 160)], max_tokens=20)],
         [Req("base-2", turns[2]), Req("a1-2", [*turns[0], *range(120, 160)], "a1")],
     ]  # fmt: skip
@@ -159,7 +164,10 @@ def test_shared_system_prompt_hits_in_mixed_batches_and_outputs_are_unchanged(ti
     # a1-2 only SYSTEM's (base-long's blocks were computed by the base model's weights)
     assert stats.prefix_cache_hits == 6 * 64
     assert stats.prefix_cache_queries == sum(len(r.prompt) for wave in waves for r in wave)
-    assert stats.prefix_cache_blocks > 0 and stats.prefix_cache_bytes == stats.prefix_cache_blocks * core.kv_cache.block_bytes
+    assert (
+        stats.prefix_cache_blocks > 0
+        and stats.prefix_cache_bytes == stats.prefix_cache_blocks * core.kv_cache.block_bytes
+    )
     assert core.kv_cache.allocator.num_free == core.kv_cache.allocator.num_blocks, "every reference dropped"
 
 
@@ -223,7 +231,8 @@ def test_tenants_and_salts_are_isolated_unless_the_base_model_is_shared(tiny_lla
         [Req("t1-base", prompt, tenant="t1"), Req("t1-a1", prompt, "a1", tenant="t1")],
         [Req("t2-base", prompt, tenant="t2"), Req("t2-a1", prompt, "a1", tenant="t2"),
          Req("t1-salted", prompt, tenant="t1", cache_salt="s")],
-        [Req("t1-base-again", prompt, tenant="t1"), Req("t1-salted-again", prompt, tenant="t1", cache_salt="s")],
+        [Req("t1-base-again", prompt, tenant="t1"),
+         Req("t1-salted-again", prompt, tenant="t1", cache_salt="s")],
     ]  # fmt: skip
     core, _ = compare(tiny_llama, adapter_dirs, waves)
     assert hits(core) == 2 * 64, "only the third wave's requests find their own tenant's and salt's blocks"
@@ -299,10 +308,14 @@ def run_schedule(core, schedule: list[tuple[int, Req]]) -> dict[str, Output]:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_requests_over_shared_and_forked_prefixes_equal_a_cacheless_run(tiny_llama, adapter_dirs, seed):
+def test_random_requests_over_shared_and_forked_prefixes_equal_a_cacheless_run(
+    tiny_llama, adapter_dirs, seed
+):
     schedule = random_requests(random.Random(seed), 24)
     block_bytes = make_core(tiny_llama).kv_cache.block_bytes
-    settings = dict(kv_cache_bytes=24 * block_bytes, max_num_batched_tokens=64)  # chunks, eviction, preemption
+    settings = dict(
+        kv_cache_bytes=24 * block_bytes, max_num_batched_tokens=64
+    )  # chunks, eviction, preemption
     uncached = run_schedule(new_core(tiny_llama, adapter_dirs, prefix_caching="off", **settings), schedule)
     core = new_core(tiny_llama, adapter_dirs, **settings)
     assert_same(run_schedule(core, schedule), uncached)
