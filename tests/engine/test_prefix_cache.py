@@ -18,7 +18,9 @@ import torch
 from server.engine.kv_cache import BlockAllocator
 from server.engine.prefix_cache import block_hash, cache_root
 from server.engine.sampler import SamplingParams
+from server.engine.sequence import FinishReason
 from tests.engine.test_engine_parity import save_peft_adapter
+from tests.engine.test_scheduler import add, fed, make_scheduler, make_seq, step
 from tests.engine.tiny import make_core, run_to_completion
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -320,3 +322,51 @@ def test_random_requests_over_shared_and_forked_prefixes_equal_a_cacheless_run(
     core = new_core(tiny_llama, adapter_dirs, **settings)
     assert_same(run_schedule(core, schedule), uncached)
     assert hits(core) > 0
+
+
+# --- the scheduler alone (test_scheduler's fakes: no model, blocks of 2 tokens) ---------------------
+
+
+def cached_seq(name: str, arrival: int, prompt: list[int], **sampling: object):
+    seq = make_seq(name, arrival, **sampling)
+    seq.prompt_token_ids = list(prompt)
+    seq.cache_root = cache_root(None, "t", None)
+    return seq
+
+
+def test_admission_shares_the_cached_blocks_and_feeds_only_the_rest():
+    sched = make_scheduler(num_blocks=16)
+    first = cached_seq("A", 0, list(range(9)), max_tokens=1)
+    add(sched, first)
+    assert fed(step(sched)) == [("A", 9)] and first.is_finished
+    second = cached_seq("B", 1, [*range(9), 50])
+    add(sched, second)
+    assert fed(step(sched)) == [("B", 2)], "8 tokens (4 blocks) come from the cache"
+    assert sched.prefix.num_hits == 8 and sched.prefix.num_queries == 19
+    third = cached_seq("C", 2, [*range(9), 60])
+    add(sched, third)
+    step(sched)
+    assert third.block_table[:4] == second.block_table[:4], "both hold A's blocks"
+    allocator = sched.kv_cache.allocator
+    sched.finish(second, FinishReason.ABORT)
+    assert third.block_table[:4] == [allocator.cached_block(h) for h in third.block_hashes[:4]]
+    sched.finish(third, FinishReason.ABORT)
+    assert allocator.num_free == allocator.num_blocks
+
+
+def test_a_sequence_that_does_not_fit_gives_its_cached_blocks_back():
+    sched = make_scheduler(num_blocks=6)
+    add(sched, cached_seq("A", 0, list(range(8)), max_tokens=1))
+    step(sched)  # A's 4 blocks stay cached, idle
+    holder = cached_seq("H", 1, [90, 91, 92], max_tokens=20)
+    add(sched, holder)
+    step(sched)  # H takes the 2 free blocks: none of A's is evicted
+    wanted = cached_seq("B", 2, [*range(8), 1, 2])
+    add(sched, wanted)  # A's 4 blocks + 1 new one: nothing left for the new one
+    assert fed(step(sched)) == [("H", 1)]
+    assert not wanted.block_table and wanted.num_computed_tokens == 0
+    allocator = sched.kv_cache.allocator
+    assert allocator.num_free == 4 and sched.prefix.num_queries == 8 + 3, "B's lookup did not count"
+    sched.finish(holder, FinishReason.ABORT)
+    assert fed(step(sched)) == [("B", 2)], "admitted once H's blocks are free, after A's 4 cached blocks"
+    assert sched.prefix.num_hits == 8 and allocator.num_evictions == 1
