@@ -144,6 +144,22 @@ def test_a_new_upload_reuses_nothing_of_the_old_version(served):
     assert served.counters()[1] == hits + HIT_TOKENS
 
 
+def test_after_a_delete_the_same_content_uploaded_again_reuses_its_blocks(served):
+    for cache in ("on", "off"):
+        served.upload("acme", "kept", "a1", cache)
+    prompt = [*PROMPT, 5]
+    before = complete(served.sdk("acme"), "kept", prompt)
+    for cache in ("on", "off"):
+        response = served.clients[cache].delete("/v1/adapters/kept", headers=served.auth("acme"))
+        assert response.status_code == 200, response.text
+        served.upload("acme", "kept", "a1", cache)  # a new version, the same bytes
+    _, hits = served.counters()
+    again = complete(served.sdk("acme"), "kept", prompt)
+    assert served.counters()[1] == hits + HIT_TOKENS, "keyed by content: the blocks outlived the delete"
+    assert_same(again, before)
+    assert_same(again, complete(served.sdk("acme", "off"), "kept", prompt))
+
+
 def test_echo_scoring_after_a_cached_prefix_is_exact(served):
     prompt = [*PROMPT, 4]
     complete(served.sdk("acme"), prompt=prompt)
