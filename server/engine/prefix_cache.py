@@ -84,8 +84,9 @@ class PrefixCache:
         seq.num_published_blocks = seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def count_lookup(self, seq: Sequence) -> None:
-        """Count an admitted sequence's lookup in the hit-rate counters."""
-        if self._reusable_tokens(seq) >= self.block_size:
+        """Count an admitted sequence's lookup in the hit-rate counters (unless it could reuse nothing,
+        as a request scoring its whole prompt: vLLM leaves those out too)."""
+        if self._reusable_tokens(seq) > 0:
             self.num_queries += seq.num_tokens
             self.num_hits += seq.num_cached_tokens
 
