@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,6 +67,7 @@ __all__ = [
 class _Entry:
     adapter_id: str
     source: Path | None
+    content_key: str  # what the adapter computes (adapters.format.content_key); the prefix cache's key
     weights: LoRAWeights | None = None
     state: AdapterState = AdapterState.ON_DISK
     slot: int | None = None
@@ -108,11 +110,14 @@ class AdapterCache:
         self._fetch = fetch
 
     # ---- registration (any thread) ----
-    def register(self, adapter_id: str, source: Path | None, weights: LoRAWeights | None = None) -> None:
+    def register(self, adapter_id: str, source: Path | None, weights: LoRAWeights | None = None,
+                 content_key: str | None = None) -> None:  # fmt: skip
         """Make an adapter version known: read from ``source`` on first use, or given ``weights`` now.
 
         With both, the weights are used now and may be dropped from host memory later (they can
         be read again from ``source``); with weights only, they stay in host memory for good.
+        ``content_key`` names its content (equal keys must compute the same function); without one
+        it gets a key of its own, shared with no other registration.
         """
         if source is None and weights is None:
             raise ValueError("register needs a source path, host weights, or both")
@@ -121,7 +126,7 @@ class AdapterCache:
         with self._lock:
             if self.is_registered(adapter_id):
                 raise KeyError(f"adapter {adapter_id!r} is already registered")
-            entry = _Entry(adapter_id, source)
+            entry = _Entry(adapter_id, source, content_key or f"registration-{uuid.uuid4().hex}")
             self._entries[adapter_id] = entry
             if weights is not None:
                 self._hold(entry, weights)
@@ -145,6 +150,11 @@ class AdapterCache:
     def registered_ids(self) -> list[str]:
         with self._lock:
             return [i for i, e in self._entries.items() if not e.is_retired]
+
+    def content_key(self, adapter_id: str) -> str:
+        """The registered adapter's content key (KeyError if it is not registered)."""
+        with self._lock:
+            return self._live(adapter_id).content_key
 
     def state(self, adapter_id: str) -> AdapterState:
         return self._entries[adapter_id].state

@@ -8,9 +8,11 @@
                                                                    cache.register
 
 Contracts:
-- A composition is identified by its content: the components' sha256 (so a re-upload makes a new
-  one), their weights and the recipe. Its engine id is ``<tenant>/~composed-<key>``, the
-  requesting tenant's own, so tenants never share one (nor learn, by timing, what another built).
+- A composition is identified by its content: the components' content keys (their sha256 and the
+  config that scales them, so a re-upload makes a new one), their weights and the recipe; the
+  adapter cache (hence the prefix cache) knows it by that key. Its engine id is
+  ``<tenant>/~composed-<key>``, the requesting tenant's own, so tenants never share one (nor
+  learn, by timing, what another built).
 - It is built once (concurrent requests for one key wait for the first build), written to
   ``root/<key>`` as a peft adapter (the disk tier: the host tier may drop it and read it back) and
   registered in the adapter cache, so it is batched and tiered like any upload.
@@ -137,7 +139,7 @@ class Compositions:
         staged.rename(path)
         cache = self.registry.cache
         if cache is not None:
-            cache.register(adapter_id, path, weights)
+            cache.register(adapter_id, path, weights, key)
         return Composed(adapter_id, key, path)
 
     def _read(self, record: AdapterRecord) -> LoRAWeights:
@@ -177,6 +179,7 @@ def on_own_thread(work: Callable[[], T]) -> T:
 
 
 def content_key(records: Sequence[AdapterRecord], recipe: Recipe) -> str:
-    """hex sha256 of the components' file digests with their weights and the recipe."""
-    content = {"components": [r.sha256 for r in records], **recipe.key}
+    """hex sha256 of the components' contents (``AdapterRecord.content_key``: their files and the
+    config that scales them) with their weights and the recipe."""
+    content = {"components": [r.content_key for r in records], **recipe.key}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

@@ -15,6 +15,7 @@ A [r, in] and B [out, r] tensors, keyed the way our model names its projections.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -126,6 +127,14 @@ class LoRAWeights:
     @property
     def num_bytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.tensors.values())
+
+
+def content_key(weights_sha256: str, rank: int, alpha: float, use_rslora: bool) -> str:
+    """hex sha256 naming what an adapter computes: its safetensors bytes (``weights_sha256``) and the
+    config fields that scale them (its targets are the tensors present, which must agree with the
+    config). Equal keys, equal adapters, whatever their names or versions (the prefix cache's key)."""
+    content = {"weights": weights_sha256, "rank": rank, "alpha": alpha, "use_rslora": use_rslora}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _short(value: object) -> str:

@@ -67,7 +67,7 @@ class AdapterRegistry:
             self.cache = cache
             cache.set_fetch(self.store.fetch)
             for record in self._latest.values():
-                cache.register(record.adapter_id, record.path)
+                cache.register(record.adapter_id, record.path, content_key=record.content_key)
 
     # ---- writes ----
     def upload(self, tenant: str, name: str, files: Mapping[str, BinaryIO]) -> AdapterRecord:
@@ -195,7 +195,7 @@ class AdapterRegistry:
         self._latest[key] = record
         self._changes[key] = self._changes.get(key, 0) + 1
         if self.cache is not None:
-            self.cache.register(record.adapter_id, record.path, weights)
+            self.cache.register(record.adapter_id, record.path, weights, record.content_key)
         if previous is not None:
             self._unserve(previous)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from adapters.errors import AdapterFormatError, StoreError
-from adapters.format import CONFIG_FILE, WEIGHTS_FILE, LoRAConfig, validate_name
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE, LoRAConfig, content_key, validate_name
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ class AdapterRecord:
     @property
     def adapter_id(self) -> str:
         return f"{self.tenant}/{self.name}@{self.version}"
+
+    @property
+    def content_key(self) -> str:
+        """What this version computes (``adapters.format.content_key``): equal for equal content."""
+        return content_key(self.sha256, self.rank, self.alpha, self.use_rslora)
 
 
 class AdapterStore(Protocol):

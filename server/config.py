@@ -235,7 +235,31 @@ class EngineConfig:
         range="`(0, merge-share)`",
     )
 
+    prefix_caching: str = setting(
+        "on",
+        "`on`: a request's prefill starts after the longest prefix of full KV blocks already computed for "
+        "the same tokens by the same weights (the adapter's content, not its name) for the same tenant and "
+        "`cache_salt`; idle cached blocks are evicted least recently used first when memory is needed. "
+        "`off`: every prompt is computed in full",
+        range="`on`, `off`",
+    )
+    prefix_cache_sharing: str = setting(
+        "tenant",
+        "whose cached blocks a request may reuse: `tenant`, only those computed for its own tenant (a "
+        "shared cache is a timing side channel), or `base`, the base model's blocks across tenants too "
+        "(adapters' stay per tenant)",
+        range="`tenant`, `base`",
+    )
+
     def __post_init__(self) -> None:
+        _require(
+            self.prefix_caching in ("on", "off"),
+            f"prefix_caching must be on or off, got {self.prefix_caching!r}",
+        )
+        _require(
+            self.prefix_cache_sharing in ("tenant", "base"),
+            f"prefix_cache_sharing must be tenant or base, got {self.prefix_cache_sharing!r}",
+        )
         _require(
             self.merge_policy in ("auto", "off"),
             f"merge_policy must be auto or off, got {self.merge_policy!r}",

@@ -56,6 +56,7 @@ LORA_INFO = "vllm:lora_requests_info"
 # vLLM's scheduler gauges under vLLM's names and meanings, labelled by ``model_name`` as vLLM does:
 # what the Gateway API Inference Extension (llm-d) and vLLM dashboards route and alert on.
 VLLM_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+VLLM_PREFIX_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")  # prompt tokens
 
 
 class ServerMetrics:
@@ -159,6 +160,7 @@ class EngineCollector(Collector):
         stats = self.engine.stats()
         yield from engine_families(stats)
         yield from vllm_families(stats, self.model_name)
+        yield from prefix_cache_families(stats, self.model_name)
         yield from cache_families(self.engine.cache_snapshot())
         yield from merge_families(self.engine.merge_snapshot())
 
@@ -209,6 +211,27 @@ def vllm_families(stats: EngineStats, model_name: str) -> Iterator[Metric]:
         family = GaugeMetricFamily(name, doc, labels=["model_name"])
         family.add_metric([model_name], value)
         yield family
+
+
+def prefix_cache_families(stats: EngineStats, model_name: str) -> Iterator[Metric]:
+    """vLLM's prefix-cache counters (prompt tokens looked up, and found cached; ``model_name``
+    labelled as vLLM's) and the cached blocks now: their count, bytes and evictions."""
+    docs = ("Prefix cache queries, in terms of number of queried tokens.",
+            "Prefix cache hits, in terms of number of cached tokens.")  # fmt: skip
+    values = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+    for name, doc, value in zip(VLLM_PREFIX_COUNTERS, docs, values, strict=True):
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([model_name], value)
+        yield family
+    yield GaugeMetricFamily(
+        "loraplex_prefix_cache_blocks", "KV blocks holding cached prefixes.", stats.prefix_cache_blocks
+    )
+    yield GaugeMetricFamily(
+        "loraplex_prefix_cache_bytes", "Bytes of KV blocks holding cached prefixes.", stats.prefix_cache_bytes
+    )
+    yield CounterMetricFamily(
+        "loraplex_prefix_cache_evictions", "Cached KV blocks evicted for room.", stats.prefix_cache_evictions
+    )
 
 
 def cache_families(cache: CacheSnapshot) -> Iterator[Metric]:

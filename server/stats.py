@@ -8,7 +8,8 @@ server keeps the last ``retention_s`` seconds itself, in time buckets of ``bucke
 - time to first token and inter-token latency, as log-bucketed sketches (``LatencySketch``);
 - generated tokens and the running batch, queue, KV usage and merged copies after each engine
   step (gauges keep their maximum per bucket);
-- the adapter cache's cumulative counters when each bucket opens, so hit rates can be windowed.
+- the adapter cache's and the prefix cache's cumulative counters when each bucket opens, so hit
+  rates can be windowed.
 
 Memory is bounded: at most ``retention_s / bucket_s`` buckets, each with two fixed-size sketches
 and counters keyed only by the adapters and tenants active in it. The engine thread, the event
@@ -78,6 +79,8 @@ class CacheCounters:
 
     hits: int = 0  # lookups served from a slot or host memory
     lookups: int = 0  # all lookups, disk misses included
+    prefix_hits: int = 0  # prompt tokens found in the prefix cache
+    prefix_queries: int = 0  # prompt tokens looked up there
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class WindowSummary(Activity):
 
     window_s: float
     hit_rate: float | None = None  # adapter-cache hits / lookups within the window
+    prefix_cache_hit_rate: float | None = None  # prefix-cache hit tokens / looked-up tokens, same
     series: Series = field(default_factory=Series)
 
 
@@ -236,6 +240,9 @@ class StatsRecorder:
             start = buckets[0].counters
             lookups = cache_now.lookups - start.lookups
             summary.hit_rate = (cache_now.hits - start.hits) / lookups if lookups > 0 else None
+            queries = cache_now.prefix_queries - start.prefix_queries
+            prefix_hits = cache_now.prefix_hits - start.prefix_hits
+            summary.prefix_cache_hit_rate = prefix_hits / queries if queries > 0 else None
         summary.series = self._series(buckets, first - 1, last - 1)  # the current bucket is not over
         return summary
 

@@ -200,10 +200,11 @@ async def _generate(
     n = len(inputs.requests)
     ids = [formatter.request_id] if n == 1 else [f"{formatter.request_id}-{i}" for i in range(n)]
     streams = []
+    scope = {"tenant": principal.tenant, "cache_salt": body.cache_salt}  # whose cached prefixes it may reuse
     try:
         for request_id, one in zip(ids, inputs.requests, strict=True):
             streams.append(
-                await engine.submit(one.prompt_token_ids, one.sampling, inputs.adapter, request_id)
+                await engine.submit(one.prompt_token_ids, one.sampling, inputs.adapter, request_id, **scope)
             )
     except BaseException:
         for stream in streams:

@@ -65,6 +65,10 @@ class EngineNow(BaseModel):
     kv_cache_usage: float
     max_loras: int
     preemptions: int
+    prefix_cache_hit_rate: float | None  # tokens found cached / tokens looked up, since start
+    prefix_cache_hit_rate_window: float | None  # the same within the window
+    prefix_cache_blocks: int  # KV blocks holding cached prefixes now (part of the KV cache)
+    prefix_cache_bytes: int
 
 
 class AdapterActivity(BaseModel):
@@ -154,6 +158,9 @@ def _snapshot(installed: metrics.ServerMetrics, engine: Engine, served_model_nam
         engine=EngineNow(
             waiting=now.num_waiting, running=now.num_running, max_num_seqs=engine.limits.max_num_seqs,
             kv_cache_usage=now.kv_cache_usage, max_loras=now.max_loras, preemptions=now.num_preemptions,
+            prefix_cache_hit_rate=now.prefix_cache_hit_rate,
+            prefix_cache_hit_rate_window=summary.prefix_cache_hit_rate,
+            prefix_cache_blocks=now.prefix_cache_blocks, prefix_cache_bytes=now.prefix_cache_bytes,
         ),
         adapters=_adapter_stats(summary, engine, top, search),
         tenants=_busiest_tenants(summary, top),

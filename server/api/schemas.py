@@ -27,6 +27,7 @@ class StreamOptions(_Request):
 
 
 MAX_COMPONENTS = 16  # adapters in one composition
+MAX_CACHE_SALT_CHARS = 256
 
 
 class AdapterPart(_Request):
@@ -81,6 +82,8 @@ class SamplingFields(CompositionFields):
     top_k: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    # vLLM's: added to the prefix cache's key, so only requests with the same salt share cached blocks
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -105,6 +105,8 @@ function renderTiles(s) {
   setText("running-max", `max ${Math.max(0, ...s.series.running)} in window`);
   setText("kv-usage", fmtPercent(e.kv_cache_usage));
   setText("preemptions", `${e.preemptions} preemptions`);
+  setText("prefix-hit-rate", fmtPercent(e.prefix_cache_hit_rate_window));
+  setText("prefix-cached", `${fmtPercent(e.prefix_cache_hit_rate)} since start · ${fmtBytes(e.prefix_cache_bytes)} cached`);
   setText("adapters-registered", fmtNumber(a.registered, 1));
   setText("tiers", `slot ${a.tiers.slot} · host ${a.tiers.host} · disk ${a.tiers.disk}` +
     (a.tiers.failed ? ` · failed ${a.tiers.failed}` : ""));

@@ -21,12 +21,14 @@ import torch
 
 from adapters.cache import AdapterCache, AdapterState
 from adapters.errors import StoreUnavailableError, UnknownAdapterError
-from adapters.format import read_peft_dir
+from adapters.format import WEIGHTS_FILE, content_key, read_peft_dir
+from adapters.store import file_sha256
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import ContextLengthError, EngineError
 from server.engine.kv_cache import DEFAULT_CPU_KV_BYTES_CAP, KVCache, kv_bytes_per_token
 from server.engine.merging import MergeManager, MergePolicyConfig
+from server.engine.prefix_cache import cache_root
 from server.engine.route import RouteKind
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler, SamplingParams, TopLogprobs
@@ -122,7 +124,10 @@ class EngineCore:
             )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    adapter_id: str | None) -> None:  # fmt: skip
+                    adapter_id: str | None, tenant: str | None = None,
+                    cache_salt: str | None = None) -> None:  # fmt: skip
+        """Queue a request. ``tenant`` and ``cache_salt`` scope its prefix-cache hits: it reuses only
+        blocks computed for requests with equal ones (see server/engine/prefix_cache.py)."""
         self.validate(prompt_token_ids, sampling, adapter_id)
         if request_id in self._seqs:
             raise EngineError(f"request id {request_id!r} is already running")
@@ -132,11 +137,22 @@ class EngineCore:
         seq = Sequence(
             request_id, list(prompt_token_ids), sampling, adapter_id, next(self._arrivals), generator
         )
+        seq.cache_root = self._cache_root(adapter_id, tenant, cache_salt)
         self._seqs[request_id] = seq
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         if adapter_id is not None:
             self.adapters.prefetch(adapter_id)
         self.scheduler.add(seq)
+
+    def _cache_root(self, adapter_id: str | None, tenant: str | None, cache_salt: str | None) -> bytes | None:
+        """The prefix-cache root of a request's blocks: its weights' content, its tenant (none for
+        the base model when ``prefix_cache_sharing`` is ``base``) and its salt; None when caching is off."""
+        if self.config.prefix_caching == "off":
+            return None
+        if adapter_id is None:
+            shared = self.config.prefix_cache_sharing == "base"
+            return cache_root(None, None if shared else tenant, cache_salt)
+        return cache_root(self.adapters.content_key(adapter_id), tenant, cache_salt)
 
     def abort(self, request_id: str) -> TokenDelta | None:
         seq = self._seqs.get(request_id)
@@ -153,7 +169,11 @@ class EngineCore:
     def add_adapter(self, adapter_id: str, path: str | Path) -> None:
         """Read and validate a peft adapter directory now; it stays readable from ``path`` later."""
         weights = read_peft_dir(Path(path), self.config.max_lora_rank)
-        self.adapters.register(adapter_id, Path(path), weights)
+        config = weights.config
+        key = content_key(
+            file_sha256(Path(path) / WEIGHTS_FILE), config.rank, config.alpha, config.use_rslora
+        )
+        self.adapters.register(adapter_id, Path(path), weights, key)
 
     def remove_adapter(self, adapter_id: str) -> None:
         self.adapters.unregister(adapter_id)
@@ -193,9 +213,11 @@ class EngineCore:
             log.exception("the step observer failed")
 
     def _step_stats(self, out: SchedulerOutput, duration_s: float) -> StepStats:
-        """Read after ``postprocess``: a first chunk is one whose computed tokens are exactly this step's."""
+        """Read after ``postprocess``: a first chunk is one that starts where the prefix cache left it."""
         items = out.scheduled
-        first = [i.seq for i in items if i.seq.num_computed_tokens == i.num_new_tokens]
+        first = [
+            i.seq for i in items if i.seq.num_computed_tokens - i.num_new_tokens == i.seq.num_cached_tokens
+        ]
         return StepStats(
             num_seqs=len(items),
             num_tokens=sum(i.num_new_tokens for i in items),
@@ -213,6 +235,7 @@ class EngineCore:
         """A snapshot for metrics, safe to call from any thread: the queues are copied (``list`` of a
         list is atomic under the GIL), so it may straddle a step but never raises or blocks it."""
         waiting, running = list(self.scheduler.waiting), list(self.scheduler.running)
+        prefix, blocks = self.scheduler.prefix, self.kv_cache.allocator
         return EngineStats(
             num_waiting=len(waiting),
             num_running=len(running),
@@ -221,7 +244,11 @@ class EngineCore:
             waiting_adapter_ids=_adapter_ids(waiting),
             max_loras=self.config.max_loras,
             num_preemptions=self.scheduler.num_preemptions,
-        )
+            prefix_cache_queries=prefix.num_queries, prefix_cache_hits=prefix.num_hits,
+            prefix_cache_blocks=blocks.num_cached,
+            prefix_cache_bytes=blocks.num_cached * self.kv_cache.block_bytes,
+            prefix_cache_evictions=blocks.num_evictions,
+        )  # fmt: skip
 
     def _emit(self, seq: Sequence) -> TokenDelta:
         """The delta of a step that sampled for ``seq``: its new token (none when it asked for none,

@@ -96,23 +96,28 @@ class Engine:
         sampling: SamplingParams,
         adapter: str | None = None,
         request_id: str | None = None,
+        *,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Validate now (raises EngineError), then yield one delta per generated token until done.
 
-        Closing the iterator early (e.g. the client went away) aborts the request.
+        Closing the iterator early (e.g. the client went away) aborts the request. ``tenant`` and
+        ``cache_salt`` scope its prefix-cache hits (``EngineCore.add_request``).
         """
         request_id = request_id or uuid.uuid4().hex
         self.core.validate(prompt_token_ids, sampling, adapter)
         stream: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter))
+        scope = (tenant, cache_salt)
+        self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter, scope))
         return RequestStream(request_id, stream, self._close_stream)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-             adapter: str | None) -> list[TokenDelta]:  # fmt: skip
+             adapter: str | None, scope: tuple[str | None, str | None]) -> list[TokenDelta]:  # fmt: skip
         """In the loop thread; a refusal here (e.g. the adapter was removed meanwhile) ends the stream."""
         try:
-            self.core.add_request(request_id, prompt_token_ids, sampling, adapter)
+            self.core.add_request(request_id, prompt_token_ids, sampling, adapter, *scope)
             return []
         except REQUEST_ERRORS as exc:
             return [TokenDelta(request_id, [], "", [], "error", len(prompt_token_ids), 0, str(exc))]
@@ -174,7 +179,9 @@ class Engine:
         return cache_snapshot(self.core.adapters)
 
     def cache_lookups(self) -> CacheCounters:
-        return cache_lookups(self.core.adapters)
+        """The adapter cache's lookups and the prefix cache's tokens, cumulative (any thread)."""
+        prefix = self.core.scheduler.prefix
+        return cache_lookups(self.core.adapters, prefix.num_hits, prefix.num_queries)
 
     def registered_adapter_ids(self) -> list[str]:
         return self.core.adapters.registered_ids()

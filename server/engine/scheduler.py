@@ -9,7 +9,10 @@ Policy, in order, every step:
    resident yet (its load runs in the background), is skipped without blocking the ones behind it,
    unless it has been skipped ``STARVATION_STEPS`` times: then nothing behind it is admitted until
    it gets in, so running sequences drain and free an adapter slot for it.
-3. A sequence admitted while its adapter has a ready merged copy runs on that copy (it needs no
+3. An admitted sequence starts after the longest prefix of full KV blocks already cached for the
+   same tokens, weights and caller (server/engine/prefix_cache.py): it shares those blocks, and
+   the blocks it fills are published for later ones.
+4. A sequence admitted while its adapter has a ready merged copy runs on that copy (it needs no
    slot and does not count toward ``max_loras``) until it finishes or is preempted.
 
 Each scheduled sequence carries its ``Route`` (server/engine/route.py): base, side path in slot k,
@@ -26,6 +29,7 @@ from typing import Generic, Protocol, TypeVar, cast
 
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.route import Route
 from server.engine.sampler import SampleOutput, TokenLogprobs
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -120,6 +124,8 @@ class Scheduler(Generic[LeaseT, CopyT]):
         self.waiting: list[Sequence] = []  # sorted by arrival_index
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        enabled = config.prefix_caching == "on"
+        self.prefix = PrefixCache(kv_cache.allocator, kv_cache.block_size, enabled)
 
     def add(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival_index)
@@ -173,10 +179,13 @@ class Scheduler(Generic[LeaseT, CopyT]):
                 if seq.num_skipped_steps >= STARVATION_STEPS:
                     break  # let the running batch drain until this one fits
                 continue
+            self.prefix.attach(seq)  # its cached prefix: blocks shared, their prefill skipped
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._reserve(seq, num_new):
+                self.prefix.detach(seq)
                 self._drop_copy(seq)
                 break  # out of KV memory: later arrivals must not jump ahead
+            self.prefix.count_lookup(seq)
             self._start(seq, adapters)
             scheduled.append(ScheduledSeq.of(seq, num_new, route))
             budget -= num_new
@@ -253,8 +262,9 @@ class Scheduler(Generic[LeaseT, CopyT]):
                 self.slots.release(lease)
                 seq.adapter_lease = None
             self._drop_copy(seq)
-        self.kv_cache.allocator.free(seq.block_table)
+        self.kv_cache.allocator.free(seq.block_table)  # cached blocks stay cached until evicted
         seq.block_table = []
+        seq.num_published_blocks = 0
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.is_finished:
@@ -281,6 +291,8 @@ class Scheduler(Generic[LeaseT, CopyT]):
         for item in out.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
+            if seq.status is SequenceStatus.RUNNING:
+                self.prefix.publish(seq)  # blocks it filled this step serve later prefixes
             if not item.samples:
                 continue
             token, logprob, top = next(rows)

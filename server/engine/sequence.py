@@ -45,6 +45,11 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_skipped_steps: int = 0  # steps it was ready to run but left waiting (starvation guard)
+    # prefix caching (server/engine/prefix_cache.py); cache_root None: this sequence is not cached
+    cache_root: bytes | None = None  # parent hash of its first block: weights, tenant, cache_salt
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far, in order
+    num_published_blocks: int = 0  # leading blocks of block_table indexed in the prefix cache
+    num_cached_tokens: int = 0  # tokens found cached at its last admission (their prefill skipped)
 
     @property
     def num_tokens(self) -> int:

@@ -66,6 +66,18 @@ class EngineStats:
     waiting_adapter_ids: tuple[str, ...]  # distinct adapters of the waiting sequences, sorted
     max_loras: int
     num_preemptions: int  # since start
+    # prefix caching, since start: tokens looked up at admission, and found cached (vLLM's counters)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_blocks: int = 0  # KV blocks whose content is cached now (held or idle)
+    prefix_cache_bytes: int = 0  # their bytes: part of the KV cache's budget, never beyond it
+    prefix_cache_evictions: int = 0  # cached blocks whose content was dropped for room
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """Cached tokens / looked-up tokens since start; None before any lookup."""
+        queries = self.prefix_cache_queries
+        return self.prefix_cache_hits / queries if queries else None
 
 
 @dataclass(frozen=True)
@@ -149,10 +161,10 @@ def cache_snapshot(cache: AdapterCache) -> CacheSnapshot:
     )
 
 
-def cache_lookups(cache: AdapterCache) -> CacheCounters:
+def cache_lookups(cache: AdapterCache, prefix_hits: int = 0, prefix_queries: int = 0) -> CacheCounters:
     lookups = cache.stats.lookups
     hits = lookups[Tier.SLOT] + lookups[Tier.HOST]
-    return CacheCounters(hits=hits, lookups=hits + lookups[Tier.DISK])
+    return CacheCounters(hits, hits + lookups[Tier.DISK], prefix_hits, prefix_queries)
 
 
 def adapter_runtime(

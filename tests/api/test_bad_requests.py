@@ -118,6 +118,11 @@ CASES = {
     "ignore_eos a string": completion(400, "valid boolean", param="ignore_eos", ignore_eos="true"),
     "logprobs a string": completion(400, "valid integer", param="logprobs", logprobs="5"),
     "user a number": completion(400, "valid string", param="user", user=1),
+    "cache_salt a number": completion(400, "valid string", param="cache_salt", cache_salt=7),
+    "cache_salt empty": completion(400, "at least 1 character", param="cache_salt", cache_salt=""),
+    "cache_salt too long": completion(
+        400, "at most 256 characters", param="cache_salt", cache_salt="s" * 257
+    ),
     # ---- values out of range (SamplingParams and the API's own limits) ----
     "temperature negative": completion(400, "temperature must be >= 0", param="temperature", temperature=-1),
     "top_p 0": completion(400, "top_p must be in (0, 1]", param="top_p", top_p=0),

@@ -24,7 +24,7 @@ from adapters.store import SQLiteAdapterStore
 from server.api.app import create_app
 from server.engine.engine import Engine
 from server.engine.views import EngineLimits
-from server.metrics import LORA_INFO, TIERS, VLLM_GAUGES, ServerMetrics, install
+from server.metrics import LORA_INFO, TIERS, VLLM_GAUGES, VLLM_PREFIX_COUNTERS, ServerMetrics, install
 from server.stats import CacheCounters
 from tests.api.server_process import free_port
 from tests.engine.test_engine_parity import save_peft_adapter
@@ -241,7 +241,7 @@ def test_exposition_parses_and_only_lora_info_names_adapters(served, client):
     families = {family.name: family for family in text_string_to_metric_families(text)}
     adapter_ids = set(served.engine.core.adapters.registered_ids())
     for name, family in families.items():
-        assert name.startswith("loraplex_") or name in (LORA_INFO, *VLLM_GAUGES), name
+        assert name.startswith("loraplex_") or name in (LORA_INFO, *VLLM_GAUGES, *VLLM_PREFIX_COUNTERS), name
         if name == LORA_INFO:
             continue
         for sample in family.samples:
@@ -260,7 +260,8 @@ EXPECTED_FAMILIES = [
     "loraplex_adapter_cache_hits", "loraplex_adapter_cache_misses", "loraplex_adapter_cache_evictions",
     "loraplex_adapter_cache_loads", "loraplex_adapter_cache_load_failures",
     "loraplex_adapter_cache_load_duration_seconds", "loraplex_adapter_cache_host_bytes", LORA_INFO,
-    *VLLM_GAUGES,
+    *VLLM_GAUGES, *VLLM_PREFIX_COUNTERS, "loraplex_prefix_cache_blocks", "loraplex_prefix_cache_bytes",
+    "loraplex_prefix_cache_evictions",
 ]  # fmt: skip
 
 

@@ -35,6 +35,7 @@ REQUIRED_METRICS = {
     "adapter load latency": "loraplex_adapter_cache_load_duration_seconds_bucket",
     "merged copies": "loraplex_merge_copies",
     "merged vs side-path tokens": "loraplex_merge_tokens_total",
+    "prefix cache hit rate": "vllm:prefix_cache_hits_total",
 }
 
 

@@ -29,19 +29,46 @@ def smollm2_core():
     return EngineCore(loaded, config)
 
 
-def test_greedy_matches_hf_generate_batched(smollm2_core):
+@pytest.fixture(scope="module")
+def chat_prompts(smollm2_core) -> list[list[int]]:
     tok = smollm2_core.tokenizer
     rendered = [
         tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         for q in QUESTIONS
     ]
-    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in rendered]
-    for i, prompt in enumerate(prompts):
+    return [list(p["input_ids"] if hasattr(p, "keys") else p) for p in rendered]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(smollm2_core, chat_prompts) -> list[list[int]]:
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_core.loaded.checkpoint.path, dtype=torch.float32).eval()
+    return [
+        hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
+        for prompt in chat_prompts
+    ]
+
+
+def test_greedy_matches_hf_generate_batched(smollm2_core, chat_prompts, hf_greedy):
+    for i, prompt in enumerate(chat_prompts):
         smollm2_core.add_request(str(i), prompt, SamplingParams(max_tokens=24, temperature=0), None)
     results = run_to_completion(smollm2_core)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_core.loaded.checkpoint.path, dtype=torch.float32).eval()
-    for i, prompt in enumerate(prompts):
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :]
-        assert [t for d in results[str(i)] for t in d.token_ids] == expected.tolist(), QUESTIONS[i]
+    for i in range(len(chat_prompts)):
+        assert [t for d in results[str(i)] for t in d.token_ids] == hf_greedy[i], QUESTIONS[i]
     answer = "".join(d.text for d in results["0"])
     assert "Paris" in answer
+
+
+def test_chats_sharing_the_template_system_prompt_reuse_it_and_still_match_hf(
+    smollm2_core, chat_prompts, hf_greedy
+):
+    """SmolLM2's chat template adds one system prompt to every chat: sent one after another, each
+    chat after the first reuses its cached blocks (and the same chat again its whole prompt)."""
+    for i, prompt in enumerate([*chat_prompts, chat_prompts[0]]):
+        hits = smollm2_core.stats().prefix_cache_hits
+        smollm2_core.add_request(f"turn-{i}", prompt, SamplingParams(max_tokens=24, temperature=0), None)
+        tokens = [t for d in run_to_completion(smollm2_core)[f"turn-{i}"] for t in d.token_ids]
+        assert tokens == hf_greedy[i % len(chat_prompts)], QUESTIONS[i % len(chat_prompts)]
+        if i > 0:  # the first may find its blocks cached too, when the batched test ran before
+            assert smollm2_core.stats().prefix_cache_hits - hits >= 16, (
+                "at least the system prompt's first block"
+            )
