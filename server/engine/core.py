@@ -122,7 +122,9 @@ class EngineCore:
             )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    adapter_id: str | None) -> None:  # fmt: skip
+                    adapter_id: str | None, *, tenant: str = "default", priority: int = 0) -> None:  # fmt: skip
+        """Queue a request of ``tenant`` (its share of the engine under fair scheduling); ``priority``
+        orders it among that tenant's waiting requests, lower first."""
         self.validate(prompt_token_ids, sampling, adapter_id)
         if request_id in self._seqs:
             raise EngineError(f"request id {request_id!r} is already running")
@@ -130,8 +132,9 @@ class EngineCore:
         if sampling.seed is not None:
             generator = torch.Generator(device=self.loaded.device).manual_seed(sampling.seed)
         seq = Sequence(
-            request_id, list(prompt_token_ids), sampling, adapter_id, next(self._arrivals), generator
-        )
+            request_id, list(prompt_token_ids), sampling, adapter_id, next(self._arrivals), generator,
+            tenant=tenant, priority=priority,
+        )  # fmt: skip
         self._seqs[request_id] = seq
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         if adapter_id is not None:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from adapters.cache_types import Transition
 from adapters.registry import AdapterRegistry
@@ -29,6 +29,7 @@ from server.config import EngineConfig, ModelConfig
 from server.engine.core import EngineCore
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import REQUEST_ERRORS
+from server.engine.fairness import TenantService, check_weights
 from server.engine.merging import CopyState
 from server.engine.request_stream import RequestStream, deliver
 from server.engine.sampler import SamplingParams
@@ -96,8 +97,12 @@ class Engine:
         sampling: SamplingParams,
         adapter: str | None = None,
         request_id: str | None = None,
+        *,
+        tenant: str = "default",
+        priority: int = 0,
     ) -> RequestStream:
         """Validate now (raises EngineError), then yield one delta per generated token until done.
+        ``tenant`` and ``priority``: see ``EngineCore.add_request``.
 
         Closing the iterator early (e.g. the client went away) aborts the request.
         """
@@ -105,14 +110,15 @@ class Engine:
         self.core.validate(prompt_token_ids, sampling, adapter)
         stream: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter))
+        who = {"tenant": tenant, "priority": priority}
+        self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter, who))
         return RequestStream(request_id, stream, self._close_stream)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-             adapter: str | None) -> list[TokenDelta]:  # fmt: skip
+             adapter: str | None, who: dict[str, Any]) -> list[TokenDelta]:  # fmt: skip
         """In the loop thread; a refusal here (e.g. the adapter was removed meanwhile) ends the stream."""
         try:
-            self.core.add_request(request_id, prompt_token_ids, sampling, adapter)
+            self.core.add_request(request_id, prompt_token_ids, sampling, adapter, **who)
             return []
         except REQUEST_ERRORS as exc:
             return [TokenDelta(request_id, [], "", [], "error", len(prompt_token_ids), 0, str(exc))]
@@ -169,6 +175,15 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def tenant_service(self) -> dict[str, TenantService]:
+        """Tokens, admissions and queue time per tenant since start (any thread)."""
+        return self.core.scheduler.fairness.service()
+
+    def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        """Each tenant's share under fair scheduling, from the next step on (ValueError: not > 0)."""
+        frozen = check_weights(weights)  # raised here, in the caller's thread
+        self._commands.put(lambda: self.core.scheduler.fairness.set_weights(frozen))
 
     def cache_snapshot(self) -> CacheSnapshot:
         return cache_snapshot(self.core.adapters)
