@@ -122,7 +122,8 @@ class EngineCore:
             )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    adapter_id: str | None, *, tenant: str = "default", priority: int = 0) -> None:  # fmt: skip
+                    adapter_id: str | None, *, tenant: str = "default",
+                    priority: int = 0) -> None:  # fmt: skip
         """Queue a request of ``tenant`` (its share of the engine under fair scheduling); ``priority``
         orders it among that tenant's waiting requests, lower first."""
         self.validate(prompt_token_ids, sampling, adapter_id)

@@ -6,8 +6,9 @@ Policy, in order, every step:
    is preempted (blocks freed, recomputed later from its prompt + outputs).
 2. Waiting sequences are admitted in the order of the admission policy (server/engine/fairness.py:
    fair between tenants by default, first come first served with ``--scheduling fcfs``), while
-   sequences, tokens and KV blocks last; the policy is told every sequence scheduled. A waiting sequence whose adapter would exceed ``max_loras`` distinct adapters, or is not
-   resident yet (its load runs in the background), is skipped without blocking the ones behind it,
+   sequences, tokens and KV blocks last; the policy is told every sequence scheduled. A waiting
+   sequence whose adapter would exceed ``max_loras`` distinct adapters, or is not resident yet
+   (its load runs in the background), is skipped without blocking the ones behind it,
    unless it has been skipped ``STARVATION_STEPS`` times: then nothing behind it is admitted until
    it gets in, so running sequences drain and free an adapter slot for it.
 3. A sequence admitted while its adapter has a ready merged copy runs on that copy (it needs no

@@ -1,4 +1,4 @@
-"""The admission policies alone, through a real Scheduler on fake adapter slots (tests/engine/test_scheduler.py).
+"""The admission policies alone: a real Scheduler on the fake adapter slots of test_scheduler.py.
 
 Service is counted here from what each step scheduled, independently of the policy's counters: a
 sequence's prompt when it is first scheduled (weight PREFILL_WEIGHT), each token sampled
@@ -39,7 +39,9 @@ class Arrivals:
 
 def seq_of(tenant: str, arrival: int, priority: int = 0, prompt_len: int = PROMPT_LEN,
            max_tokens: int = MAX_TOKENS, adapter: str | None = None) -> Sequence:  # fmt: skip
-    seq = make_seq(f"{tenant}{arrival}", arrival, prompt_len=prompt_len, adapter=adapter, max_tokens=max_tokens)
+    seq = make_seq(
+        f"{tenant}{arrival}", arrival, prompt_len=prompt_len, adapter=adapter, max_tokens=max_tokens
+    )
     seq.tenant, seq.priority = tenant, priority
     return seq
 
