@@ -81,6 +81,8 @@ class SamplingFields(CompositionFields):
     top_k: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    # orders the request among its own tenant's waiting requests, lower first (vLLM's meaning)
+    priority: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
 
     @field_validator("stop", mode="before")
     @classmethod

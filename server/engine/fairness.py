@@ -44,7 +44,7 @@ class TenantService:
     generated_tokens: int
     num_admitted: int  # sequences admitted for the first time (a preempted one is not counted again)
     queue_s_sum: float  # arrival in the engine → first admission, summed over those sequences
-    counter: float  # the fair policy's virtual token counter (0 under fcfs)
+    virtual_tokens: float  # the fair policy's counter of weighted service (0 under fcfs)
 
 
 def _own_order(seq: Sequence) -> tuple[int, int]:

@@ -116,6 +116,11 @@ CASES = {
     "seed a string": completion(400, "valid integer", param="seed", seed="7"),
     "top_k a float": completion(400, "valid integer", param="top_k", top_k=1.5),
     "ignore_eos a string": completion(400, "valid boolean", param="ignore_eos", ignore_eos="true"),
+    "priority a string": completion(400, "valid integer", param="priority", priority="1"),
+    "priority a float": completion(400, "valid integer", param="priority", priority=1.5),
+    "priority a boolean": completion(400, "valid integer", param="priority", priority=True),
+    "priority over 32 bits": completion(400, "less than or equal", param="priority", priority=2**31),
+    "chat priority a string": chat(400, "valid integer", param="priority", priority="high"),
     "logprobs a string": completion(400, "valid integer", param="logprobs", logprobs="5"),
     "user a number": completion(400, "valid string", param="user", user=1),
     # ---- values out of range (SamplingParams and the API's own limits) ----
