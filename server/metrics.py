@@ -115,6 +115,11 @@ class ServerMetrics:
         self.tenants.requests.labels(self.tenants.label(tenant)).inc()
         return RequestTimer(self, adapter, tenant)
 
+    def record_limit_hit(self, tenant: str, limit: str) -> None:
+        """A request refused over ``tenant``'s ``limit`` (server.api.quotas)."""
+        self.tenants.limit_hits.labels(self.tenants.label(tenant), limit).inc()
+        self.stats.record_limit_hit(tenant)
+
     def observe_step(self, step: StepStats) -> None:
         """The engine's step observer: runs in the engine thread after every non-empty step."""
         self.prompt_tokens.inc(step.num_prompt_tokens)
@@ -157,9 +162,6 @@ class TenantMetrics:
             if tenant not in self._labels and len(self._labels) < MAX_TENANT_LABELS:
                 self._labels.add(tenant)
             return tenant if tenant in self._labels else OTHER_TENANT
-
-    def record_limit_hit(self, tenant: str, limit: str) -> None:
-        self.limit_hits.labels(self.label(tenant), limit).inc()
 
 
 def tenant_families(service: dict[str, TenantService], label: Callable[[str], str]) -> Iterator[Metric]:

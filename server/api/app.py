@@ -101,7 +101,7 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     app.include_router(admin.router)
     app.include_router(dashboard.router)
     server_metrics = metrics.install(app, engine, guard=admin_key if metrics_auth == "admin" else None)
-    quotas.on_limit = server_metrics.tenants.record_limit_hit
+    quotas.on_limit = server_metrics.record_limit_hit
     return app
 
 
