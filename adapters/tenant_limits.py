@@ -44,12 +44,14 @@ class TenantLimits:
         return self == TenantLimits()
 
     def changed(self, changes: Mapping[str, object]) -> TenantLimits:
-        """These limits with ``changes`` applied (a limit set to None is removed); ValueError for an
-        unknown field or a bad value."""
+        """These limits with ``changes`` applied (a field changed to None goes back to its default: a
+        limit is removed, the weight is 1); ValueError for an unknown field or a bad value."""
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
             raise ValueError(f"unknown tenant limits {unknown}")
-        return replace(self, **changes)  # type: ignore[arg-type]
+        default = TenantLimits()
+        values = {name: getattr(default, name) if value is None else value for name, value in changes.items()}
+        return replace(self, **values)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, object]:
         """The keys file's object: only what differs from the default."""

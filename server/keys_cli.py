@@ -60,8 +60,6 @@ def _limit_changes(args: argparse.Namespace) -> dict[str, object]:
             changes[name] = None if raw == "none" else float(raw) if name == "weight" else int(raw)
         except ValueError:
             raise ValueError(f"--{name.replace('_', '-')} must be a number or none, got {raw!r}") from None
-    if changes.get("weight", 0) is None:
-        changes["weight"] = 1.0
     return changes
 
 

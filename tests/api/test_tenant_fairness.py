@@ -30,7 +30,7 @@ from tests.engine.tiny import write_tiny_llama
 
 NUM_SEATS, FLOOD, FLOOD_TOKENS, SMALL, SMALL_TOKENS = 4, 40, 64, 3, 4
 GREEDY = {"temperature": 0, "ignore_eos": True}
-LIMITS = {"c": {"max_concurrent": 1}, "d": {"rpm": 2}, "e": {"tpm": 60}, "f": {}}
+LIMITS = {"c": {"max_concurrent": 1}, "d": {"rpm": 2}, "e": {"tpm": 60}, "f": {}, "g": {"weight": 4.0}}
 STATE_TIMEOUT_S = 60
 
 
@@ -206,3 +206,25 @@ def test_limit_hits_and_tenant_figures_are_in_the_metrics(fair, tenants):
     assert samples["loraplex_tenant_requests_total", (("tenant", "a"),)] >= 1
     assert samples["loraplex_tenant_generated_tokens_total", (("tenant", "a"),)] >= 3
     assert samples["loraplex_tenant_queue_seconds_count", (("tenant", "a"),)] >= 1
+
+
+def virtual_tokens(http: httpx.Client, tenant: str) -> float:
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    samples = families["loraplex_tenant_virtual_tokens"].samples
+    return next((s.value for s in samples if s.labels["tenant"] == tenant), 0.0)
+
+
+def test_weights_reach_the_scheduler_and_follow_the_file(fair, tenants):
+    """g's counter grows by its weighted service, (prompt + 2 per generated token) / weight: 4 from
+    the file at start, then 1 once the file says so (no other tenant has work meanwhile)."""
+    with tenants.client(fair, "g") as g:
+
+        def grows_by(weight: float) -> bool:
+            before = virtual_tokens(g, "g")
+            usage = g.post("/v1/completions", json=completion(3)).json()["usage"]
+            service = usage["prompt_tokens"] + 2 * usage["completion_tokens"]
+            return virtual_tokens(g, "g") - before == pytest.approx(service / weight)
+
+        assert grows_by(4.0)
+        set_tenant_limits(tenants.path, "g", {"weight": None})
+        wait_until(lambda: grows_by(1.0), "the new weight never reached the scheduler")

@@ -197,3 +197,19 @@ def test_preempted_sequences_are_not_charged_twice():
 def test_bad_weights_are_refused():
     with pytest.raises(ValueError, match="positive"):
         VirtualTokenCounter().set_weights({"a": 0.0})
+
+
+def test_fair_order_costs_no_steps():
+    """Work-conserving: the flood and the small tenant's requests drain in as many steps, and as
+    many full batches, under either policy; only the order differs."""
+    runs = {}
+    for policy in ("fair", "fcfs"):
+        arrivals = Arrivals()
+        sched = scheduler(policy)
+        add(sched, *arrivals.make("a", 40))
+        outs = [step(sched) for _ in range(3)]
+        add(sched, *arrivals.make("b", 3, max_tokens=2))
+        while sched.has_work:
+            outs.append(step(sched))
+        runs[policy] = (len(outs), sum(len(out.scheduled) == NUM_SEATS for out in outs))
+    assert runs["fair"] == runs["fcfs"]
