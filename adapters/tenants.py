@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from adapters.errors import AdapterFormatError, KeysFileError, UnknownAdapterError
 from adapters.format import validate_name
@@ -219,7 +219,7 @@ def set_tenant_limits(path: str | Path, tenant: str, changes: Mapping[str, objec
         return _change_limits(document, tenant, changes)
 
 
-def _change_limits(document: dict, tenant: str, changes: Mapping[str, object]) -> TenantLimits:
+def _change_limits(document: dict[str, Any], tenant: str, changes: Mapping[str, object]) -> TenantLimits:
     tenants = document.setdefault("tenants", {})
     limits = parse_limits(tenants.get(tenant, {})).changed(changes)
     if limits.is_default:
@@ -232,7 +232,7 @@ def _change_limits(document: dict, tenant: str, changes: Mapping[str, object]) -
 
 
 @contextmanager
-def _editing(path: Path) -> Iterator[dict]:
+def _editing(path: Path) -> Iterator[dict[str, Any]]:
     """The keys file's document, under the lock, written back atomically when the block ends without
     raising and parses (a bad edit raises KeysFileError and the file is left untouched)."""
     with _exclusive_lock(path):
@@ -299,7 +299,7 @@ def _parse_tenants(raw: object, where: str) -> dict[str, TenantLimits]:
     return limits
 
 
-def _parse_entries(raw_entries: list, where: str) -> tuple[KeyEntry, ...]:
+def _parse_entries(raw_entries: list[object], where: str) -> tuple[KeyEntry, ...]:
     entries: list[KeyEntry] = []
     first_index: dict[str, int] = {}
     for index, raw in enumerate(raw_entries):
