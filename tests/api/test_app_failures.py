@@ -46,7 +46,9 @@ class StubEngine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode("")
 
-    async def submit(self, prompt_token_ids, sampling, adapter=None, request_id=None):
+    async def submit(
+        self, prompt_token_ids, sampling, adapter=None, request_id=None, *, tenant="default", priority=0
+    ):
         async def stream():
             for delta in self.deltas:
                 yield TokenDelta(**{**delta.__dict__, "request_id": request_id})
