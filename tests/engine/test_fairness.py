@@ -213,3 +213,21 @@ def test_fair_order_costs_no_steps():
             outs.append(step(sched))
         runs[policy] = (len(outs), sum(len(out.scheduled) == NUM_SEATS for out in outs))
     assert runs["fair"] == runs["fcfs"]
+
+
+def test_the_engine_core_queues_each_request_with_its_tenant_and_priority(tiny_llama):
+    """Through EngineCore.add_request on a real model: one seat, tenant a's priority -1 request runs
+    before its earlier priority 0 one, and tenant b's first request goes between a's (fair share)."""
+    from server.engine.sampler import SamplingParams
+    from tests.engine.tiny import make_core
+
+    core = make_core(tiny_llama, max_num_seqs=1)
+    for request_id, tenant, priority in (("a-late", "a", 0), ("a-urgent", "a", -1), ("b", "b", 0)):
+        params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+        core.add_request(request_id, [256, 1, 2], params, None, tenant=tenant, priority=priority)
+    started: list[str] = []
+    while core.has_work:
+        for delta in core.step():
+            if delta.request_id not in started:
+                started.append(delta.request_id)
+    assert started == ["a-urgent", "b", "a-late"]
