@@ -189,7 +189,7 @@ class Scheduler(Generic[LeaseT, CopyT]):
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._reserve(seq, num_new):
                 self._drop_copy(seq)
-                break  # out of KV memory: later arrivals must not jump ahead
+                break  # out of KV memory: those after it in the admission order must not jump ahead
             self._start(seq, adapters)
             self._append(scheduled, ScheduledSeq.of(seq, num_new, route))
             budget -= num_new
