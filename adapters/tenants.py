@@ -3,7 +3,10 @@
 The keys file is JSON and holds only SHA-256 hashes of the keys::
 
     {"keys": [{"sha256": "<64 lowercase hex>", "tenant": "acme", "role": "user",
-               "label": "optional note", "created_at": "optional ISO time"}]}
+               "label": "optional note", "created_at": "optional ISO time"}],
+     "tenants": {"acme": {"max_concurrent": 4, "rpm": 60, "tpm": 20000, "weight": 2}}}
+
+``tenants`` is optional: per-tenant limits and scheduling weight (adapters/tenant_limits.py).
 
 A presented key is hashed and compared in constant time against every entry. Adapter names are
 scoped per tenant: ``acme/support-bot`` and ``globex/support-bot`` are different adapters, a user
@@ -21,15 +24,16 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from adapters.errors import AdapterFormatError, KeysFileError, UnknownAdapterError
 from adapters.format import validate_name
+from adapters.tenant_limits import TenantLimits, parse_limits
 
 Role = Literal["user", "admin"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -59,6 +63,7 @@ class Principal:
 
 
 SINGLE_TENANT = Principal(tenant="default", role="admin")  # used when no keys file is given
+NO_LIMITS = TenantLimits()
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,14 @@ class KeyEntry:
     principal: Principal
     label: str | None = None
     created_at: str | None = None
+
+
+@dataclass(frozen=True)
+class KeysFile:
+    """A keys file's validated content."""
+
+    entries: tuple[KeyEntry, ...]
+    limits: Mapping[str, TenantLimits]  # by tenant; a tenant missing has NO_LIMITS
 
 
 def hash_key(key: str) -> str:
@@ -106,24 +119,32 @@ def parse_model_name(principal: Principal, model: str) -> tuple[str, str]:
 class KeyRing:
     """The keys of one keys file, reloadable while the server runs; safe to share across threads."""
 
-    def __init__(self, path: Path, entries: tuple[KeyEntry, ...], signature: FileSignature | None) -> None:
+    def __init__(self, path: Path, keys: KeysFile, signature: FileSignature | None) -> None:
         self.path = path
-        self._entries = entries
+        self._keys = keys  # one tuple, swapped whole by a reload
         self._signature = signature  # (inode, mtime_ns, size) of the file last read or tried
 
     @classmethod
     def load(cls, path: str | Path) -> KeyRing:
         """Read and validate ``path``; KeysFileError naming the file (and entry index) if it is bad."""
         path = Path(path)
-        entries, signature = _read_keys_file(path)
-        return cls(path, entries, signature)
+        keys, signature = _read_keys_file(path)
+        return cls(path, keys, signature)
 
     @property
     def entries(self) -> tuple[KeyEntry, ...]:
-        return self._entries
+        return self._keys.entries
+
+    @property
+    def tenant_limits(self) -> Mapping[str, TenantLimits]:
+        """The tenants the file gives limits or a weight (others have the defaults)."""
+        return self._keys.limits
+
+    def limits(self, tenant: str) -> TenantLimits:
+        return self._keys.limits.get(tenant, NO_LIMITS)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._keys.entries)
 
     def authenticate(self, key: str | None) -> Principal | None:
         """The principal whose entry holds the hash of ``key``; None for an unknown, empty or None key.
@@ -135,7 +156,7 @@ class KeyRing:
             return None
         digest = hash_key(key)
         found: Principal | None = None
-        for entry in self._entries:  # one snapshot: a concurrent reload swaps the whole tuple
+        for entry in self.entries:  # one snapshot: a concurrent reload swaps the whole tuple
             if hmac.compare_digest(digest, entry.sha256) and found is None:
                 found = entry.principal
         return found
@@ -143,7 +164,7 @@ class KeyRing:
     def reload(self) -> None:
         """Re-read the file; on KeysFileError the keys loaded before stay in effect."""
         self._signature = _signature(self.path)
-        self._entries, self._signature = _read_keys_file(self.path)
+        self._keys, self._signature = _read_keys_file(self.path)
 
     def maybe_reload(self) -> bool:
         """Reload if the file's inode, mtime or size changed since the last read; True if it did.
@@ -157,13 +178,15 @@ class KeyRing:
         return True
 
 
-def add_key(path: str | Path, tenant: str, role: Role = "user", label: str | None = None) -> str:
+def add_key(path: str | Path, tenant: str, role: Role = "user", label: str | None = None,
+            limits: Mapping[str, object] | None = None) -> str:  # fmt: skip
     """Append a new key's hash to the keys file and return the key, which is never stored.
 
     Creates the file (mode 0600) if missing. The rewrite is atomic (temp file in the same
     directory, fsync, ``os.replace``) and happens under an exclusive ``flock`` on ``<path>.lock``,
-    so concurrent calls from threads or processes all land. ValueError for a bad tenant, role or
-    label; KeysFileError if the existing file is malformed (it is left untouched).
+    so concurrent calls from threads or processes all land. ``limits``: changes to the tenant's
+    limits (as ``set_tenant_limits``), made in the same rewrite. ValueError for a bad tenant, role,
+    label or limit; KeysFileError if the existing file is malformed (it is left untouched).
     """
     path = Path(path)
     principal = Principal(tenant=tenant, role=role)
@@ -173,13 +196,52 @@ def add_key(path: str | Path, tenant: str, role: Role = "user", label: str | Non
     if label is not None:
         entry["label"] = label
     entry["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with _editing(path) as document:
+        document["keys"].append(entry)
+        if limits:
+            _change_limits(document, principal.tenant, limits)
+    return key
+
+
+def set_tenant_limits(path: str | Path, tenant: str, changes: Mapping[str, object]) -> TenantLimits:
+    """Change a tenant's limits in the keys file and return them; a limit changed to None is removed.
+
+    The tenant must hold a key there (ValueError otherwise, as for a bad field or value). Written as
+    ``add_key`` writes; a running server picks the change up when it reloads the file.
+    """
+    path = Path(path)
+    validate_name(tenant, "tenant")
+    with _editing(path) as document:
+        if not any(entry.get("tenant") == tenant for entry in document["keys"]):
+            raise ValueError(
+                f"tenant {tenant!r} has no key in {str(path)!r}: add one with `loraplex keys add`"
+            )
+        return _change_limits(document, tenant, changes)
+
+
+def _change_limits(document: dict[str, Any], tenant: str, changes: Mapping[str, object]) -> TenantLimits:
+    tenants = document.setdefault("tenants", {})
+    limits = parse_limits(tenants.get(tenant, {})).changed(changes)
+    if limits.is_default:
+        tenants.pop(tenant, None)
+    else:
+        tenants[tenant] = limits.to_json()
+    if not tenants:
+        del document["tenants"]
+    return limits
+
+
+@contextmanager
+def _editing(path: Path) -> Iterator[dict[str, Any]]:
+    """The keys file's document, under the lock, written back atomically when the block ends without
+    raising and parses (a bad edit raises KeysFileError and the file is left untouched)."""
     with _exclusive_lock(path):
         document = _read_document(path)[0] if path.exists() else {"keys": []}
         _parse_document(document, path)  # never rewrite a file we could not load
         assert isinstance(document, dict)  # _parse_document checked it is
-        document["keys"].append(entry)
+        yield document
+        _parse_document(document, path)
         _write_atomically(path, json.dumps(document, indent=2) + "\n")
-    return key
 
 
 def _signature(path: Path) -> FileSignature | None:
@@ -190,7 +252,7 @@ def _signature(path: Path) -> FileSignature | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _read_keys_file(path: Path) -> tuple[tuple[KeyEntry, ...], FileSignature]:
+def _read_keys_file(path: Path) -> tuple[KeysFile, FileSignature]:
     """Validated entries plus the signature of the very file they were read from."""
     document, signature = _read_document(path)
     return _parse_document(document, path), signature
@@ -211,16 +273,36 @@ def _read_document(path: Path) -> tuple[object, FileSignature]:
     return document, (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _parse_document(document: object, path: Path) -> tuple[KeyEntry, ...]:
-    """Validate a parsed keys file: an object whose only field is a "keys" list of valid entries."""
+def _parse_document(document: object, path: Path) -> KeysFile:
+    """Validate a parsed keys file: an object with a "keys" list of valid entries and optionally a
+    "tenants" object of valid limits."""
     where = f"keys file {str(path)!r}"
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise KeysFileError(f'{where}: must be a JSON object with a "keys" list')
-    if set(document) != {"keys"}:
-        raise KeysFileError(f"{where}: unknown top-level fields {sorted(set(document) - {'keys'})}")
+    if unknown := sorted(set(document) - {"keys", "tenants"}):
+        raise KeysFileError(f"{where}: unknown top-level fields {unknown}")
+    return KeysFile(
+        _parse_entries(document["keys"], where), _parse_tenants(document.get("tenants", {}), where)
+    )
+
+
+def _parse_tenants(raw: object, where: str) -> dict[str, TenantLimits]:
+    if not isinstance(raw, dict):
+        raise KeysFileError(f'{where}: "tenants" must be a JSON object')
+    limits = {}
+    for tenant, fields in raw.items():
+        try:
+            validate_name(tenant, "tenant")
+            limits[tenant] = parse_limits(fields)
+        except ValueError as exc:
+            raise KeysFileError(f"{where}: tenants[{tenant!r}]: {exc}") from None
+    return limits
+
+
+def _parse_entries(raw_entries: list[object], where: str) -> tuple[KeyEntry, ...]:
     entries: list[KeyEntry] = []
     first_index: dict[str, int] = {}
-    for index, raw in enumerate(document["keys"]):
+    for index, raw in enumerate(raw_entries):
         entry = _parse_entry(raw, f"{where}: keys[{index}]")
         if entry.sha256 in first_index:
             raise KeysFileError(

@@ -9,9 +9,7 @@ configs of ``server/config.py``). Bad settings print one line and exit with stat
 does not convert, a config file that cannot be read, or a value out of its range (checked before
 the model loads).
 
-``loraplex keys add --tenant T [--role user|admin] [--label TEXT]`` appends a new API key's hash to
-the keys file (``--keys-file``, else ``LORAPLEX_KEYS_FILE``) and prints the key, once, alone on
-stdout (so ``KEY=$(loraplex keys add ...)`` works); ``loraplex keys list`` shows its entries.
+``loraplex keys add|limits|list`` manage the keys file and its tenants' limits (``server/keys_cli.py``).
 
 ``loraplex demo-adapters --out DIR`` trains small demo adapters (see ``server/demo_adapters.py``).
 """
@@ -28,15 +26,13 @@ from pathlib import Path
 from adapters.errors import StoreUnavailableError
 from server.config import EngineConfig, ModelConfig, ServerConfig
 from server.demo_adapters import add_demo_adapters_parser
+from server.keys_cli import USAGE_ERROR, add_keys_parser
 from server.settings import (
     EXTRA_FLAGS,
-    KEYS_FILE,
     SERVE_OPTIONS,
     build_configs,
     default_data_dir,
-    flag_help,
     human,
-    keys_file_path,
     parse_adapter_roots,
     range_help,
     resolve_options,
@@ -44,7 +40,6 @@ from server.settings import (
 )
 
 log = logging.getLogger("loraplex")
-USAGE_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(serve_ray)
     add_ray_flags(serve_ray)
     serve_ray.set_defaults(func=serve_ray_command)
-    _add_keys_parser(commands)
+    add_keys_parser(commands)
     add_demo_adapters_parser(commands)
     return parser
 
@@ -89,21 +84,6 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
 def _help(text: str, notes: list[str]) -> str:
     """``text (note; note)`` with argparse's ``%`` escaped."""
     return f"{text} ({'; '.join(note for note in notes if note)})".replace("%", "%%")
-
-
-def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
-    keys = commands.add_parser("keys", help="create and list API keys (the file stores only hashes)")
-    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    add = actions.add_parser("add", help="create a key for a tenant and print it, once, on stdout")
-    add.add_argument("--tenant", required=True, help="the tenant the key acts for")
-    add.add_argument("--role", default="user", help="user (own tenant) or admin (all tenants); default user")
-    add.add_argument("--label", help="a note shown by `keys list`, e.g. who holds the key")
-    add.set_defaults(func=keys_add_command)
-    listing = actions.add_parser("list", help="show tenant, role, label and hash prefix of every key")
-    listing.set_defaults(func=keys_list_command)
-    for action in (add, listing):
-        summary = flag_help(KEYS_FILE.setting.meaning, is_unset=False)
-        action.add_argument(f"--{KEYS_FILE.flag}", help=_help(summary, [f"env {KEYS_FILE.env}"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,41 +162,6 @@ def start_app(options: dict[str, object]):
     else:
         log.info("serving %r with %d API keys", served_name, len(keyring))
     return app, engine, server_config
-
-
-def keys_add_command(args: argparse.Namespace) -> int:
-    """Print a new key alone on stdout and where its hash went on stderr; 2 for a bad setting."""
-    try:
-        from adapters.tenants import add_key  # imports torch (via adapters.format): only when needed
-
-        path = keys_file_path(args, dict(os.environ))
-        key = add_key(path, args.tenant, args.role, args.label)
-    except (ValueError, OSError) as exc:
-        print(f"loraplex keys add: error: {exc}", file=sys.stderr)
-        return USAGE_ERROR
-    print(key)
-    print(
-        f"loraplex keys add: stored the hash of a new {args.role} key for tenant {args.tenant!r} in {path}; "
-        "the key above is shown only this once", file=sys.stderr,
-    )  # fmt: skip
-    return 0
-
-
-def keys_list_command(args: argparse.Namespace) -> int:
-    """A header, then one line per key: tenant, role, first 8 hex chars of its hash, label (or -)."""
-    try:
-        from adapters.tenants import KeyRing
-
-        ring = KeyRing.load(keys_file_path(args, dict(os.environ)))
-    except ValueError as exc:
-        print(f"loraplex keys list: error: {exc}", file=sys.stderr)
-        return USAGE_ERROR
-    rows = [("TENANT", "ROLE", "SHA256", "LABEL")]  # the label last: it is free text
-    rows += [(e.principal.tenant, e.principal.role, e.sha256[:8], e.label or "-") for e in ring.entries]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    for row in rows:
-        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3]]))
-    return 0
 
 
 def _data_dir(options: dict[str, object]) -> Path:

@@ -155,6 +155,14 @@ class EngineConfig:
         "(`max-num-seqs + max-queue` requests in flight)",
         range="`[1, 1024]`",
     )
+    scheduling: str = setting(
+        "fair",
+        "order in which waiting requests are admitted: `fair` shares the engine between tenants by "
+        "their tokens served (a Virtual Token Counter, weighted by each tenant's `--weight`; a tenant "
+        "alone gets the whole server), `fcfs` by arrival. Either way a request's `priority` orders "
+        "only its own tenant's requests (see [Fair scheduling](#fair-scheduling-and-tenant-limits))",
+        range="`fair`, `fcfs`",
+    )
     max_num_batched_tokens: int = setting(
         2048,
         "tokens in one forward: one per decoding sequence plus prefill chunks (longer prompts are "
@@ -252,6 +260,9 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
+        _require(
+            self.scheduling in ("fair", "fcfs"), f"scheduling must be fair or fcfs, got {self.scheduling!r}"
+        )
         _require(
             self.prefix_caching in ("on", "off"),
             f"prefix_caching must be on or off, got {self.prefix_caching!r}",

@@ -1,14 +1,17 @@
 """Every Prometheus metric of the server, in one place: ``install(app, engine)`` wires them.
 
-Names follow ``loraplex_<area>_<what>_<unit>`` with small fixed label sets; adapter ids are never
-label values, except on ``vllm:lora_requests_info`` (vLLM's own gauge, kept for its dashboards:
-one series whose labels name the adapters running and waiting now). Each app has its own
+Names follow ``loraplex_<area>_<what>_<unit>`` with small fixed label sets; the ``tenant`` label
+holds at most ``MAX_TENANT_LABELS`` tenants (the first seen; later ones are counted as
+``OTHER_TENANT``). Adapter ids are never label values, except on ``vllm:lora_requests_info``
+(vLLM's own gauge, kept for its dashboards: one series whose labels name the adapters running and
+waiting now). Each app has its own
 ``CollectorRegistry``, so several apps in one process never collide.
 
 Where the numbers come from:
 - an ASGI middleware: HTTP requests by route template (unknown paths: "other") and status;
 - the request path (``request_observer`` → ``output.collect`` / ``output.sse_events``): time to
   first token, inter-token latency and end-to-end latency of generation requests;
+- the tenant limits (``server.api.quotas``): each refusal, by tenant and limit;
 - the engine thread: the engine's step observer after every step (tokens, adapters per step,
   step time) and its load observer after every adapter load from disk (its duration);
 - at scrape time, ``EngineCollector`` reads the engine's snapshots (``Engine.stats``,
@@ -20,7 +23,9 @@ Everything comes through the ``Engine`` facade and the typed values of ``server/
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -33,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.cache_types import AdapterState, Tier
 from server.engine.engine import Engine
+from server.engine.fairness import TenantService
 from server.engine.route import RouteKind
 from server.engine.views import CacheSnapshot, EngineStats, MergeSnapshot, StepStats, TokenDelta
 from server.stats import StatsRecorder, StepGauges
@@ -51,6 +57,16 @@ TIERS = {
     AdapterState.FAILED: "failed",
 }
 OTHER_ENDPOINT = "other"
+MAX_TENANT_LABELS = 64
+# TenantService field → (family type, help); None: part of the queue-time summary
+TENANT_FIGURES: dict[str, tuple[type[CounterMetricFamily] | type[GaugeMetricFamily] | None, str]] = {
+    "prompt_tokens": (CounterMetricFamily, "Prompt tokens admitted, by tenant."),
+    "generated_tokens": (CounterMetricFamily, "Tokens generated, by tenant."),
+    "virtual_tokens": (GaugeMetricFamily, "The fair scheduler's weighted service counter, by tenant."),
+    "num_admitted": (None, ""),
+    "queue_s_sum": (None, ""),
+}
+OTHER_TENANT = "(other)"  # parentheses are not allowed in tenant names: never a real tenant
 GENERATION_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})  # what /v1/stats counts
 LORA_INFO = "vllm:lora_requests_info"
 # vLLM's scheduler gauges under vLLM's names and meanings, labelled by ``model_name`` as vLLM does:
@@ -81,7 +97,8 @@ class ServerMetrics:
         )
         self.step_duration = self._latency("engine_step_duration", "Wall time of one non-empty engine step.")
         self.adapter_load_latency = self._latency("adapter_cache_load_duration", "Disk → host adapter loads.")
-        self.registry.register(EngineCollector(engine, model_name))
+        self.tenants = TenantMetrics(self.registry)
+        self.registry.register(EngineCollector(engine, model_name, self.tenants))
         self.stats = StatsRecorder(lambda: engine.cache_lookups())  # read when a bucket opens
 
     def _counter(self, name: str, doc: str) -> Counter:
@@ -96,7 +113,13 @@ class ServerMetrics:
     def request_timer(self, adapter: str, tenant: str) -> RequestTimer:
         """A GenerationObserver for one request for ``adapter`` from ``tenant`` arriving now."""
         self.stats.record_arrival(adapter, tenant)
+        self.tenants.requests.labels(self.tenants.label(tenant)).inc()
         return RequestTimer(self, adapter, tenant)
+
+    def record_limit_hit(self, tenant: str, limit: str) -> None:
+        """A request refused over ``tenant``'s ``limit`` (server.api.quotas)."""
+        self.tenants.limit_hits.labels(self.tenants.label(tenant), limit).inc()
+        self.stats.record_limit_hit(tenant)
 
     def observe_step(self, step: StepStats) -> None:
         """The engine's step observer: runs in the engine thread after every non-empty step."""
@@ -114,6 +137,55 @@ class ServerMetrics:
         """Observe the engine's steps and adapter loads (beside any other observers)."""
         engine.add_step_observer(self.observe_step)
         engine.add_load_observer(self.adapter_load_latency.observe)
+
+
+class TenantMetrics:
+    """Per-tenant figures: requests and limit refusals counted here, tokens and queue time read from
+    the engine at scrape time (``tenant_families``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "loraplex_tenant_requests",
+            "Generation requests, by calling tenant.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.limit_hits = Counter(
+            "loraplex_tenant_limit_hits", "Requests refused over a tenant limit (429).", ["tenant", "limit"],
+            registry=registry,
+        )  # fmt: skip
+        self._labels: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, tenant: str) -> str:
+        """``tenant`` itself for the first MAX_TENANT_LABELS tenants seen, then OTHER_TENANT."""
+        with self._lock:
+            if tenant not in self._labels and len(self._labels) < MAX_TENANT_LABELS:
+                self._labels.add(tenant)
+            return tenant if tenant in self._labels else OTHER_TENANT
+
+
+def tenant_families(service: dict[str, TenantService], label: Callable[[str], str]) -> Iterator[Metric]:
+    """Tokens served, queue time and the fair scheduler's counter, per tenant label (tenants past
+    the label limit summed into one)."""
+    rows: dict[str, dict[str, float]] = {}
+    for tenant, figures in service.items():
+        row = rows.setdefault(label(tenant), defaultdict(float))
+        for name in TENANT_FIGURES:
+            row[name] += getattr(figures, name)
+    queue = SummaryMetricFamily(
+        "loraplex_tenant_queue_seconds", "Arrival in the engine to first admission.", labels=["tenant"]
+    )
+    for tenant, row in rows.items():
+        queue.add_metric([tenant], count_value=row["num_admitted"], sum_value=row["queue_s_sum"])
+    yield queue
+    for name, (kind, doc) in TENANT_FIGURES.items():
+        if kind is None:
+            continue
+        family = kind(f"loraplex_tenant_{name}", doc, labels=["tenant"])
+        for tenant, row in rows.items():
+            family.add_metric([tenant], row[name])
+        yield family
 
 
 class RequestTimer:
@@ -153,10 +225,12 @@ class RequestTimer:
 class EngineCollector(Collector):
     """Engine and adapter-cache state, read when Prometheus scrapes (any thread)."""
 
-    def __init__(self, engine: Engine, model_name: str = "") -> None:
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine: Engine, model_name: str = "", tenants: TenantMetrics | None = None) -> None:
+        self.engine, self.model_name, self.tenants = engine, model_name, tenants
 
     def collect(self) -> Iterator[Metric]:
+        if self.tenants is not None:
+            yield from tenant_families(self.engine.tenant_service(), self.tenants.label)
         stats = self.engine.stats()
         yield from engine_families(stats)
         yield from vllm_families(stats, self.model_name)

@@ -4,7 +4,8 @@ Prometheus keeps history for operators who run one; the dashboard must work with
 server keeps the last ``retention_s`` seconds itself, in time buckets of ``bucket_s`` seconds:
 
 - generation requests and their errors (HTTP status ≥ 400), fed by the metrics middleware;
-- requests and generated tokens per adapter and per calling tenant, fed by the request path;
+- requests and generated tokens per adapter and per calling tenant, fed by the request path, and
+  the requests refused over a tenant limit;
 - time to first token and inter-token latency, as log-bucketed sketches (``LatencySketch``);
 - generated tokens and the running batch, queue, KV usage and merged copies after each engine
   step (gauges keep their maximum per bucket);
@@ -107,6 +108,7 @@ class Activity:
     adapter_tokens: Counter[str] = field(default_factory=Counter)
     tenant_requests: Counter[str] = field(default_factory=Counter)
     tenant_tokens: Counter[str] = field(default_factory=Counter)
+    tenant_limit_hits: Counter[str] = field(default_factory=Counter)
 
     def add(self, other: Activity) -> None:
         self.requests += other.requests
@@ -118,6 +120,7 @@ class Activity:
         self.adapter_tokens.update(other.adapter_tokens)
         self.tenant_requests.update(other.tenant_requests)
         self.tenant_tokens.update(other.tenant_tokens)
+        self.tenant_limit_hits.update(other.tenant_limit_hits)
 
 
 @dataclass(kw_only=True)
@@ -199,6 +202,11 @@ class StatsRecorder:
             bucket = self._current()
             bucket.adapter_tokens[adapter] += num_tokens
             bucket.tenant_tokens[tenant] += num_tokens
+
+    def record_limit_hit(self, tenant: str) -> None:
+        """A request of ``tenant`` refused over one of its limits (it never reaches the engine)."""
+        with self._lock:
+            self._current().tenant_limit_hits[tenant] += 1
 
     def record_ttft(self, seconds: float) -> None:
         with self._lock:

@@ -44,6 +44,7 @@ from server.api.output import (
     merge_streams,
     sse_events,
 )
+from server.api.quotas import BothObservers, QuotaTicket, TenantQuotas
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 from server.engine.engine import Engine
 
@@ -63,6 +64,7 @@ class AppState:
     registry: AdapterRegistry | None
     auth: Authenticator
     admission: Admission  # max_num_seqs + max_queue requests in flight; more get 429
+    quotas: TenantQuotas  # each tenant's limits (server.api.quotas); over one: 429
     draining: bool = False  # set by the first SIGTERM (server.api.shutdown)
     created: int = field(default_factory=lambda: int(time.time()))
     settings: dict[str, object] = field(default_factory=dict)  # GET /v1/stats' config echo
@@ -83,9 +85,9 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     ``GET /v1/stats`` reports as ``config`` (``server.settings.settings_echo``; None: {}).
     ``compositions``: where composed adapters are built (None: in a temporary directory)."""
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA inference server")
-    app.state.loraplex = AppState(
-        engine, served_model_name, registry, Authenticator(keyring), Admission(max_queue)
-    )
+    auth = Authenticator(keyring, on_reload=lambda ring: engine.set_tenant_weights(tenant_weights(ring)))
+    quotas = TenantQuotas()
+    app.state.loraplex = AppState(engine, served_model_name, registry, auth, Admission(max_queue), quotas)
     max_adapter_bytes = registry.limits.max_weights_bytes if registry else FormatLimits().max_weights_bytes
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes,
                        max_upload_bytes=max_adapter_bytes + UPLOAD_OVERHEAD_BYTES)  # fmt: skip
@@ -98,7 +100,8 @@ def create_app(engine: Engine, served_model_name: str, registry: AdapterRegistry
     app.include_router(router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
-    metrics.install(app, engine, guard=admin_key if metrics_auth == "admin" else None)
+    server_metrics = metrics.install(app, engine, guard=admin_key if metrics_auth == "admin" else None)
+    quotas.on_limit = server_metrics.record_limit_hit
     return app
 
 
@@ -147,11 +150,12 @@ async def completions(body: CompletionRequest, request: Request, principal: Call
     with state.admission.reserve(state.engine, state.draining, convert.num_requests(body)) as reservation:
         make_input = convert.completion_input
         inputs = await run_in_threadpool(_engine_input, make_input, body, state, principal)
+        quota = _admit(state, principal, inputs)
         formatter = CompletionFormatter(
             f"cmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, inputs.sampling.logprobs,
             inputs.choices_per_prompt, echoes=[r.echo for r in inputs.requests] if body.echo else None,
         )  # fmt: skip
-        return await _generate(request, body, inputs, formatter, principal, reservation)
+        return await _generate(request, body, inputs, formatter, principal, reservation, quota)
 
 
 @router.post("/v1/chat/completions")
@@ -159,11 +163,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     state = _state(request)
     with state.admission.reserve(state.engine, state.draining, convert.num_requests(body)) as reservation:
         inputs = await run_in_threadpool(_engine_input, convert.chat_input, body, state, principal)
+        quota = _admit(state, principal, inputs)
         formatter = ChatFormatter(
             f"chatcmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, inputs.sampling.logprobs,
             inputs.choices_per_prompt,
         )  # fmt: skip
-        return await _generate(request, body, inputs, formatter, principal, reservation)
+        return await _generate(request, body, inputs, formatter, principal, reservation, quota)
+
+
+def tenant_weights(keyring: KeyRing) -> dict[str, float]:
+    return {tenant: limits.weight for tenant, limits in keyring.tenant_limits.items()}
+
+
+def _admit(state: AppState, principal: Principal, inputs: convert.GenerationInput) -> QuotaTicket:
+    """The tenant's quota for these engine requests, counted at prompt + max_tokens each (429 over a
+    limit, ``server.api.quotas``)."""
+    num_tokens = sum(len(one.prompt_token_ids) + one.sampling.max_tokens for one in inputs.requests)
+    limits = state.auth.limits(principal.tenant)
+    return state.quotas.admit(principal.tenant, limits, len(inputs.requests), num_tokens)
 
 
 def _engine_input(make_input, body, state: AppState, principal: Principal) -> convert.GenerationInput:
@@ -189,24 +206,29 @@ async def _generate(
     formatter: Formatter,
     principal: Principal,
     reservation: Reservation,
+    quota: QuotaTicket,
 ) -> Response:
     """Submit (EngineError → 4xx), then stream SSE chunks or return one body with usage.
 
-    ``reservation`` (the request's admitted place) is released once the engine counts the streams.
+    ``reservation`` (the request's admitted place) is released once the engine counts the streams;
+    ``quota`` (its tenant's) when the response path lets go of them.
     """
     state = _state(request)
     engine = state.engine
-    observer = metrics.request_observer(request, inputs.adapter or state.served_model_name, principal.tenant)
+    timer = metrics.request_observer(request, inputs.adapter or state.served_model_name, principal.tenant)
+    observer = BothObservers(timer, quota)
     n = len(inputs.requests)
     ids = [formatter.request_id] if n == 1 else [f"{formatter.request_id}-{i}" for i in range(n)]
     streams = []
-    scope = {"tenant": principal.tenant, "cache_salt": body.cache_salt}  # whose cached prefixes it may reuse
+    # its tenant's share and its place among that tenant's requests; whose cached prefixes it may reuse
+    who = {"tenant": principal.tenant, "cache_salt": body.cache_salt, "priority": body.priority or 0}
     try:
         for request_id, one in zip(ids, inputs.requests, strict=True):
             streams.append(
-                await engine.submit(one.prompt_token_ids, one.sampling, inputs.adapter, request_id, **scope)
+                await engine.submit(one.prompt_token_ids, one.sampling, inputs.adapter, request_id, **who)
             )
     except BaseException:
+        quota.release()
         for stream in streams:
             await stream.aclose()
         raise
@@ -216,7 +238,8 @@ async def _generate(
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = sse_events(merged, formatter, include_usage, observer, n)
-        return EventStreamResponse(events, on_close=lambda: [engine.abort(i) for i in ids])
+        on_close = lambda: [engine.abort(i) for i in ids] + [quota.release()]  # noqa: E731
+        return _with_headers(EventStreamResponse(events, on_close=on_close), quota)
     try:
         choices = await collect(merged, request, observer, n)
     except ClientDisconnected:
@@ -224,4 +247,9 @@ async def _generate(
     failed = next((g for g in choices if g.failed), None)
     if failed is not None:
         raise failed.failure()
-    return JSONResponse(formatter.response(choices))
+    return _with_headers(JSONResponse(formatter.response(choices)), quota)
+
+
+def _with_headers(response: Response, quota: QuotaTicket) -> Response:
+    response.headers.update(quota.headers)
+    return response

@@ -12,6 +12,7 @@ adapters and tenants of the window, and at most ``top`` adapters whose id contai
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,11 +22,13 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from adapters.cache_types import Tier
+from adapters.tenant_limits import TenantLimits, describe
 from adapters.tenants import Principal
 from server import metrics
 from server.api.auth import admin
 from server.api.errors import ApiError
 from server.engine.engine import Engine
+from server.engine.fairness import TenantService
 from server.engine.views import AdapterRuntime, MergedCopyView
 from server.stats import BUCKET_S, RETENTION_S, LatencySketch, WindowSummary
 
@@ -112,6 +115,9 @@ class TenantActivity(BaseModel):
     tenant: str
     requests: int
     tokens: int
+    limit_hits: int  # requests refused over one of its limits (429), in the window
+    queue_s_mean: float | None  # engine arrival → first admission, averaged since start
+    limits: str  # its limits as ``keys list`` shows them (``-``: none)
 
 
 class StatsResponse(BaseModel):
@@ -142,13 +148,14 @@ async def stats(
     if installed is None:
         raise ApiError(404, "This server keeps no statistics (metrics are not installed).", code="not_found")
     snapshot = await run_in_threadpool(
-        _snapshot, installed, state.engine, state.served_model_name, window, top, search
+        _snapshot, installed, state.engine, state.served_model_name, window, top, search, state.auth.limits
     )
     return snapshot.model_copy(update={"config": state.settings})
 
 
 def _snapshot(installed: metrics.ServerMetrics, engine: Engine, served_model_name: str, window: float,
-              top: int, search: str | None) -> StatsResponse:  # fmt: skip
+              top: int, search: str | None,
+              limits: Callable[[str], TenantLimits]) -> StatsResponse:  # fmt: skip
     recorder = installed.stats
     summary = recorder.summary(window, engine.cache_lookups())
     now = engine.stats()
@@ -163,7 +170,7 @@ def _snapshot(installed: metrics.ServerMetrics, engine: Engine, served_model_nam
             prefix_cache_blocks=now.prefix_cache_blocks, prefix_cache_bytes=now.prefix_cache_bytes,
         ),
         adapters=_adapter_stats(summary, engine, top, search),
-        tenants=_busiest_tenants(summary, top),
+        tenants=_busiest_tenants(summary, top, engine.tenant_service(), limits),
         series=vars(summary.series),
     )  # fmt: skip
 
@@ -237,13 +244,20 @@ def _parse_engine_id(adapter: str) -> tuple[str | None, str, int | None]:
     return owner, name, int(version)
 
 
-def _busiest_tenants(summary: WindowSummary, top: int) -> list[TenantActivity]:
-    activity: Counter[str] = summary.tenant_tokens + summary.tenant_requests
+def _busiest_tenants(summary: WindowSummary, top: int, service: dict[str, TenantService],
+                     limits: Callable[[str], TenantLimits]) -> list[TenantActivity]:  # fmt: skip
+    activity: Counter[str] = summary.tenant_tokens + summary.tenant_requests + summary.tenant_limit_hits
     ranked = sorted(activity, key=lambda t: (-summary.tenant_tokens[t], -summary.tenant_requests[t], t))
-    return [
-        TenantActivity(tenant=t, requests=summary.tenant_requests[t], tokens=summary.tenant_tokens[t])
-        for t in ranked[:top]
-    ]
+    rows = []
+    for tenant in ranked[:top]:
+        served = service.get(tenant)
+        queue_s = served.queue_s_sum / served.num_admitted if served and served.num_admitted else None
+        rows.append(TenantActivity(
+            tenant=tenant, requests=summary.tenant_requests[tenant], tokens=summary.tenant_tokens[tenant],
+            limit_hits=summary.tenant_limit_hits[tenant], queue_s_mean=queue_s,
+            limits=describe(limits(tenant)),
+        ))  # fmt: skip
+    return rows
 
 
 def _quantile(values: list[float], q: float) -> float | None:

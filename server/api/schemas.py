@@ -84,6 +84,8 @@ class SamplingFields(CompositionFields):
     ignore_eos: bool | None = None
     # vLLM's: added to the prefix cache's key, so only requests with the same salt share cached blocks
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
+    # orders the request among its own tenant's waiting requests, lower first (vLLM's meaning)
+    priority: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -217,10 +217,11 @@ function renderAdapterRows(tableId, adapters) {
 function renderTenants(tenants) {
   const rows = tenants.map((t) => {
     const tr = document.createElement("tr");
-    tr.append(cell(t.tenant, "id"), cell(String(t.requests), "num"), cell(fmtNumber(t.tokens), "num"));
+    tr.append(cell(t.tenant, "id"), cell(String(t.requests), "num"), cell(fmtNumber(t.tokens), "num"),
+      cell(String(t.limit_hits), "num"), cell(fmtSeconds(t.queue_s_mean), "num"), cell(t.limits));
     return tr;
   });
-  fillBody("busiest-tenants", rows, 3, "no traffic in this window");
+  fillBody("busiest-tenants", rows, 6, "no traffic in this window");
 }
 
 function renderMerged(copies) {

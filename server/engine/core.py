@@ -124,10 +124,12 @@ class EngineCore:
             )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    adapter_id: str | None, tenant: str | None = None,
-                    cache_salt: str | None = None) -> None:  # fmt: skip
-        """Queue a request. ``tenant`` and ``cache_salt`` scope its prefix-cache hits: it reuses only
-        blocks computed for requests with equal ones (see server/engine/prefix_cache.py)."""
+                    adapter_id: str | None, *, tenant: str = "default", cache_salt: str | None = None,
+                    priority: int = 0) -> None:  # fmt: skip
+        """Queue a request of ``tenant`` (its share of the engine under fair scheduling); ``priority``
+        orders it among that tenant's waiting requests, lower first. ``tenant`` and ``cache_salt`` also
+        scope its prefix-cache hits: it reuses only blocks computed for requests with equal ones (see
+        server/engine/prefix_cache.py)."""
         self.validate(prompt_token_ids, sampling, adapter_id)
         if request_id in self._seqs:
             raise EngineError(f"request id {request_id!r} is already running")
@@ -135,8 +137,9 @@ class EngineCore:
         if sampling.seed is not None:
             generator = torch.Generator(device=self.loaded.device).manual_seed(sampling.seed)
         seq = Sequence(
-            request_id, list(prompt_token_ids), sampling, adapter_id, next(self._arrivals), generator
-        )
+            request_id, list(prompt_token_ids), sampling, adapter_id, next(self._arrivals), generator,
+            tenant=tenant, priority=priority,
+        )  # fmt: skip
         seq.cache_root = self._cache_root(adapter_id, tenant, cache_salt)
         self._seqs[request_id] = seq
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)

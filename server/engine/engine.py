@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from adapters.cache_types import Transition
 from adapters.registry import AdapterRegistry
@@ -29,6 +29,7 @@ from server.config import EngineConfig, ModelConfig
 from server.engine.core import EngineCore
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import REQUEST_ERRORS
+from server.engine.fairness import TenantService, check_weights
 from server.engine.merging import CopyState
 from server.engine.request_stream import RequestStream, deliver
 from server.engine.sampler import SamplingParams
@@ -97,27 +98,28 @@ class Engine:
         adapter: str | None = None,
         request_id: str | None = None,
         *,
-        tenant: str | None = None,
+        tenant: str = "default",
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Validate now (raises EngineError), then yield one delta per generated token until done.
+        ``tenant``, ``cache_salt`` and ``priority``: see ``EngineCore.add_request``.
 
-        Closing the iterator early (e.g. the client went away) aborts the request. ``tenant`` and
-        ``cache_salt`` scope its prefix-cache hits (``EngineCore.add_request``).
+        Closing the iterator early (e.g. the client went away) aborts the request.
         """
         request_id = request_id or uuid.uuid4().hex
         self.core.validate(prompt_token_ids, sampling, adapter)
         stream: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        scope = (tenant, cache_salt)
-        self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter, scope))
+        who = {"tenant": tenant, "cache_salt": cache_salt, "priority": priority}
+        self._commands.put(lambda: self._add(request_id, prompt_token_ids, sampling, adapter, who))
         return RequestStream(request_id, stream, self._close_stream)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-             adapter: str | None, scope: tuple[str | None, str | None]) -> list[TokenDelta]:  # fmt: skip
+             adapter: str | None, who: dict[str, Any]) -> list[TokenDelta]:  # fmt: skip
         """In the loop thread; a refusal here (e.g. the adapter was removed meanwhile) ends the stream."""
         try:
-            self.core.add_request(request_id, prompt_token_ids, sampling, adapter, *scope)
+            self.core.add_request(request_id, prompt_token_ids, sampling, adapter, **who)
             return []
         except REQUEST_ERRORS as exc:
             return [TokenDelta(request_id, [], "", [], "error", len(prompt_token_ids), 0, str(exc))]
@@ -174,6 +176,15 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def tenant_service(self) -> dict[str, TenantService]:
+        """Tokens, admissions and queue time per tenant since start (any thread)."""
+        return self.core.scheduler.fairness.service()
+
+    def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        """Each tenant's share under fair scheduling, from the next step on (ValueError: not > 0)."""
+        frozen = check_weights(weights)  # raised here, in the caller's thread
+        self._commands.put(lambda: self.core.scheduler.fairness.set_weights(frozen))
 
     def cache_snapshot(self) -> CacheSnapshot:
         return cache_snapshot(self.core.adapters)

@@ -4,9 +4,11 @@ Policy, in order, every step:
 1. Running sequences keep going: decodes first (one token each), then unfinished prefills in
    chunks, within ``max_num_batched_tokens``. When KV blocks run out, the newest running sequence
    is preempted (blocks freed, recomputed later from its prompt + outputs).
-2. Waiting sequences are admitted first come, first served, while sequences, tokens and KV blocks
-   last. A waiting sequence whose adapter would exceed ``max_loras`` distinct adapters, or is not
-   resident yet (its load runs in the background), is skipped without blocking the ones behind it,
+2. Waiting sequences are admitted in the order of the admission policy (server/engine/fairness.py:
+   fair between tenants by default, first come first served with ``--scheduling fcfs``), while
+   sequences, tokens and KV blocks last; the policy is told every sequence scheduled. A waiting
+   sequence whose adapter would exceed ``max_loras`` distinct adapters, or is not resident yet
+   (its load runs in the background), is skipped without blocking the ones behind it,
    unless it has been skipped ``STARVATION_STEPS`` times: then nothing behind it is admitted until
    it gets in, so running sequences drain and free an adapter slot for it.
 3. An admitted sequence starts after the longest prefix of full KV blocks already cached for the
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, cast
 
 from server.config import EngineConfig
+from server.engine.fairness import AdmissionPolicy, make_policy
 from server.engine.kv_cache import KVCache
 from server.engine.prefix_cache import PrefixCache
 from server.engine.route import Route
@@ -126,8 +129,13 @@ class Scheduler(Generic[LeaseT, CopyT]):
         self.num_preemptions = 0
         enabled = config.prefix_caching == "on"
         self.prefix = PrefixCache(kv_cache.allocator, kv_cache.block_size, enabled)
+        self.fairness: AdmissionPolicy = make_policy(config.scheduling)
 
     def add(self, seq: Sequence) -> None:
+        self.fairness.arrived(seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival_index)
 
     @property
@@ -150,9 +158,14 @@ class Scheduler(Generic[LeaseT, CopyT]):
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._reserve_or_preempt(seq, num_new, scheduled):
                 continue
-            scheduled.append(ScheduledSeq.of(seq, num_new, self._route(seq)))
+            self._append(scheduled, ScheduledSeq.of(seq, num_new, self._route(seq)))
             budget -= num_new
         return budget
+
+    def _append(self, scheduled: list[ScheduledSeq], item: ScheduledSeq) -> None:
+        """Schedule ``item`` and charge its tenant now, so the admissions after it see the charge."""
+        self.fairness.charge(item.seq, item.samples)
+        scheduled.append(item)
 
     def _reserve_or_preempt(self, seq: Sequence, num_new: int, scheduled: list[ScheduledSeq]) -> bool:
         """Reserve KV blocks for seq, preempting the newest running sequences not scheduled yet this
@@ -170,7 +183,7 @@ class Scheduler(Generic[LeaseT, CopyT]):
         adapters = {
             s.adapter_id for s in self.running if s.adapter_lease is not None and s.adapter_id is not None
         }
-        for seq in list(self.waiting):
+        for seq in self.fairness.order(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             route = self._admissible_route(seq, adapters)
@@ -184,10 +197,10 @@ class Scheduler(Generic[LeaseT, CopyT]):
             if not self._reserve(seq, num_new):
                 self.prefix.detach(seq)
                 self._drop_copy(seq)
-                break  # out of KV memory: later arrivals must not jump ahead
+                break  # out of KV memory: those after it in the admission order must not jump ahead
             self.prefix.count_lookup(seq)
             self._start(seq, adapters)
-            scheduled.append(ScheduledSeq.of(seq, num_new, route))
+            self._append(scheduled, ScheduledSeq.of(seq, num_new, route))
             budget -= num_new
 
     def _admissible_route(self, seq: Sequence, adapters: set[str]) -> Route | None:
@@ -252,7 +265,7 @@ class Scheduler(Generic[LeaseT, CopyT]):
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.add(seq)
+        self._enqueue(seq)
 
     def _release(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
@@ -272,6 +285,7 @@ class Scheduler(Generic[LeaseT, CopyT]):
         if seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self._release(seq)
+        self.fairness.left(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

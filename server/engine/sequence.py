@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_skipped_steps: int = 0  # steps it was ready to run but left waiting (starvation guard)
+    tenant: str = "default"  # who asked: the fair scheduler shares the engine between tenants
+    priority: int = 0  # lower first, among its tenant's own waiting sequences (vLLM's meaning)
+    arrival_s: float = field(default_factory=time.monotonic)  # when it reached the engine (queue time)
     # prefix caching (server/engine/prefix_cache.py); cache_root None: this sequence is not cached
     cache_root: bytes | None = None  # parent hash of its first block: weights, tenant, cache_salt
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far, in order

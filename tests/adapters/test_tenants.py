@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from adapters.errors import KeysFileError, UnknownAdapterError
-from adapters.tenants import SINGLE_TENANT, KeyRing, Principal, add_key, can_see, hash_key, parse_model_name
+from adapters.tenant_limits import TenantLimits
+from adapters.tenants import (
+    SINGLE_TENANT,
+    KeyRing,
+    Principal,
+    add_key,
+    can_see,
+    hash_key,
+    parse_model_name,
+    set_tenant_limits,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACME_USER = Principal(tenant="acme", role="user")
@@ -125,6 +135,15 @@ def test_concurrent_add_key_from_processes_all_land(keys_file):
         ([entry(), entry()], r"keys\[1\]: sha256 duplicates keys\[0\]"),
         ([entry(teant="x")], r"keys\[0\]: unknown fields \['teant'\]"),
         ([entry(label=7)], r"keys\[0\]: label must be a string"),
+        ('{"keys": [], "tenants": []}', '"tenants" must be a JSON object'),
+        ('{"keys": [], "tenants": {"a/b": {}}}', r"tenants\['a/b'\]: tenant 'a/b' may only contain"),
+        ('{"keys": [], "tenants": {"acme": 5}}', r"tenants\['acme'\]: must be a JSON object"),
+        ('{"keys": [], "tenants": {"acme": {"rpm": 0}}}', r"tenants\['acme'\]: rpm must be an integer"),
+        ('{"keys": [], "tenants": {"acme": {"tpm": 1.5}}}', r"tpm must be an integer"),
+        ('{"keys": [], "tenants": {"acme": {"max_concurrent": true}}}', r"max_concurrent must be an integer"),
+        ('{"keys": [], "tenants": {"acme": {"weight": 0}}}', r"weight must be a number in \(0"),
+        ('{"keys": [], "tenants": {"acme": {"weight": "2"}}}', r"weight must be a number"),
+        ('{"keys": [], "tenants": {"acme": {"burst": 2}}}', r"unknown tenant limits \['burst'\]"),
     ],
 )
 def test_malformed_keys_files_are_refused_naming_the_problem(keys_file, content, message):
@@ -227,3 +246,34 @@ def test_principal_validates_itself():
         Principal(tenant="acme", role="owner")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tenant"):
         Principal(tenant="a b", role="user")
+
+
+def test_tenant_limits_are_kept_beside_the_keys_and_reload(keys_file):
+    """add_key and set_tenant_limits write a tenant's limits; a reload sees the change; a limit set
+    to None goes, and a tenant back at the defaults leaves no entry."""
+    key = add_key(keys_file, "acme", limits={"rpm": 60, "weight": 2.0})
+    add_key(keys_file, "globex")
+    ring = KeyRing.load(keys_file)
+    assert ring.limits("acme") == TenantLimits(rpm=60, weight=2.0)
+    assert ring.limits("globex") == ring.limits("nobody") == TenantLimits()
+    assert set_tenant_limits(keys_file, "acme", {"rpm": None, "tpm": 1000}) == TenantLimits(
+        tpm=1000, weight=2.0
+    )
+    assert ring.maybe_reload() and ring.limits("acme") == TenantLimits(tpm=1000, weight=2.0)
+    assert ring.authenticate(key) == ACME_USER
+    set_tenant_limits(keys_file, "acme", {"tpm": None, "weight": 1.0})
+    assert "tenants" not in json.loads(keys_file.read_text())
+
+
+def test_set_tenant_limits_refuses_bad_changes_and_leaves_the_file_alone(keys_file):
+    add_key(keys_file, "acme", limits={"rpm": 5})
+    before = keys_file.read_text()
+    for tenant, changes, message in (
+        ("ghost", {"rpm": 1}, "has no key"),
+        ("acme", {"rpm": -1}, "rpm must be"),
+        ("acme", {"weight": float("nan")}, "weight must be"),
+        ("acme", {"speed": 1}, "unknown tenant limits"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            set_tenant_limits(keys_file, tenant, changes)
+    assert keys_file.read_text() == before

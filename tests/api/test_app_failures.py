@@ -46,8 +46,8 @@ class StubEngine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode("")
 
-    async def submit(self, prompt_token_ids, sampling, adapter=None, request_id=None, *, tenant=None,
-                     cache_salt=None):  # fmt: skip
+    async def submit(self, prompt_token_ids, sampling, adapter=None, request_id=None, *, tenant="default",
+                     cache_salt=None, priority=0):  # fmt: skip
         async def stream():
             for delta in self.deltas:
                 yield TokenDelta(**{**delta.__dict__, "request_id": request_id})

@@ -120,18 +120,49 @@ def test_keys_add_prints_only_the_key_and_list_shows_hashes(tmp_path, capsys, mo
     assert ring.authenticate(admin_key) == Principal("ops", "admin")
     assert main(["keys", "list"]) == 0
     out = capsys.readouterr().out
-    lines = [line.split(maxsplit=3) for line in out.splitlines()]
+    lines = [line.split(maxsplit=4) for line in out.splitlines()]
     assert lines == [
-        ["TENANT", "ROLE", "SHA256", "LABEL"],
-        ["acme", "user", ring.entries[0].sha256[:8], "ci bot"],
-        ["ops", "admin", ring.entries[1].sha256[:8], "-"],
+        ["TENANT", "ROLE", "SHA256", "LIMITS", "LABEL"],
+        ["acme", "user", ring.entries[0].sha256[:8], "-", "ci bot"],
+        ["ops", "admin", ring.entries[1].sha256[:8], "-", "-"],
     ]
     assert key not in out and admin_key not in out and ring.entries[0].sha256 not in out
+
+
+def test_keys_limits_are_set_at_add_changed_later_and_listed(tmp_path, capsys):
+    """Limits given to ``keys add`` land in the tenant's entry; ``keys limits`` changes or removes
+    them (``none``), and ``keys list`` shows them on every key of the tenant."""
+    from adapters.tenant_limits import TenantLimits
+    from adapters.tenants import KeyRing
+
+    keys = ["--keys-file", str(tmp_path / "keys.json")]
+    assert main(["keys", "add", "--tenant", "acme", "--rpm", "60", "--max-concurrent", "2", *keys]) == 0
+    assert main(["keys", "add", "--tenant", "acme", *keys]) == 0
+    assert main(["keys", "add", "--tenant", "solo", *keys]) == 0
+    assert KeyRing.load(tmp_path / "keys.json").limits("acme") == TenantLimits(max_concurrent=2, rpm=60)
+    capsys.readouterr()
+    changes = ["--rpm", "none", "--tpm", "5000", "--weight", "2.5"]
+    assert main(["keys", "limits", "--tenant", "acme", *changes, *keys]) == 0
+    assert capsys.readouterr().out == "acme  max_concurrent=2,tpm=5000,weight=2.5\n"
+    ring = KeyRing.load(tmp_path / "keys.json")
+    assert ring.limits("acme") == TenantLimits(max_concurrent=2, tpm=5000, weight=2.5)
+    assert ring.limits("solo") == TenantLimits()
+    assert main(["keys", "list", *keys]) == 0
+    limits = [line.split()[3] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert limits == ["max_concurrent=2,tpm=5000,weight=2.5"] * 2 + ["-"]
+    for flag in ("--max-concurrent", "--tpm", "--weight"):
+        assert main(["keys", "limits", "--tenant", "acme", flag, "none", *keys]) == 0
+    assert KeyRing.load(tmp_path / "keys.json").tenant_limits == {}
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["keys", "limits", "--tenant", "ghost", "--rpm", "5", "--keys-file", "{file}"], "no key"),
+        (["keys", "limits", "--tenant", "acme", "--keys-file", "{file}"], "at least one"),
+        (["keys", "add", "--tenant", "acme", "--rpm", "0", "--keys-file", "{file}"], "rpm must be"),
+        (["keys", "add", "--tenant", "acme", "--rpm", "ten", "--keys-file", "{file}"], "must be a number"),
+        (["keys", "add", "--tenant", "acme", "--weight", "-1", "--keys-file", "{file}"], "weight must be"),
         (["keys", "add", "--tenant", "acme"], "LORAPLEX_KEYS_FILE"),
         (["keys", "list"], "--keys-file"),
         (["keys", "add", "--tenant", "a/b", "--keys-file", "{file}"], "tenant 'a/b'"),

@@ -131,6 +131,8 @@ def test_figures_after_real_traffic(api):
     tenants = {t["tenant"]: t for t in stats["tenants"]}
     assert (tenants["acme"]["requests"], tenants["acme"]["tokens"]) == (2, 11)
     assert (tenants["globex"]["requests"], tenants["globex"]["tokens"]) == (1, 3)
+    assert tenants["acme"]["limit_hits"] == 0 and tenants["acme"]["limits"] == "-"
+    assert tenants["acme"]["queue_s_mean"] >= 0  # both of acme's requests were admitted
     assert stats["adapters"]["registered"] == 2 and sum(stats["adapters"]["tiers"].values()) == 2
     assert stats["adapters"]["loads"] >= 1 and stats["adapters"]["load_p50_s"] > 0
     assert stats["adapters"]["slot_loads"] >= stats["adapters"]["loads"], "each read adapter went into a slot"

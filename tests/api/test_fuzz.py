@@ -114,6 +114,7 @@ SANE_VALUES = {
     "temperature": lambda v: 0 <= v <= 2,
     "top_p": lambda v: 0 < v <= 1,
     "top_k": lambda v: isinstance(v, int) and -1 <= v <= 300,
+    "priority": lambda v: isinstance(v, int) and abs(v) < 2**31,
     "presence_penalty": lambda v: abs(v) <= 2,
     "frequency_penalty": lambda v: abs(v) <= 2,
     "repetition_penalty": lambda v: 0 < v <= 2,

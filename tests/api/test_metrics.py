@@ -35,7 +35,18 @@ ADAPTER, IDLE_ADAPTER = "tiny-lora", "idle-lora"  # IDLE_ADAPTER is registered a
 ADAPTER_ID = f"default/{ADAPTER}@1"
 MAX_LORAS = 3
 GREEDY = {"temperature": 0, "ignore_eos": True}
-BOUNDED_LABELS = {"endpoint", "status", "tier", "le", "event", "path", "quantile", "model_name"}
+BOUNDED_LABELS = {
+    "endpoint",
+    "status",
+    "tier",
+    "le",
+    "event",
+    "path",
+    "quantile",
+    "model_name",
+    "tenant",
+    "limit",
+}
 
 
 @dataclass(frozen=True)
@@ -157,8 +168,8 @@ def test_completions_count_requests_tokens_and_latencies(served, client):
     wait_for(lambda: requests_served(client, "/v1/completions", 200) == ok_before + n, "200s not counted")
     after = scrape(client)
 
-    def grew(name: str) -> float:
-        return value(after, name) - value(before, name)
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
 
     assert grew("loraplex_engine_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
     assert grew("loraplex_engine_generated_tokens_total") == sum(u["completion_tokens"] for u in usages)
@@ -171,6 +182,31 @@ def test_completions_count_requests_tokens_and_latencies(served, client):
     )
     assert grew("loraplex_engine_step_adapters_sum") >= 1  # the adapter request ran in some steps
     assert grew("loraplex_engine_step_duration_seconds_count") >= max(u["completion_tokens"] for u in usages)
+    # the same figures per tenant: every request here is the single tenant's, "default"
+    assert grew("loraplex_tenant_requests_total", tenant="default") == n
+    assert grew("loraplex_tenant_prompt_tokens_total", tenant="default") == sum(
+        u["prompt_tokens"] for u in usages
+    )
+    assert grew("loraplex_tenant_generated_tokens_total", tenant="default") == sum(
+        u["completion_tokens"] for u in usages
+    )
+    assert grew("loraplex_tenant_queue_seconds_count", tenant="default") == n
+    assert value(after, "loraplex_tenant_virtual_tokens", tenant="default") > 0
+
+
+def test_tenant_labels_are_bounded():
+    """Past MAX_TENANT_LABELS distinct tenants, the rest share one label that no tenant can have."""
+    from prometheus_client import CollectorRegistry
+
+    from adapters.format import validate_name
+    from server.metrics import MAX_TENANT_LABELS, OTHER_TENANT, TenantMetrics
+
+    tenants = TenantMetrics(CollectorRegistry())
+    labels = [tenants.label(f"t{i}") for i in range(MAX_TENANT_LABELS + 10)]
+    assert labels[:MAX_TENANT_LABELS] == [f"t{i}" for i in range(MAX_TENANT_LABELS)]
+    assert set(labels[MAX_TENANT_LABELS:]) == {OTHER_TENANT} and tenants.label("t0") == "t0"
+    with pytest.raises(ValueError):
+        validate_name(OTHER_TENANT, "tenant")
 
 
 def test_unknown_paths_and_refusals_are_counted_with_their_status(client):
@@ -260,6 +296,8 @@ EXPECTED_FAMILIES = [
     "loraplex_adapter_cache_hits", "loraplex_adapter_cache_misses", "loraplex_adapter_cache_evictions",
     "loraplex_adapter_cache_loads", "loraplex_adapter_cache_load_failures",
     "loraplex_adapter_cache_load_duration_seconds", "loraplex_adapter_cache_host_bytes", LORA_INFO,
+    "loraplex_tenant_requests", "loraplex_tenant_prompt_tokens", "loraplex_tenant_generated_tokens",
+    "loraplex_tenant_queue_seconds", "loraplex_tenant_virtual_tokens", "loraplex_tenant_limit_hits",
     *VLLM_GAUGES, *VLLM_PREFIX_COUNTERS, "loraplex_prefix_cache_blocks", "loraplex_prefix_cache_bytes",
     "loraplex_prefix_cache_evictions",
 ]  # fmt: skip

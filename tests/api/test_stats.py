@@ -75,11 +75,13 @@ def test_busiest_adapters_and_tenants():
         stats.record_arrival(adapter, tenant)
         stats.record_tokens(adapter, tenant, tokens)
     stats.record_arrival("base", "x")  # a request that has not produced a token yet
+    stats.record_limit_hit("y")  # refused: it never arrived
     summary = stats.summary(60)
     assert summary.adapter_tokens.most_common() == [("acme/a@1", 12), ("x/b@2", 3)]
     assert summary.adapter_requests == {"acme/a@1": 2, "x/b@2": 1, "base": 1}
     assert summary.tenant_tokens == {"acme": 12, "x": 3}
     assert summary.tenant_requests == {"acme": 2, "x": 2}
+    assert summary.tenant_limit_hits == {"y": 1}
 
 
 def test_series_rates_and_gaps():
