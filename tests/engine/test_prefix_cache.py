@@ -49,7 +49,7 @@ class Req:
     adapter: str | None = None
     sampling: tuple[tuple[str, object], ...] = tuple(GREEDY.items())
     max_tokens: int = 6
-    tenant: str | None = None
+    tenant: str = "default"
     cache_salt: str | None = None
 
 
@@ -69,7 +69,9 @@ def new_core(tiny_llama, adapter_dirs, **overrides):
 
 def submit(core, req: Req) -> None:
     sampling = SamplingParams(max_tokens=req.max_tokens, **dict(req.sampling))
-    core.add_request(req.request_id, req.prompt, sampling, req.adapter, req.tenant, req.cache_salt)
+    core.add_request(
+        req.request_id, req.prompt, sampling, req.adapter, tenant=req.tenant, cache_salt=req.cache_salt
+    )
 
 
 def collect(outputs: dict[str, Output], deltas) -> None:
