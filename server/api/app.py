@@ -161,7 +161,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
         inputs = await run_in_threadpool(_engine_input, convert.chat_input, body, state, principal)
         formatter = ChatFormatter(
             f"chatcmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, inputs.sampling.logprobs,
-            inputs.choices_per_prompt,
+            inputs.choices_per_prompt, tools=inputs.tools,
         )  # fmt: skip
         return await _generate(request, body, inputs, formatter, principal, reservation)
 

@@ -12,6 +12,7 @@ queue and are applied between steps; deltas come back through ``call_soon_thread
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -20,7 +21,10 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import jinja2
+import jinja2.meta
 
 from adapters.cache_types import Transition
 from adapters.registry import AdapterRegistry
@@ -97,11 +101,14 @@ class Engine:
         adapter: str | None = None,
         request_id: str | None = None,
     ) -> RequestStream:
-        """Validate now (raises EngineError), then yield one delta per generated token until done.
+        """Validate now (raises EngineError; a grammar is compiled first, on a worker thread), then
+        yield one delta per generated token until done.
 
         Closing the iterator early (e.g. the client went away) aborts the request.
         """
         request_id = request_id or uuid.uuid4().hex
+        if sampling.grammar is not None:  # compiled off the event loop (a new schema takes milliseconds)
+            await asyncio.to_thread(self.core.grammars.compile, sampling.grammar)
         self.core.validate(prompt_token_ids, sampling, adapter)
         stream: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
@@ -257,9 +264,22 @@ class Engine:
         await self.call(lambda: self.core.merges.unmerge(adapter_id))
 
     # ---- text helpers ----
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[int]:
+        """The messages rendered with the chat template (and ``tools``, for a template that renders
+        them: see ``chat_template_renders_tools``), tokenized."""
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tools=tools or None, add_generation_prompt=True, tokenize=True
+        )
         return _chat_token_ids(rendered)
+
+    @functools.cached_property
+    def chat_template_renders_tools(self) -> bool:
+        """Whether the model's chat template reads a ``tools`` variable (it renders tool definitions)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not isinstance(template, str):
+            return False
+        environment = jinja2.Environment()
+        return "tools" in jinja2.meta.find_undeclared_variables(environment.parse(template))
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text)  # transformers types encode's result as Any
