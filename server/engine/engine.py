@@ -275,11 +275,7 @@ class Engine:
     @functools.cached_property
     def chat_template_renders_tools(self) -> bool:
         """Whether the model's chat template reads a ``tools`` variable (it renders tool definitions)."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if not isinstance(template, str):
-            return False
-        environment = jinja2.Environment()
-        return "tools" in jinja2.meta.find_undeclared_variables(environment.parse(template))
+        return template_renders_tools(getattr(self.tokenizer, "chat_template", None))
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text)  # transformers types encode's result as Any
@@ -360,6 +356,13 @@ class Engine:
                 by_loop.setdefault(loop, []).append((stream, delta))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(deliver, items)
+
+
+def template_renders_tools(template: object) -> bool:
+    """Whether a Jinja chat template reads a ``tools`` variable (False for no template)."""
+    if not isinstance(template, str):
+        return False
+    return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
 
 
 def _observe(observer: Callable[[T], None], value: T) -> None:

@@ -10,6 +10,7 @@ as they are alone.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from typing import Literal
 
@@ -139,3 +140,39 @@ def test_a_schema_the_engine_cannot_compile_is_a_400_naming_response_format(clie
     assert client.chat.completions.create(
         model=BASE, messages=MESSAGES, max_tokens=2
     ).choices  # still serving
+
+
+def test_without_the_grammar_engine_structured_requests_get_a_400_saying_how_to_install_it(
+    tiny_llama_factory, monkeypatch
+):
+    """A server whose environment lacks xgrammar (``import xgrammar`` fails) serves free requests
+    and refuses response_format and forced tool calls with the install command."""
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from server.config import EngineConfig, ModelConfig
+    from server.engine.engine import Engine
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)
+    config = EngineConfig(max_loras=1, max_lora_rank=8, max_num_seqs=2, max_model_len=2048)
+    model_dir = tiny_llama_factory(max_position_embeddings=2048)  # byte tokens: a long tools prompt
+    engine = Engine.from_config(ModelConfig(model=str(model_dir), dtype="float32", device="cpu"), config)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    try:
+        with TestClient(create_app(engine, BASE)) as http:
+            body = {"model": BASE, "messages": MESSAGES, "max_tokens": 4}
+            for extra, param in [
+                ({"response_format": {"type": "json_object"}}, "response_format"),
+                ({"tools": [tool], "tool_choice": "required"}, "tools"),
+            ]:
+                response = http.post("/v1/chat/completions", json={**body, **extra})
+                assert response.status_code == 400, response.text
+                error = response.json()["error"]
+                assert error["param"] == param
+                assert "pip install 'loraplex[structured]'" in error["message"]
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+            assert (
+                http.post("/v1/chat/completions", json={**body, "tools": [tool]}).status_code == 200
+            )  # auto
+    finally:
+        engine.shutdown()

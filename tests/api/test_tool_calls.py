@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from server.api.schemas import ChatCompletionRequest
 from server.api.tool_calls import ToolCallReader
 from server.api.tools import template_input, tool_plan
+from server.engine.engine import template_renders_tools
 
 WEATHER = {
     "type": "function",
@@ -167,3 +168,9 @@ def test_a_template_that_renders_tools_gets_them_and_the_history_it_expects(tiny
     text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     assert text.startswith("TOOLS:get_weather;get_time;")  # (transformers trims the newlines after blocks)
     assert "assistant: CALL get_weather Paris" in text and "tool: sunny, 21 C (for call_1)" in text
+
+
+def test_which_templates_render_tools(tiny_llama_dir):
+    assert template_renders_tools(TOOLS_TEMPLATE)
+    assert not template_renders_tools(AutoTokenizer.from_pretrained(tiny_llama_dir).chat_template)
+    assert not template_renders_tools(None)
