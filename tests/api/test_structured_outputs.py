@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from typing import Literal
 
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.api.server_process import ServerProcess, running_server
-from tests.engine.test_engine_parity import save_peft_adapter
-from tests.engine.tiny import write_tiny_llama
+from tests.api.conftest import STRUCTURED_ADAPTER as ADAPTER
+from tests.api.conftest import STRUCTURED_BASE as BASE
 
 pytest.importorskip("xgrammar")
 
-BASE = "tiny-base"
-ADAPTER = "lora-qv"
 MESSAGES = [{"role": "user", "content": "Describe a pet."}]
 
 
@@ -36,31 +32,10 @@ class Pet(BaseModel):
     indoor: bool
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("structured")
-    model_dir = write_tiny_llama(root / "model")
-    adapter = save_peft_adapter(model_dir, root / ADAPTER, seed=21, r=8, lora_alpha=16,
-                                target_modules=["q_proj", "v_proj"])  # fmt: skip
-    args = [
-        "--model", str(model_dir), "--served-model-name", BASE, "--data-dir", str(root / "data"),
-        "--max-lora-rank", "16", "--max-num-seqs", "8", "--dtype", "float32", "--device", "cpu",
-        "--adapter", f"{ADAPTER}={adapter}",
-    ]  # fmt: skip
-    with running_server(args, root / "server.log") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as oai:
-        yield oai
-
-
 @pytest.mark.parametrize("model", [BASE, ADAPTER])
 @pytest.mark.parametrize("temperature", [0, 1.0])
-def test_parse_with_a_pydantic_model_returns_the_parsed_object(client, model, temperature):
-    completion = client.chat.completions.parse(
+def test_parse_with_a_pydantic_model_returns_the_parsed_object(structured_client, model, temperature):
+    completion = structured_client.chat.completions.parse(
         model=model, messages=MESSAGES, response_format=Pet, max_tokens=200, temperature=temperature, seed=1
     )
     choice = completion.choices[0]
@@ -69,13 +44,13 @@ def test_parse_with_a_pydantic_model_returns_the_parsed_object(client, model, te
     assert Pet.model_validate_json(choice.message.content) == choice.message.parsed
 
 
-def test_json_object_replies_are_json_objects_and_stream_the_same(client):
+def test_json_object_replies_are_json_objects_and_stream_the_same(structured_client):
     kwargs = dict(model=ADAPTER, messages=MESSAGES, max_tokens=60, temperature=0,
                   response_format={"type": "json_object"})  # fmt: skip
-    whole = client.chat.completions.create(**kwargs)
+    whole = structured_client.chat.completions.create(**kwargs)
     streamed = "".join(
         chunk.choices[0].delta.content or ""
-        for chunk in client.chat.completions.create(stream=True, **kwargs)
+        for chunk in structured_client.chat.completions.create(stream=True, **kwargs)
         if chunk.choices
     )
     assert streamed == whole.choices[0].message.content
@@ -85,30 +60,30 @@ def test_json_object_replies_are_json_objects_and_stream_the_same(client):
         assert streamed.startswith("{")
 
 
-def test_a_schema_without_strict_allows_what_it_does_not_forbid(client):
+def test_a_schema_without_strict_allows_what_it_does_not_forbid(structured_client):
     """json_schema without strict: the reply follows the schema (it always does here)."""
     schema = {"type": "object", "properties": {"n": {"enum": [1, 2, 3]}}, "required": ["n"]}
-    completion = client.chat.completions.create(
+    completion = structured_client.chat.completions.create(
         model=BASE, messages=MESSAGES, max_tokens=80, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
     )  # fmt: skip
     assert json.loads(completion.choices[0].message.content)["n"] in (1, 2, 3)
 
 
-def test_free_requests_beside_constrained_ones_are_unchanged(client):
+def test_free_requests_beside_constrained_ones_are_unchanged(structured_client):
     """The same greedy free request alone, then while constrained requests of the other model run
     in the same batches (concurrently): identical text."""
     from concurrent.futures import ThreadPoolExecutor
 
     def free() -> str:
-        reply = client.chat.completions.create(
+        reply = structured_client.chat.completions.create(
             model=BASE, messages=MESSAGES, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
         )
         return reply.choices[0].message.content
 
     def constrained() -> object:
         return (
-            client.chat.completions.parse(
+            structured_client.chat.completions.parse(
                 model=ADAPTER, messages=MESSAGES, response_format=Pet, max_tokens=200, temperature=1.0
             )
             .choices[0]
@@ -131,13 +106,17 @@ def test_free_requests_beside_constrained_ones_are_unchanged(client):
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}},
     ],
 )
-def test_a_schema_the_engine_cannot_compile_is_a_400_naming_response_format(client, response_format):
+def test_a_schema_the_engine_cannot_compile_is_a_400_naming_response_format(
+    structured_client, response_format
+):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=BASE, messages=MESSAGES, response_format=response_format)
+        structured_client.chat.completions.create(
+            model=BASE, messages=MESSAGES, response_format=response_format
+        )
     error = caught.value.body
     assert error["param"] == "response_format"
     assert "cannot be compiled" in error["message"]
-    assert client.chat.completions.create(
+    assert structured_client.chat.completions.create(
         model=BASE, messages=MESSAGES, max_tokens=2
     ).choices  # still serving
 

@@ -8,19 +8,15 @@ response; tool results in later turns are accepted; ``none`` answers in text.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import jsonschema
-import openai
 import pytest
 
-from tests.api.server_process import ServerProcess, running_server
-from tests.engine.test_engine_parity import save_peft_adapter
-from tests.engine.tiny import write_tiny_llama
+from tests.api.conftest import STRUCTURED_ADAPTER as ADAPTER
+from tests.api.conftest import STRUCTURED_BASE as BASE
 
 pytest.importorskip("xgrammar")
 
-BASE, ADAPTER = "tiny-base", "lora-qv"
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER_ARGS = {
     "type": "object",
@@ -40,31 +36,8 @@ SCHEMAS = {"get_weather": WEATHER_ARGS, "get_time": TIME_ARGS}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("tools")
-    model_dir = write_tiny_llama(
-        root / "model", max_position_embeddings=2048
-    )  # byte tokens: a long tools prompt
-    adapter = save_peft_adapter(model_dir, root / ADAPTER, seed=21, r=8, lora_alpha=16,
-                                target_modules=["q_proj", "v_proj"])  # fmt: skip
-    args = [
-        "--model", str(model_dir), "--served-model-name", BASE, "--data-dir", str(root / "data"),
-        "--max-lora-rank", "16", "--max-num-seqs", "8", "--dtype", "float32", "--device", "cpu",
-        "--adapter", f"{ADAPTER}={adapter}",
-    ]  # fmt: skip
-    with running_server(args, root / "server.log") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as oai:
-        yield oai
-
-
-def ask(client, **kwargs):
-    return client.chat.completions.create(
+def ask(structured_client, **kwargs):
+    return structured_client.chat.completions.create(
         **{"model": BASE, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 200, "temperature": 0, **kwargs}
     )
 
@@ -77,10 +50,10 @@ def assert_valid_calls(calls) -> None:
     assert len({call.id for call in calls}) == len(calls)
 
 
-def streamed(client, **kwargs) -> tuple[str, list[dict], str | None]:
+def streamed(structured_client, **kwargs) -> tuple[str, list[dict], str | None]:
     """(content, calls as {id, name, arguments}, finish_reason) put together from the stream."""
     content, calls, finish = "", {}, None
-    for chunk in ask(client, stream=True, **kwargs):
+    for chunk in ask(structured_client, stream=True, **kwargs):
         choice = chunk.choices[0]
         content += choice.delta.content or ""
         for delta in choice.delta.tool_calls or []:
@@ -97,8 +70,8 @@ def as_dicts(calls) -> list[dict]:
 
 
 @pytest.mark.parametrize("model", [BASE, ADAPTER])
-def test_a_named_function_is_called_with_valid_arguments(client, model):
-    choice = ask(client, model=model, tool_choice=NAMED).choices[0]
+def test_a_named_function_is_called_with_valid_arguments(structured_client, model):
+    choice = ask(structured_client, model=model, tool_choice=NAMED).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
     assert_valid_calls(choice.message.tool_calls)
@@ -106,11 +79,11 @@ def test_a_named_function_is_called_with_valid_arguments(client, model):
 
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("temperature", [0, 1.0])
-def test_required_makes_one_or_more_valid_calls(client, parallel, temperature):
+def test_required_makes_one_or_more_valid_calls(structured_client, parallel, temperature):
     """With parallel calls the random model may go on listing calls up to max_tokens: the complete
     ones are its calls, the cut one is left as content."""
-    choice = ask(client, tool_choice="required", parallel_tool_calls=parallel, temperature=temperature,
-                 seed=4, max_tokens=400).choices[0]  # fmt: skip
+    choice = ask(structured_client, tool_choice="required", parallel_tool_calls=parallel,
+                 temperature=temperature, seed=4, max_tokens=400).choices[0]  # fmt: skip
     assert_valid_calls(choice.message.tool_calls)
     if not parallel:
         assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
@@ -121,9 +94,9 @@ def test_required_makes_one_or_more_valid_calls(client, parallel, temperature):
 
 
 @pytest.mark.parametrize("tool_choice", [NAMED, "required"])
-def test_a_streamed_call_adds_up_to_the_whole_one(client, tool_choice):
-    whole = ask(client, tool_choice=tool_choice, parallel_tool_calls=False).choices[0]
-    content, calls, finish = streamed(client, tool_choice=tool_choice, parallel_tool_calls=False)
+def test_a_streamed_call_adds_up_to_the_whole_one(structured_client, tool_choice):
+    whole = ask(structured_client, tool_choice=tool_choice, parallel_tool_calls=False).choices[0]
+    content, calls, finish = streamed(structured_client, tool_choice=tool_choice, parallel_tool_calls=False)
     assert (content, finish) == ("", "tool_calls")
     assert [{"name": c["name"], "arguments": c["arguments"]} for c in calls] == as_dicts(
         whole.message.tool_calls
@@ -131,28 +104,31 @@ def test_a_streamed_call_adds_up_to_the_whole_one(client, tool_choice):
     assert all(c["id"].startswith("call_") for c in calls)
 
 
-def test_tool_results_in_later_turns_are_accepted_and_change_the_prompt(client):
-    first = ask(client, tool_choice=NAMED).choices[0].message
+def test_tool_results_in_later_turns_are_accepted_and_change_the_prompt(structured_client):
+    first = ask(structured_client, tool_choice=NAMED).choices[0].message
     call = first.tool_calls[0]
     history = [
         *MESSAGES,
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
     ]
-    reply = ask(client, messages=history, max_tokens=4)
+    reply = ask(structured_client, messages=history, max_tokens=4)
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    assert reply.usage.prompt_tokens > ask(client, max_tokens=4).usage.prompt_tokens
+    assert reply.usage.prompt_tokens > ask(structured_client, max_tokens=4).usage.prompt_tokens
 
 
-def test_none_answers_in_text_without_the_tools(client):
-    with_none = ask(client, tool_choice="none", max_tokens=8, extra_body={"ignore_eos": True}).choices[0]
-    without = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=8, temperature=0,
-                                             extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
+def test_none_answers_in_text_without_the_tools(structured_client):
+    with_none = ask(
+        structured_client, tool_choice="none", max_tokens=8, extra_body={"ignore_eos": True}
+    ).choices[0]
+    without = structured_client.chat.completions.create(
+        model=BASE, messages=MESSAGES, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    ).choices[0]
     assert with_none.message.tool_calls == [] and with_none.finish_reason == "length"
     assert with_none.message.content == without.message.content  # the tools were not in its prompt
 
 
-def test_auto_lets_the_model_answer_in_text(client):
-    choice = ask(client, max_tokens=8, extra_body={"ignore_eos": True}).choices[0]
+def test_auto_lets_the_model_answer_in_text(structured_client):
+    choice = ask(structured_client, max_tokens=8, extra_body={"ignore_eos": True}).choices[0]
     assert choice.finish_reason == "length" and choice.message.tool_calls == []
     assert isinstance(choice.message.content, str)
