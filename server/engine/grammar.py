@@ -153,7 +153,8 @@ class Grammars:
         import xgrammar
 
         compiled = self.compile(spec)
-        return GrammarState(xgrammar.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids))
+        stops = self.stop_token_ids or None  # None: the ones xgrammar found in the tokenizer
+        return GrammarState(xgrammar.GrammarMatcher(compiled, override_stop_tokens=stops))
 
     def start_masks(self, rows: Sequence[GrammarRow]) -> PendingMasks | None:
         """Begin filling the bitmask of the rows that carry a grammar (None when none does)."""
@@ -201,7 +202,7 @@ def _tokenizer_info(grammars: Grammars, param: str) -> xgrammar.TokenizerInfo:
             param=param,
         ) from None
     info: xgrammar.TokenizerInfo = xgr.TokenizerInfo.from_huggingface(
-        grammars.tokenizer, vocab_size=grammars.vocab_size, stop_token_ids=grammars.stop_token_ids
+        grammars.tokenizer, vocab_size=grammars.vocab_size, stop_token_ids=grammars.stop_token_ids or None
     )
     return info
 
