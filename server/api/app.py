@@ -166,7 +166,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
         quota = _admit(state, principal, inputs)
         formatter = ChatFormatter(
             f"chatcmpl-{uuid.uuid4().hex}", body.model, state.engine.tokenizer, inputs.sampling.logprobs,
-            inputs.choices_per_prompt,
+            inputs.choices_per_prompt, tools=inputs.tools,
         )  # fmt: skip
         return await _generate(request, body, inputs, formatter, principal, reservation, quota)
 

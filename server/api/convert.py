@@ -18,7 +18,9 @@ from adapters.errors import UnknownAdapterError
 from adapters.registry import AdapterRegistry
 from adapters.tenants import Principal, parse_model_name
 from server.api.errors import ApiError, from_sampling_error, model_not_found
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, SamplingFields
+from server.api.tools import ToolPlan, template_input, tool_plan
+from server.engine.grammar import GrammarSpec
 from server.engine.sampler import SamplingParams
 from server.engine.views import EngineLimits
 
@@ -27,10 +29,7 @@ _UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
     "suffix": lambda v: v is not None,
     "best_of": lambda v: v not in (None, 1),
 }
-_UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
-    "tools": bool,
-    "response_format": lambda v: v is not None and v.get("type", "text") != "text",
-}
+_UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {}
 _ECHO_HINT = " (0 only with echo, which scores the prompt and generates nothing)"
 _TOKEN_ID = re.compile(r"-?[0-9]+")  # a logit_bias key: a token id written in decimal
 # request fields passed to SamplingParams unchanged when not None
@@ -46,8 +45,11 @@ class EngineLike(Protocol):
     @property
     def limits(self) -> EngineLimits: ...
 
+    @property
+    def chat_template_renders_tools(self) -> bool: ...
+
     def encode(self, text: str) -> list[int]: ...
-    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]: ...
     def detokenize(self, token_ids: list[int]) -> tuple[str, list[int]]: ...
 
 
@@ -78,6 +80,7 @@ class GenerationInput:
     requests: list[EngineRequest]  # prompt by prompt, ``choices_per_prompt`` choices each
     adapter: str | None  # None: the base model
     choices_per_prompt: int = 1  # ``n``
+    tools: ToolPlan | None = None  # chat: how the replies use the request's tools
 
     @property
     def sampling(self) -> SamplingParams:
@@ -142,15 +145,36 @@ def chat_input(req: ChatCompletionRequest, engine: EngineLike, adapter: str | No
     _check_num_logprobs("top_logprobs", req.top_logprobs, engine)
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt_ids = _chat_prompt_ids(req, engine)
+    plan = tool_plan(req)
+    grammar = _chat_grammar(req, plan)
+    prompt_ids = _chat_prompt_ids(req, plan, engine)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     _check_max_tokens("max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
                       max_tokens, 1)  # fmt: skip
     logprobs = {"logprobs": bool(req.logprobs), "top_logprobs": req.top_logprobs or 0}
-    sampling = _sampling(req, max_tokens, prompt_ids, engine, logprobs)
-    return GenerationInput(
-        [EngineRequest(prompt_ids, s) for s in _choices(sampling, req.n or 1)], adapter, req.n or 1
-    )
+    sampling = _sampling(req, max_tokens, prompt_ids, engine, logprobs, grammar)
+    requests = [EngineRequest(prompt_ids, s) for s in _choices(sampling, req.n or 1)]
+    return GenerationInput(requests, adapter, req.n or 1, plan if plan.parses_calls else None)
+
+
+def _chat_grammar(req: ChatCompletionRequest, plan: ToolPlan) -> GrammarSpec | None:
+    """A forced call's grammar, else response_format's; the two together are refused."""
+    forced, asked = plan.grammar(), response_grammar(req.response_format)
+    if forced is not None and asked is not None:
+        raise ApiError(400, f"response_format cannot be combined with tool_choice {plan.mode!r} (the reply "
+                       "is then the tool call)", param="response_format")  # fmt: skip
+    return forced or asked
+
+
+def response_grammar(response_format: ResponseFormat | None) -> GrammarSpec | None:
+    """The grammar ``response_format`` asks for: None for text, any JSON object for json_object (and
+    a json_schema without a schema), else the schema (the engine refuses one it cannot compile)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    spec = response_format.json_schema
+    if spec is None or spec.schema_ is None:
+        return GrammarSpec("json_object")
+    return GrammarSpec.json_schema(spec.schema_, strict=bool(spec.strict))
 
 
 def _choices(sampling: SamplingParams, n: int) -> list[SamplingParams]:
@@ -204,11 +228,12 @@ def _completion_prompt_ids(prompt: str | list[int], engine: EngineLike) -> list[
         raise ApiError(400, f"the prompt cannot be tokenized: {exc}", param="prompt") from exc
 
 
-def _chat_prompt_ids(req: ChatCompletionRequest, engine: EngineLike) -> list[int]:
-    """The messages rendered with the model's chat template (add_generation_prompt) and tokenized."""
-    messages = [{"role": m.role, "content": m.text} for m in req.messages]
+def _chat_prompt_ids(req: ChatCompletionRequest, plan: ToolPlan, engine: EngineLike) -> list[int]:
+    """The messages (and the tools the model may call) rendered with the model's chat template
+    (add_generation_prompt) and tokenized."""
+    messages, tools = template_input(req, plan, engine.chat_template_renders_tools)
     try:
-        return engine.encode_chat(messages)
+        return engine.encode_chat(messages, tools)
     except (TemplateError, ValueError, TypeError, UnicodeError) as exc:  # refused, no template, bad text
         raise ApiError(
             400, f"the chat template cannot render these messages: {exc}", param="messages"
@@ -224,10 +249,10 @@ def _check_max_tokens(name: str, value: int | None, low: int, zero_hint: str = "
 
 def _sampling(
     req: SamplingFields, max_tokens: int | None, prompt_ids: list[int], engine: EngineLike,
-    logprobs: dict[str, Any],
+    logprobs: dict[str, Any], grammar: GrammarSpec | None = None,
 ) -> SamplingParams:  # fmt: skip
-    """SamplingParams from the request (``logprobs``: its logprob fields); max_tokens None means up
-    to the end of the context."""
+    """SamplingParams from the request (``logprobs``: its logprob fields; ``grammar``: the structured
+    output it asks for); max_tokens None means up to the end of the context."""
     if max_tokens is None:  # at least 1, so an over-long prompt gets the engine's context-length error
         max_tokens = max(1, engine.limits.max_model_len - len(prompt_ids))
     kwargs = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
@@ -235,7 +260,11 @@ def _sampling(
         kwargs["stop"] = req.stop
     try:
         return SamplingParams(
-            max_tokens=max_tokens, logit_bias=_logit_bias(req.logit_bias), **logprobs, **kwargs
+            max_tokens=max_tokens,
+            logit_bias=_logit_bias(req.logit_bias),
+            grammar=grammar,
+            **logprobs,
+            **kwargs,
         )
     except ValueError as exc:
         raise from_sampling_error(exc) from exc

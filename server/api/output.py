@@ -25,6 +25,8 @@ from server.api import schemas
 from server.api.convert import Echo
 from server.api.errors import ApiError
 from server.api.logprobs import ScoredTokens, TokenTexts, chat_logprobs, completion_logprobs
+from server.api.tool_calls import ReadOut, ToolCallReader
+from server.api.tools import ToolPlan
 from server.engine.sampler import TopLogprobs
 from server.engine.views import PromptLogprobs, TokenDelta
 
@@ -195,7 +197,25 @@ class CompletionFormatter(Formatter):
 
 
 class ChatFormatter(Formatter):
-    """``chat.completion`` bodies and ``chat.completion.chunk`` deltas (the first carries the role)."""
+    """``chat.completion`` bodies and ``chat.completion.chunk`` deltas (the first carries the role).
+
+    With ``tools`` (a plan whose replies may call them) each choice's text is read for calls
+    (``server.api.tool_calls``): they come out as ``tool_calls``, streamed as tool-call deltas, and
+    a reply that made calls and stopped by itself finishes with ``tool_calls``."""
+
+    def __init__(self, *args: Any, tools: ToolPlan | None = None, **kwargs: Any) -> None:
+        """``Formatter``'s arguments, and ``tools``."""
+        super().__init__(*args, **kwargs)
+        self.tools = tools
+        self._readers: dict[int, ToolCallReader] = {}  # streamed choices' readers
+
+    def _read(self, reader: ToolCallReader, text: str, finished: bool) -> ReadOut:
+        out = reader.push(text)
+        return out.add(reader.finish()) if finished else out
+
+    @staticmethod
+    def _finish_reason(reason: str | None, reader: ToolCallReader | None) -> str | None:
+        return "tool_calls" if reason == "stop" and reader is not None and reader.calls else reason
 
     def _logprobs(self, gen: Generation) -> schemas.ChatLogprobs | None:
         return chat_logprobs(gen.scored(), self.token_text) if self.want_logprobs else None
@@ -210,23 +230,38 @@ class ChatFormatter(Formatter):
         return self._chunk([schemas.ChatChunkChoice(index=i, delta=delta) for i in range(num_choices)])
 
     def chunk(self, piece: Generation, base_offset: int = 0, index: int = 0) -> dict:
-        delta = schemas.ChatDelta(content=piece.text or None)
+        reader = None
+        if self.tools is None:
+            delta = schemas.ChatDelta(content=piece.text or None)
+        else:
+            reader = self._readers.setdefault(index, ToolCallReader(self.tools))
+            out = self._read(reader, piece.text, piece.finish_reason is not None)
+            delta = schemas.ChatDelta(content=out.content or None, tool_calls=out.calls or None)
         choice = schemas.ChatChunkChoice(
-            index=index, delta=delta, logprobs=self._logprobs(piece), finish_reason=piece.finish_reason
-        )
+            index=index, delta=delta, logprobs=self._logprobs(piece),
+            finish_reason=self._finish_reason(piece.finish_reason, reader),
+        )  # fmt: skip
         return self._chunk([choice])
+
+    def _message(self, gen: Generation) -> tuple[schemas.AssistantMessage, str | None]:
+        """A whole choice's message and finish reason."""
+        if self.tools is None:
+            return schemas.AssistantMessage(content=gen.text), gen.finish_reason
+        reader = ToolCallReader(self.tools)
+        out = self._read(reader, gen.text, finished=True)
+        content = out.content or None if reader.calls else out.content
+        message = schemas.AssistantMessage(content=content, tool_calls=reader.calls)
+        return message, self._finish_reason(gen.finish_reason, reader)
 
     def usage_chunk(self, choices: list[Generation]) -> dict:
         return self._chunk([], self.usage(choices))
 
     def response(self, choices: list[Generation]) -> dict:
-        body = [
-            schemas.ChatChoice(
-                index=i, message=schemas.AssistantMessage(content=g.text), logprobs=self._logprobs(g),
-                finish_reason=g.finish_reason,
-            )
-            for i, g in enumerate(choices)
-        ]  # fmt: skip
+        body = []
+        for i, g in enumerate(choices):
+            message, finish_reason = self._message(g)
+            body.append(schemas.ChatChoice(index=i, message=message, logprobs=self._logprobs(g),
+                                           finish_reason=finish_reason))  # fmt: skip
         return schemas.ChatCompletionResponse(
             id=self.request_id, created=self.created, model=self.model, choices=body,
             usage=self.usage(choices),

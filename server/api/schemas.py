@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Request(BaseModel):
@@ -141,23 +141,113 @@ class TextPart(_Request):
     text: str
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str  # JSON text, as the API returned it
+
+
+class ToolCallIn(_Request):
+    """A tool call of an earlier assistant turn, sent back in ``messages``."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    """One turn. ``content`` may be null only for an assistant turn that made ``tool_calls``; a
+    ``tool`` turn answers the call ``tool_call_id`` names."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns only
+    tool_call_id: str | None = None  # tool turns only (required there)
+    content: str | list[TextPart] | None = Field(default=None, validate_default=True)  # after the above
 
     @field_validator("content", mode="before")
     @classmethod
     def _content_shape(cls, value: Any) -> Any:
-        if isinstance(value, str) or (
-            isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value)
+        if (
+            value is None
+            or isinstance(value, str)
+            or (
+                isinstance(value, list)
+                and all(isinstance(p, dict) and p.get("type") == "text" for p in value)
+            )
         ):
             return value
         raise ValueError('content must be a string or a list of {"type": "text", "text": ...} parts')
 
+    @field_validator("content", mode="after")
+    @classmethod
+    def _content_present(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("content is required (null only in an assistant message with tool_calls)")
+        return value
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role} ones")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id is required in tool messages, and only there")
+        return self
+
     @property
     def text(self) -> str:
-        """The content as one string (text parts are concatenated)."""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content as one string (text parts are concatenated; null is empty)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(p.text for p in self.content)
+
+
+class JsonSchemaFormat(_Request):
+    """``response_format.json_schema``: the schema the reply must follow (``strict``: no properties
+    or items beyond it; the reply follows the schema either way)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """``response_format``: plain text, any JSON object, or JSON following ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only there')
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments object; None: any object
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """``tool_choice`` naming the function the reply must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -168,8 +258,26 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0)  # alternatives per token; needs logprobs
-    tools: list[dict] | None = None  # refused when non-empty
-    response_format: dict | None = None  # refused unless {"type": "text"}
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool | None = None  # None: true
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_shape(cls, value: Any) -> Any:
+        """One clear message for every malformed tool_choice (instead of one per union member)."""
+        named = (
+            isinstance(value, dict) and value.keys() == {"type", "function"} and value["type"] == "function"
+            and isinstance(value["function"], dict) and value["function"].keys() == {"name"}
+            and isinstance(value["function"]["name"], str)
+        )  # fmt: skip
+        if value is None or value in ("none", "auto", "required") or named:
+            return value
+        raise ValueError(
+            "tool_choice must be 'none', 'auto' or 'required', or name a function: "
+            '{"type": "function", "function": {"name": ...}}'
+        )
 
 
 # ---- responses ----
@@ -230,9 +338,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -251,9 +371,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None  # in a call's first delta
+    arguments: str | None = None  # the next piece of the arguments' JSON text
+
+
+class ToolCallDelta(BaseModel):
+    index: int  # the call's place in the message's tool_calls
+    id: str | None = None  # in a call's first delta
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

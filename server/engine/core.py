@@ -26,6 +26,7 @@ from adapters.store import file_sha256
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import ContextLengthError, EngineError
+from server.engine.grammar import Grammars
 from server.engine.kv_cache import DEFAULT_CPU_KV_BYTES_CAP, KVCache, kv_bytes_per_token
 from server.engine.merging import MergeManager, MergePolicyConfig
 from server.engine.prefix_cache import cache_root
@@ -70,8 +71,9 @@ class EngineCore:
             self.adapters.is_registered,
         )
         self.scheduler = Scheduler(config, self.kv_cache, self.adapters, self.max_model_len, eos, self.merges)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, eos)  # xgrammar loads on first use
         self.runner = ModelRunner(
-            loaded.model, self.kv_cache, Sampler(config.seed), self.slot_writer.slot_ranks
+            loaded.model, self.kv_cache, Sampler(config.seed), self.slot_writer.slot_ranks, self.grammars
         )
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -97,6 +99,8 @@ class EngineCore:
             raise EngineError("the prompt is empty")
         self.check_token_ids(prompt_token_ids)
         self._validate_logprobs(sampling)
+        if sampling.grammar is not None:
+            self.grammars.compile(sampling.grammar)  # a cache hit once the facade compiled it
         total = len(prompt_token_ids) + sampling.max_tokens
         if total > self.max_model_len:
             raise ContextLengthError(
@@ -141,6 +145,8 @@ class EngineCore:
             tenant=tenant, priority=priority,
         )  # fmt: skip
         seq.cache_root = self._cache_root(adapter_id, tenant, cache_salt)
+        if sampling.grammar is not None:
+            seq.grammar = self.grammars.matcher(sampling.grammar)
         self._seqs[request_id] = seq
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         if adapter_id is not None:

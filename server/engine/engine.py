@@ -12,6 +12,7 @@ queue and are applied between steps; deltas come back through ``call_soon_thread
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -21,6 +22,9 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
+
+import jinja2
+import jinja2.meta
 
 from adapters.cache_types import Transition
 from adapters.registry import AdapterRegistry
@@ -102,12 +106,15 @@ class Engine:
         cache_salt: str | None = None,
         priority: int = 0,
     ) -> RequestStream:
-        """Validate now (raises EngineError), then yield one delta per generated token until done.
-        ``tenant``, ``cache_salt`` and ``priority``: see ``EngineCore.add_request``.
+        """Validate now (raises EngineError; a grammar is compiled first, on a worker thread), then
+        yield one delta per generated token until done. ``tenant``, ``cache_salt`` and ``priority``:
+        see ``EngineCore.add_request``.
 
         Closing the iterator early (e.g. the client went away) aborts the request.
         """
         request_id = request_id or uuid.uuid4().hex
+        if sampling.grammar is not None:  # compiled off the event loop (a new schema takes milliseconds)
+            await asyncio.to_thread(self.core.grammars.compile, sampling.grammar)
         self.core.validate(prompt_token_ids, sampling, adapter)
         stream: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
@@ -275,9 +282,18 @@ class Engine:
         await self.call(lambda: self.core.merges.unmerge(adapter_id))
 
     # ---- text helpers ----
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[int]:
+        """The messages rendered with the chat template (and ``tools``, for a template that renders
+        them: see ``chat_template_renders_tools``), tokenized."""
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tools=tools or None, add_generation_prompt=True, tokenize=True
+        )
         return _chat_token_ids(rendered)
+
+    @functools.cached_property
+    def chat_template_renders_tools(self) -> bool:
+        """Whether the model's chat template reads a ``tools`` variable (it renders tool definitions)."""
+        return template_renders_tools(getattr(self.tokenizer, "chat_template", None))
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text)  # transformers types encode's result as Any
@@ -358,6 +374,13 @@ class Engine:
                 by_loop.setdefault(loop, []).append((stream, delta))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(deliver, items)
+
+
+def template_renders_tools(template: object) -> bool:
+    """Whether a Jinja chat template reads a ``tools`` variable (False for no template)."""
+    if not isinstance(template, str):
+        return False
+    return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
 
 
 def _observe(observer: Callable[[T], None], value: T) -> None:

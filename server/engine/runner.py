@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
 import torch
 
+from server.engine.grammar import Grammars
 from server.engine.kv_cache import KVCache
 from server.engine.sampler import SampleOutput, Sampler, TokenLogprobs, TopLogprobs, token_logprobs
 from server.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -24,6 +26,8 @@ from server.engine.sequence import Sequence
 from server.model.forward_batch import ForwardBatch, PrefillChunk
 from server.model.llama import LlamaForServing
 from server.ops.lora_torch import LoRASegments
+
+log = logging.getLogger(__name__)
 
 
 class MergedWeights(Protocol):
@@ -54,9 +58,15 @@ ScoringPlan = list[tuple[ScheduledSeq, range]]  # per scheduled sequence that sc
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForServing, kv_cache: KVCache, sampler: Sampler, slot_ranks: list[int] | None = None
+        self,
+        model: LlamaForServing,
+        kv_cache: KVCache,
+        sampler: Sampler,
+        slot_ranks: list[int] | None = None,
+        grammars: Grammars | None = None,
     ) -> None:
         self.model = model
+        self.grammars = grammars  # masks the rows with a grammar (None: no request may carry one)
         self.slot_ranks = slot_ranks  # rank of the adapter in each slot (kept up to date by the writer)
         self.kv_cache = kv_cache
         self.sampler = sampler
@@ -83,11 +93,17 @@ class ModelRunner:
         return StepOutput(SampleOutput(token_ids, logprobs, top_logprobs), scored)
 
     def _forward_and_sample(self, scheduled: list[ScheduledSeq]) -> StepOutput:
+        """One forward; the grammar rows' masks are filled on a worker thread meanwhile, applied to
+        those rows alone before sampling, and each grammar then advances by its row's token."""
         plan = scoring_plan(scheduled)
         batch = self.build_batch(scheduled, plan)
-        logits = self.model(batch, self.kv_cache.layers)  # [B_sample + P, V]
         rows = [item.seq for item in scheduled if item.samples]
-        sampled = self.sampler.sample(logits[: len(rows)], rows)
+        masks = self.grammars.start_masks(rows) if self.grammars is not None else None
+        logits = self.model(batch, self.kv_cache.layers)  # [B_sample + P, V]
+        sampled = self.sampler.sample(logits[: len(rows)], rows, masks.apply if masks else None)
+        if masks is not None:
+            for i in Grammars.accept(rows, sampled.token_ids):  # none: each was sampled under its mask
+                log.warning("%s: its grammar refused token %d", rows[i].request_id, sampled.token_ids[i])
         return StepOutput(sampled, self._score_prompts(logits[len(rows) :], plan))
 
     def _score_prompts(self, logits: torch.Tensor, plan: ScoringPlan) -> dict[Sequence, TokenLogprobs]:

@@ -2,6 +2,8 @@
 
 Per row, in this order (each step matches the transformers processor named, so HF is the reference):
 
+   -1. a grammar's mask (structured outputs, server/engine/grammar.py): the tokens the row's grammar
+       does not allow next get -inf; rows without a grammar are not touched
     0. logit_bias added to the logits (OpenAI's; vLLM applies it before the penalties too)
     1. repetition penalty over prompt + output tokens   (RepetitionPenaltyLogitsProcessor)
     2. presence / frequency penalties over output tokens (OpenAI: l -= presence*(c>0) + frequency*c)
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from server.engine.grammar import GrammarSpec
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI range)
@@ -90,7 +94,8 @@ class SamplingParams:
     ``prompt_logprobs`` (None: off): each prompt token's logprob given the tokens before it, with
     that many alternatives. ``logit_bias``: (token id, bias) pairs, given as a mapping or pairs,
     stored as pairs sorted by id (a repeated id keeps its last bias); ids are checked against the
-    vocabulary by the engine, which alone knows it.
+    vocabulary by the engine, which alone knows it. ``grammar``: the structured output the tokens
+    must form (server/engine/grammar.py); the engine compiles it and refuses what it cannot compile.
     """
 
     max_tokens: int = 16
@@ -108,6 +113,7 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 0)
@@ -120,6 +126,8 @@ class SamplingParams:
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise ValueError(f"grammar must be a GrammarSpec, got {type(self.grammar).__name__}")
         self._validate_floats()
         self._validate_stops()
         object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias))
@@ -278,16 +286,23 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p_cut: torc
     return logits.masked_fill(remove, -math.inf)
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+Constrain = Callable[[torch.Tensor], None]  # masks some rows of fp32 logits [B, V] in place
+
+
+def process_logits(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], constrain: Constrain | None = None
+) -> torch.Tensor:
     """The logits each row's token is chosen from: [B, V] fp32, a new tensor on the logits' device.
 
-    Greedy rows get the biased, penalised logits (their token is the argmax); sampling rows get them
-    divided by the temperature and with what top-k/top-p removes set to -inf (softmax gives the draw
-    distribution).
+    ``constrain`` (grammar rows' masks) runs first, on the fp32 copy. Greedy rows get the biased,
+    penalised logits (their token is the argmax); sampling rows get them divided by the temperature
+    and with what top-k/top-p removes set to -inf (softmax gives the draw distribution).
     """
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [num_rows={len(rows)}, vocab], got {tuple(logits.shape)}")
     out = logits.to(torch.float32, copy=True).contiguous()  # [B, V]
+    if constrain is not None:
+        constrain(out)
     apply_logit_bias(out, rows)
     apply_penalties(out, rows)
     params = [row.sampling for row in rows]
@@ -316,9 +331,12 @@ class Sampler:
             self._shared[device] = make_generator(self.seed, device)
         return self._shared[device]
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
-        """One token per row of ``logits`` [B, V] (any float dtype, any device), and logprobs if asked."""
-        processed = process_logits(logits, rows)  # [B, V] fp32
+    def sample(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], constrain: Constrain | None = None
+    ) -> SampleOutput:
+        """One token per row of ``logits`` [B, V] (any float dtype, any device), and logprobs if asked
+        (of the raw logits: a grammar's mask does not change them)."""
+        processed = process_logits(logits, rows, constrain)  # [B, V] fp32
         tokens = processed.argmax(dim=-1)  # [B]; final for greedy rows
         sampling = [i for i, row in enumerate(rows) if not row.sampling.is_greedy]
         if sampling:

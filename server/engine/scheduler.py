@@ -328,6 +328,8 @@ class Scheduler(Generic[LeaseT, CopyT]):
             return FinishReason.STOP
         if not params.ignore_eos and token in self.eos_token_ids:
             return FinishReason.STOP
+        if seq.grammar is not None and seq.grammar.is_terminated:  # ended with EOS, also under ignore_eos
+            return FinishReason.STOP
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.grammar import GrammarState
 from server.engine.sampler import SamplingParams, TopLogprobs
 
 
@@ -32,6 +33,7 @@ class Sequence:
     adapter_id: str | None  # None = the bare base model
     arrival_index: int  # FCFS order
     generator: torch.Generator | None = None  # set when sampling.seed is given
+    grammar: GrammarState | None = None  # set when sampling.grammar is given: where its tokens are in it
     adapter_lease: object | None = None  # held while running: pins this adapter version in its slot
     merged_copy: object | None = None  # held while running on a merged copy of its adapter (no slot)
     output_token_ids: list[int] = field(default_factory=list)

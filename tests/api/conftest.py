@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from tests.api.server_process import ServerProcess as Server
@@ -42,3 +43,31 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def client(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as http:
         yield http
+
+
+STRUCTURED_BASE, STRUCTURED_ADAPTER = "tiny-base", "lora-qv"
+
+
+@pytest.fixture(scope="session")
+def structured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The server of the structured-output and tools tests: a tiny random Llama (it knows no JSON,
+    so whatever parses does because of the grammar) with an adapter, 8 sequences at a time, a
+    context long enough for a tools prompt in byte tokens."""
+    root = tmp_path_factory.mktemp("structured")
+    model_dir = write_tiny_llama(root / "model", max_position_embeddings=2048)
+    adapter = save_peft_adapter(model_dir, root / STRUCTURED_ADAPTER, seed=21, r=8, lora_alpha=16,
+                                target_modules=["q_proj", "v_proj"])  # fmt: skip
+    args = [
+        "--model", str(model_dir), "--served-model-name", STRUCTURED_BASE, "--data-dir", str(root / "data"),
+        "--max-lora-rank", "16", "--max-num-seqs", "8", "--dtype", "float32", "--device", "cpu",
+        "--adapter", f"{STRUCTURED_ADAPTER}={adapter}",
+    ]  # fmt: skip
+    with running_server(args, root / "server.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def structured_client(structured_server: Server) -> Iterator[openai.OpenAI]:
+    url = f"{structured_server.url}/v1"
+    with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120) as oai:
+        yield oai

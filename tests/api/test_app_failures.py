@@ -43,7 +43,9 @@ class StubEngine:
             raise self.encode_error
         return [1, 2, 3]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    chat_template_renders_tools = False
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return self.encode("")
 
     async def submit(self, prompt_token_ids, sampling, adapter=None, request_id=None, *, tenant="default",

@@ -97,6 +97,7 @@ DENIED = "permission_denied"
 BAD_KEY = "invalid_api_key"
 TOO_LONG_PROMPT = [65] * (MAX_MODEL_LEN - 8)
 LONG_PATH_COMPONENT = "a" * 300  # over NAME_MAX (255): stat() fails with ENAMETOOLONG
+TOOL_F = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 CASES = {
     # ---- wrong types for the main fields ----
     "model not a string": completion(400, "valid string", param="model", model=5),
@@ -401,7 +402,7 @@ CASES = {
     "messages empty": chat(400, "at least 1 item", param="messages", messages=[]),
     "message role invalid": chat(
         400,
-        "'system', 'user' or 'assistant'",
+        "'system', 'developer', 'user', 'assistant' or 'tool'",
         param="messages[0].role",
         messages=[{"role": "robot", "content": "x"}],
     ),
@@ -437,12 +438,132 @@ CASES = {
     "chat logit_bias key not an id": chat(400, "token ids", param="logit_bias", logit_bias={"x": 1}),
     "chat echo": chat(400, "does not support this field", param="echo", echo=True),
     "chat max_tokens 0": chat(400, "max_tokens must be >= 1, got 0", param="max_tokens", max_tokens=0),
-    "chat tools": chat(400, "tools is not supported", param="tools", tools=[{"type": "function"}]),
-    "chat json response_format": chat(
+    "tool_choice naming an unknown function": chat(
         400,
-        "response_format is not supported",
+        "tool_choice names the function 'g', which is not in tools",
+        param="tool_choice",
+        tools=[TOOL_F],
+        tool_choice={"type": "function", "function": {"name": "g"}},
+    ),
+    "tool_choice an unknown string": chat(
+        400, "'none', 'auto' or 'required'", param="tool_choice", tools=[TOOL_F], tool_choice="always"
+    ),
+    "tool_choice without tools": chat(
+        400, "tool_choice needs tools", param="tool_choice", tool_choice="required"
+    ),
+    "tools a parameters schema that is not an object": chat(
+        400,
+        "parameters must be an object schema",
+        param="tools",
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+    ),
+    "tools a forced call whose schema cannot compile": chat(
+        400,
+        "cannot be compiled to a grammar",
+        param="tools",
+        tool_choice="required",
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}},
+                },
+            }
+        ],
+    ),
+    "tools a named call whose schema cannot compile": chat(
+        400,
+        "cannot be compiled to a grammar",
+        param="tools",
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/missing"}}}],
+    ),
+    "tools two functions of one name": chat(
+        400, "function names must be unique", param="tools", tools=[TOOL_F, TOOL_F]
+    ),
+    "tools a bad function name": chat(
+        400,
+        "should match pattern",
+        param="tools[0].function.name",
+        tools=[{"type": "function", "function": {"name": "a b"}}],
+    ),
+    "tools a tool without its function": chat(
+        400, "required", param="tools[0].function", tools=[{"type": "function"}]
+    ),
+    "tools of an unknown type": chat(
+        400,
+        "'function'",
+        param="tools[0].type",
+        tools=[{"type": "code_interpreter", "function": {"name": "f"}}],
+    ),
+    "tools with response_format and a forced call": chat(
+        400,
+        "response_format cannot be combined with tool_choice",
         param="response_format",
+        tools=[TOOL_F],
+        tool_choice="required",
         response_format={"type": "json_object"},
+    ),
+    "a tool message without tool_call_id": chat(
+        400, "tool_call_id is required", param="messages[0]", messages=[{"role": "tool", "content": "x"}]
+    ),
+    "tool_calls in a user message": chat(
+        400,
+        "tool_calls belong to assistant messages",
+        param="messages[0]",
+        messages=[
+            {
+                "role": "user",
+                "content": "x",
+                "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            }
+        ],
+    ),
+    "an assistant message with neither content nor tool_calls": chat(
+        400,
+        "content is required",
+        param="messages[1].content",
+        messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": None}],
+    ),
+    "parallel_tool_calls a string": chat(
+        400, "valid boolean", param="parallel_tool_calls", tools=[TOOL_F], parallel_tool_calls="yes"
+    ),
+    "response_format an unknown type": chat(
+        400,
+        "'text', 'json_object' or 'json_schema'",
+        param="response_format.type",
+        response_format={"type": "yaml"},
+    ),
+    "response_format json_schema without its schema object": chat(
+        400,
+        "json_schema is required",
+        param="response_format",
+        response_format={"type": "json_schema"},
+    ),
+    "response_format json_schema a bad name": chat(
+        400,
+        "should match pattern",
+        param="response_format.json_schema.name",
+        response_format={"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}},
+    ),
+    "response_format json_schema an unknown field": chat(
+        400,
+        "does not support",
+        param="response_format.json_schema.schema_extra",
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema_extra": {}}},
+    ),
+    "response_format a schema that cannot compile": chat(
+        400,
+        'cannot be compiled to a grammar: Unsupported type "nope"',
+        param="response_format",
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nope"}}},
+    ),
+    "response_format a schema with a dangling $ref": chat(
+        400,
+        "cannot be compiled",
+        param="response_format",
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"$ref": "#/x"}}},
     ),
     "chat max_completion_tokens 0": chat(
         400, "max_completion_tokens must be >= 1", param="max_completion_tokens", max_completion_tokens=0

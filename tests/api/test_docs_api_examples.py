@@ -184,7 +184,9 @@ class Session:
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     """A server with a keys file (``acme`` user, ``ops`` admin) and an adapter root with ADAPTER."""
     root = tmp_path_factory.mktemp("api-doc")
-    model_dir = write_tiny_llama(root / "model")
+    model_dir = write_tiny_llama(
+        root / "model", max_position_embeddings=2048
+    )  # byte tokens: the tools prompt
     adapter_root = root / "adapters"
     adapter_dir = save_peft_adapter(
         model_dir, adapter_root / ADAPTER, seed=5, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]

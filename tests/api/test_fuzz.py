@@ -103,9 +103,9 @@ def fuzzer(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> It
         engine.shutdown()
 
 
-# Fields refused by design whatever their value (n, echo, tools...), and the ranges in which the
+# Fields refused by design whatever their value (suffix), and the ranges in which the
 # sampling fields are accepted: a nudged generation request keeps only values it can succeed with.
-REFUSED_FIELDS = ("suffix", "tools", "response_format")
+REFUSED_FIELDS = ("suffix",)
 SANE_VALUES = {
     "logprobs": lambda v: 0 <= v <= 5,  # chat's true/false pass as booleans
     "top_logprobs": lambda v: isinstance(v, int) and 0 <= v <= 5,

@@ -68,9 +68,21 @@ class ChatLogprobs(_Body):
     content: list[TokenLogprob]
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Body):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = None  # None: the reply is its tool_calls
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_Body):
@@ -92,13 +104,26 @@ class ChatCompletion(_Body):
 
     @property
     def content(self) -> str:
-        """The first choice's message content."""
-        return self.choices[0].message.content if self.choices else ""
+        """The first choice's message content ("" when it has none, e.g. a reply of tool calls)."""
+        return (self.choices[0].message.content or "") if self.choices else ""
+
+
+class FunctionCallDelta(_Body):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Body):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class ChatDelta(_Body):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Body):
