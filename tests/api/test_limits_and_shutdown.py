@@ -383,8 +383,9 @@ def test_sigterm_drains_then_ends_what_is_left_with_an_error_event(tmp_path, mod
 def test_sigterm_lets_a_request_that_finishes_in_time_finish_then_exits(tmp_path, model_dir):
     """A stream running when SIGTERM arrives, with a drain timeout long enough, ends normally
     (every token, finish_reason length, [DONE]) and the process then exits 0 without waiting out
-    the timeout."""
-    server = launch(tmp_path, model_dir, "--max-num-seqs", "1", "--drain-timeout", "60")
+    the timeout (600 s here, far beyond the 120 s the exit is waited for, so a drain that waits it
+    out fails however loaded the machine is)."""
+    server = launch(tmp_path, model_dir, "--max-num-seqs", "1", "--drain-timeout", "600")
     max_tokens = 300
     try:
         with (
@@ -394,11 +395,9 @@ def test_sigterm_lets_a_request_that_finishes_in_time_finish_then_exits(tmp_path
             events = sse_data(running)
             received = [next(events)]
             server.process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
             received += list(events)
         assert_finished_normally(received, max_tokens)
-        assert server.process.wait(timeout=20) == 0
-        assert time.monotonic() - signalled < 15, "the drain waited for nothing"
+        assert server.process.wait(timeout=120) == 0, "the drain waited for nothing"
     finally:
         if server.process.poll() is None:
             server.process.kill()
