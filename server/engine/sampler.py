@@ -361,15 +361,33 @@ class Sampler:
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
+# Rows log-softmaxed at once when scoring: a prompt chunk of P rows would otherwise hold float32
+# copies of all [P, V] logits (2 x 384 MiB at P = 2048 on a 49k vocabulary); 256 rows cap it at
+# 2 x 48 MiB, at one host copy per 256 rows.
+SCORING_ROWS = 256
+
+
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> TokenLogprobs:
     """Raw logprobs of ``token_ids`` [N] under ``logits`` [N, V], with row i's ``num_top[i]`` most
-    likely tokens (at most V): one log_softmax and one topk for all rows, then one host copy each."""
-    raw = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
-    chosen = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # [N]
+    likely tokens (at most V), ``SCORING_ROWS`` rows at a time (one log_softmax and one topk each)."""
+    chosen: list[float] = []
+    top: list[TopLogprobs] = []
+    for start in range(0, logits.shape[0], SCORING_ROWS):
+        end = start + SCORING_ROWS
+        part = _rows_logprobs(logits[start:end], token_ids[start:end], num_top[start:end])
+        chosen += part.logprobs
+        top += part.top_logprobs
+    return TokenLogprobs(chosen, top)
+
+
+def _rows_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> TokenLogprobs:
+    """``token_logprobs`` of a few rows: one log_softmax and one topk for all, one host copy each."""
+    raw = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    chosen = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # [n]
     k = min(max(num_top, default=0), raw.shape[1])
     if k == 0:
         return TokenLogprobs(chosen, [()] * len(chosen))
-    values, ids = raw.topk(k, dim=-1)  # [N, k], the most likely first
+    values, ids = raw.topk(k, dim=-1)  # [n, k], the most likely first
     value_rows, id_rows = values.tolist(), ids.tolist()
     top = [tuple(zip(id_rows[i][:n], value_rows[i][:n], strict=True)) for i, n in enumerate(num_top)]
     return TokenLogprobs(chosen, top)

@@ -18,10 +18,12 @@ from transformers.generation.logits_process import (
 
 from server.engine.sampler import (
     MAX_STOP_STRINGS,
+    SCORING_ROWS,
     Sampler,
     SamplingParams,
     make_generator,
     process_logits,
+    token_logprobs,
 )
 
 CPU = torch.device("cpu")
@@ -437,3 +439,18 @@ def test_valid_params_are_normalised():
     ]
     assert not any(e.is_greedy for e in edges)
     assert SamplingParams(temperature=0).is_greedy and SamplingParams(temperature=0.0).is_greedy
+
+
+def test_token_logprobs_in_row_blocks_equal_one_log_softmax_over_all_rows():
+    """Scoring more rows than SCORING_ROWS (in blocks of rows) gives every row's logprob and its
+    own number of alternatives as one log_softmax over all rows does (float32 logits: no ties)."""
+    num_rows, vocab = 2 * SCORING_ROWS + 37, 300
+    logits = torch.randn(num_rows, vocab, generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, vocab, (num_rows,), generator=torch.Generator().manual_seed(4))
+    num_top = [i % 4 for i in range(num_rows)]  # 0..3 alternatives, across the block boundaries
+    scored = token_logprobs(logits, targets, num_top)
+    reference = torch.log_softmax(logits, dim=-1)
+    assert scored.logprobs == reference.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    for i, alternatives in enumerate(scored.top_logprobs):
+        values, ids = reference[i].topk(num_top[i])
+        assert alternatives == tuple(zip(ids.tolist(), values.tolist(), strict=True)), i
