@@ -53,19 +53,18 @@ class ToolCallReader:
 
     def push(self, text: str) -> ReadOut:
         self._buffer += text
-        if self.plan.named is not None:
-            return self._push_named()
-        if self.plan.mode == "required":
-            return self._read_list(final=False)
-        return self._read_tags(final=False)
+        return self._read(final=False)
 
     def finish(self) -> ReadOut:
         """The end of the reply: whatever is held back goes out (as calls, or as content)."""
+        return self._read(final=True)
+
+    def _read(self, final: bool) -> ReadOut:
         if self.plan.named is not None:
             return self._push_named()
         if self.plan.mode == "required":
-            return self._read_list(final=True)
-        return self._read_tags(final=True)
+            return self._read_list(final=final)
+        return self._read_tags(final=final)
 
     # ---- named ----
     def _push_named(self) -> ReadOut:
