@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,7 @@ TIMED_PASSES = 5
 MAX_OTHER_LOAD = 0.3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CANDIDATE_DTYPES = ("float32", "bfloat16")  # what --dtype unset chooses between
+Measured = TypeVar("Measured")  # a JSON value: what ``remembered`` caches
 GEMM_KERNELS = {"x_wt": "x·Wᵀ", "w_xt": "W·xᵀ", "onednn": "oneDNN-packed"}  # kernel: label in timings
 
 
@@ -140,6 +141,34 @@ def choose(shapes: GemmShapes, dtype: str | None, cache_dir: Path) -> CpuKernelC
     else:
         _write_cached(path, choice)
     return choice
+
+
+def remembered(
+    name: str, shapes: GemmShapes, context: str, cache_dir: Path, measure: Callable[[], Measured]
+) -> Measured:
+    """``measure()``'s JSON value, cached like ``choose``'s under ``<cache_dir>/tuning/<name>-<key>.json``
+    (the key: this CPU, torch, ``shapes``, the core count and ``context``, e.g. the chosen dtype).
+
+    A later start reuses it, so a choice made by a close timing (int4 15.6 ms against dense 15.7 ms
+    on one Xeon) does not flip between restarts and change what the server computes. A measurement
+    taken while other processes kept more than MAX_OTHER_LOAD cores busy serves but is not cached.
+    """
+    path = cache_dir / "tuning" / f"{name}-{_cache_key(shapes, context, os.cpu_count() or 1)}.json"
+    try:
+        return cast("Measured", json.loads(path.read_text())["value"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or unreadable: measure
+    since = cpu_snapshot()
+    value = measure()
+    if other_load(since) <= MAX_OTHER_LOAD:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"value": value}))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not cache the %s measurement in %s: %s", name, path, exc)
+    return value
 
 
 def _cache_key(shapes: GemmShapes, dtype: str | None, cores: int) -> str:

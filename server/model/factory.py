@@ -130,8 +130,11 @@ def pick_quantization(
     if not four_bit:
         kinds = ", ".join(sorted(set(types.values())))
         return quant_plan.QuantPlan("none", f"auto: the GGUF's linear weights are {kinds}, none 4-bit blocks")
-    timings = cpu_tuning.time_int4_against_dense(cpu_tuning.GemmShapes.of(checkpoint.config), kernels.dtype,
-                                                 kernels.gemm)  # fmt: skip
+    shapes = cpu_tuning.GemmShapes.of(checkpoint.config)
+    timings = dict(cpu_tuning.remembered(
+        "int4-vs-dense", shapes, f"{kernels.dtype} {kernels.gemm}", _cache_dir(model_config),
+        lambda: cpu_tuning.time_int4_against_dense(shapes, kernels.dtype, kernels.gemm),
+    ))  # fmt: skip
     int4_ms = timings.pop("int4 bfloat16 activations")
     dense_name, dense_ms = next(iter(timings.items()), ("dense", float("inf")))
     measured = f"ms per decode pass: int4 {int4_ms:.1f}, {dense_name} {dense_ms:.1f}"
@@ -198,8 +201,9 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
     attention_ops = pick_attention_ops(kernels, model_config)
     model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs, attention_ops).eval()
     if plan.scheme == "int4" and kernels is not None:
-        _set_int4_dequantize_rows(
-            model, cpu_tuning.int4_dequantize_min_rows(cpu_tuning.GemmShapes.of(checkpoint.config))
-        )
+        shapes = cpu_tuning.GemmShapes.of(checkpoint.config)
+        rows = cpu_tuning.remembered("int4-unpack-rows", shapes, "bfloat16", _cache_dir(model_config),
+                                     lambda: cpu_tuning.int4_dequantize_min_rows(shapes))  # fmt: skip
+        _set_int4_dequantize_rows(model, rows)
     log.info("loaded %s on %s in %s, max_model_len=%d", checkpoint.name, device, dtype, max_model_len)
     return LoadedModel(model, checkpoint, dtype, device, max_model_len, kernels)

@@ -49,6 +49,30 @@ def rope_cos_sin(config: PretrainedConfig, max_positions: int) -> tuple[torch.Te
     return emb.cos() * scaling, emb.sin() * scaling
 
 
+TIE_CHECK_ROWS = 256  # logits rows checked for tied maxima at a time
+
+
+def refine_top_ties(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``logits`` [B, V] (fp32 copies of ``hidden @ weightᵀ`` rounded to a 16-bit dtype) with each
+    row's maxima recomputed in fp32, in place: a greedy pick is then the argmax of the exact products.
+
+    bf16 keeps 8 bits of mantissa, so logits near 25 come in steps of 0.125 and two tokens 0.08
+    apart tie; argmax would then take the lower token id, whatever the products say. Rounding is
+    monotone, so the exact best token is always among a row's tied maxima: only those are
+    recomputed (``hidden`` [B, H], ``weight`` [V, H]), a few dot products per step.
+    """
+    if hidden.dtype == torch.float32:
+        return logits
+    for start in range(0, logits.shape[0], TIE_CHECK_ROWS):  # bounds the mask of a scoring prefill
+        block = logits[start : start + TIE_CHECK_ROWS]  # [b, V], a view
+        rows, cols = (block == block.amax(dim=-1, keepdim=True)).nonzero(as_tuple=True)  # [N], N >= b
+        if rows.numel() == block.shape[0]:
+            continue  # one maximum per row: nothing tied
+        rows_hidden = hidden.index_select(0, rows + start).float()  # [N, H]
+        block[rows, cols] = (rows_hidden * weight.index_select(0, cols).float()).sum(-1)
+    return logits
+
+
 class RMSNorm(nn.Module):
     if TYPE_CHECKING:  # nn.Module.__call__ (which runs forward) returns Any: give calls forward's types
 
@@ -212,8 +236,9 @@ class LlamaForServing(nn.Module):
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, kv, batch)
         assert residual is not None  # a model has at least one layer
-        last = (residual + hidden).index_select(0, batch.logits_index)  # [B_logits, hidden]
-        return base_linear(self.norm(last), self.lm_head_gemm_weight, None, self.gemm).float()
+        last = self.norm((residual + hidden).index_select(0, batch.logits_index))  # [B_logits, hidden]
+        logits = base_linear(last, self.lm_head_gemm_weight, None, self.gemm).float()  # [B_logits, V]
+        return refine_top_ties(logits, last, self.lm_head)
 
     def lora_layers(self) -> Iterator[tuple[int, MultiLoRALinear]]:
         """(layer index, module) for every module that holds LoRA slots."""

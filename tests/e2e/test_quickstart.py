@@ -90,7 +90,18 @@ def test_readme_quickstart_runs_and_shows_the_adapter(workdir: Path, tmp_path: P
     assert set(answers) == {DEFAULT_MODEL, style}, curl_out
     assert shows_style(style, answers[style]) and not shows_style(style, answers[DEFAULT_MODEL]), answers
 
-    assert python_out == "".join(f"{model}: {answer}\n" for model, answer in answers.items()), python_out
+    # The SDK asks the same questions again, and their prompts now hit the prefix cache: the tail is
+    # computed by another kernel path, and in bf16 that can flip a near tie of the base model (its
+    # first token after "What is the capital of France?" leads by 0.08 logits in fp32). So the
+    # output is checked for its models and styles, not character for character against curl's.
+    printed = dict(line.split(": ", 1) for line in python_out.splitlines())
+    assert printed.keys() == answers.keys(), python_out
+    for model, answer in printed.items():
+        assert shows_style(style, answer) == shows_style(style, answers[model]), (
+            model,
+            answer,
+            answers[model],
+        )
     documented = dict(line[2:].split(": ", 1) for line in client_code.splitlines() if line.startswith("# "))
     assert documented.keys() == answers.keys(), "the README's shown output names other models"
     for model, shown in documented.items():  # what the README shows has the style where the answer has

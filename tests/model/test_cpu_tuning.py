@@ -96,6 +96,27 @@ def test_a_measurement_under_load_serves_but_is_not_cached(tmp_path, monkeypatch
     assert "not cached" in choice.describe() and "1.2 cores busy" in caplog.text
 
 
+def test_a_remembered_measurement_is_reused_per_context_and_not_cached_under_load(tmp_path, monkeypatch):
+    shapes, calls = GemmShapes.of(CONFIG), []
+
+    def measure() -> dict[str, float]:
+        calls.append(1)
+        return {"int4": 15.6, "dense": 15.7 + len(calls)}
+
+    monkeypatch.setattr(cpu_tuning, "other_load", lambda since: 0.0)
+    first = cpu_tuning.remembered("probe", shapes, "bfloat16 onednn", tmp_path, measure)
+    assert cpu_tuning.remembered("probe", shapes, "bfloat16 onednn", tmp_path, measure) == first
+    assert len(calls) == 1, "a restart reuses the measurement instead of timing again"
+    assert (
+        cpu_tuning.remembered("probe", shapes, "float32 x_wt", tmp_path, measure) != first
+    )  # another context
+    monkeypatch.setattr(cpu_tuning, "other_load", lambda since: 1.5)
+    cpu_tuning.remembered("probe", shapes, "noisy", tmp_path, measure)
+    cpu_tuning.remembered("probe", shapes, "noisy", tmp_path, measure)
+    assert len(calls) == 4, "taken under load: measured again next time"
+    assert len(list((tmp_path / "tuning").glob("probe-*.json"))) == 2
+
+
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc/stat")
 def test_other_load_sees_another_busy_process():
     since = cpu_snapshot()

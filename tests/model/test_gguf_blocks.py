@@ -218,19 +218,25 @@ class _Kernels:
 @pytest.mark.slow
 def test_auto_serves_a_gguf_on_its_own_4_bit_blocks_where_int4_is_faster(mixed_gguf, tmp_path, monkeypatch):
     checkpoint = _checkpoint(mixed_gguf, tmp_path)
-    auto, cpu = ModelConfig(model=str(mixed_gguf)), torch.device("cpu")
+    cpu = torch.device("cpu")
+
+    def auto(cache: str) -> ModelConfig:  # a cache dir each: the measurement is cached per CPU
+        return ModelConfig(model=str(mixed_gguf), cache_dir=str(tmp_path / cache))
+
     monkeypatch.setattr(cpu_tuning, "time_int4_against_dense", _Faster(5.0, 12.0))
-    chosen = factory.pick_quantization(auto, checkpoint, cpu, _Kernels())
+    chosen = factory.pick_quantization(auto("fast"), checkpoint, cpu, _Kernels())
     assert (chosen.scheme, chosen.file_blocks_only) == ("int4", True) and "int4 5.0" in chosen.why
     monkeypatch.setattr(cpu_tuning, "time_int4_against_dense", _Faster(12.0, 12.0))
-    slower = factory.pick_quantization(auto, checkpoint, cpu, _Kernels())
+    assert factory.pick_quantization(auto("fast"), checkpoint, cpu, _Kernels()) == chosen  # cached
+    slower = factory.pick_quantization(auto("slow"), checkpoint, cpu, _Kernels())
     assert slower.scheme == "none" and "dense is as fast or faster" in slower.why
 
     q8_path = tmp_path / "q8.gguf"
     _write_cut_gguf(_embedded_gguf(), q8_path, layers=1, encode=_all_q8_0)
     q8 = _checkpoint(q8_path, tmp_path)
     monkeypatch.setattr(cpu_tuning, "time_int4_against_dense", _Faster(5.0, 12.0))
-    refused = factory.pick_quantization(ModelConfig(model=str(q8_path)), q8, cpu, _Kernels())
+    q8_config = ModelConfig(model=str(q8_path), cache_dir=str(tmp_path / "q8"))
+    refused = factory.pick_quantization(q8_config, q8, cpu, _Kernels())
     assert refused.scheme == "none" and "linear weights are Q8_0, none 4-bit blocks" in refused.why
 
 
