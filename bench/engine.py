@@ -378,6 +378,9 @@ def instrument(core: EngineCore, split: StepSplit) -> None:
 
     base, lora, attn, head, build, sample, sched, emit = SPLIT_ORDER
     split.wrap(lora_module, "base_linear", base)
+    for module in core.loaded.model.modules():  # a quantized base reads its codes, not base_linear
+        if isinstance(module, lora_module.MultiLoRALinear) and module.quantized is not None:
+            split.wrap(module.quantized, "matmul", base)
     split.wrap(llama_module, "base_linear", head)
     split.wrap(llama_module.DecoderLayer, "_attention", attn)
     for _, module in core.loaded.model.lora_layers():

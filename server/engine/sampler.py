@@ -337,12 +337,12 @@ class Sampler:
         """One token per row of ``logits`` [B, V] (any float dtype, any device), and logprobs if asked
         (of the raw logits: a grammar's mask does not change them)."""
         processed = process_logits(logits, rows, constrain)  # [B, V] fp32
-        tokens = processed.argmax(dim=-1)  # [B]; final for greedy rows
+        tokens = processed.max(dim=-1).indices  # [B]; final for greedy rows (argmax: 3x slower on CPU)
         sampling = [i for i, row in enumerate(rows) if not row.sampling.is_greedy]
         if sampling:
             probs = processed[sampling].softmax(dim=-1)  # [S, V]
             noise = self._exponential_noise(probs, [rows[i] for i in sampling])  # [S, V]
-            tokens[sampling] = probs.div_(noise).argmax(dim=-1)
+            tokens[sampling] = probs.div_(noise).max(dim=-1).indices
         logprobs, top = _chosen_logprobs(logits, tokens, rows)
         return SampleOutput(token_ids=tokens.tolist(), logprobs=logprobs, top_logprobs=top)
 
