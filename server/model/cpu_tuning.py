@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from server.model.quant.int_weights import Int4Weight, quantize_int4
 from server.ops.cpu_info import cpu_identity, cpu_snapshot, cpuinfo, other_load
+from server.ops.int4_amx import Int4Amx
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -423,36 +424,77 @@ def base_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return F.linear(x, weight, bias)
 
 
-def time_int4_against_dense(shapes: GemmShapes, dtype: str, gemm: str) -> dict[str, float]:
+INT4_TORCH, INT4_AMX = "int4 bfloat16 activations", "int4 AMX"  # the int4 entries of the timings
+
+
+def time_int4_against_dense(
+    shapes: GemmShapes, dtype: str, gemm: str, amx: Int4Amx | None = None
+) -> dict[str, float]:
     """ms per decode pass of the model's layer GEMMs: dense (``dtype``, ``gemm``: the measured
-    choice) and int4 with bf16 activations, timed interleaved on the same sampled layers."""
+    choice), int4 on torch's kernel with bf16 activations and, given ``amx``, int4 on AMX tiles
+    (keys INT4_TORCH, INT4_AMX), timed interleaved on the same sampled layers."""
     with torch.inference_mode():
         dense = _sample_weights(shapes, DTYPES[dtype])
         dense_pass = _gemm_pass(dense, gemm)
-        int4 = [Int4Weight(quantize_int4(w), torch.bfloat16) for w in dense]
+        int4 = [Int4Weight(quantize_int4(w), torch.bfloat16, amx) for w in dense]
         inputs = {w.in_features: torch.randn(DECODE_ROWS, w.in_features, dtype=DTYPES[dtype]) for w in int4}
 
-        def int4_pass() -> None:
+        def int4_pass(min_rows: int) -> None:
+            if amx is not None:
+                amx.min_rows = min_rows
             for weight in int4:
                 weight.matmul(inputs[weight.in_features])
 
-        passes = {"int4 bfloat16 activations": int4_pass}
+        passes = {INT4_TORCH: lambda: int4_pass(DECODE_ROWS + 1)}
+        if amx is not None:
+            passes[INT4_AMX] = lambda: int4_pass(1)
         if dense_pass is not None:
             passes[f"{dtype} {GEMM_KERNELS[gemm]}"] = dense_pass
         scale = shapes.num_layers / _sample_layers(shapes)
         return {name: ms * scale for name, ms in _time_interleaved(passes).items()}
 
 
+INT4_AMX_PROBE_ROWS = (1, 2, 3, 4, 6, 8)
+
+
+def int4_amx_min_rows(shapes: GemmShapes, amx: Int4Amx) -> int | None:
+    """The fewest tokens from which the AMX kernel beats torch's int4 kernel on one layer of the
+    model's shapes (torch's time grows with the tokens, AMX's hardly does); None: never up to 8."""
+    with torch.inference_mode():
+        weights = [
+            Int4Weight(quantize_int4(torch.randn(shape) * 0.02), torch.bfloat16, amx)
+            for shape in shapes.layer
+        ]
+        for rows in INT4_AMX_PROBE_ROWS:
+            timings = _time_interleaved(_amx_paths(weights, amx, rows))
+            if timings["amx"] < timings["torch"]:
+                return rows
+    return None
+
+
+def _amx_paths(weights: list[Int4Weight], amx: Int4Amx, rows: int) -> dict[str, Callable[[], None]]:
+    """One call per weight on ``rows`` tokens: through torch's int4 kernel, and on AMX tiles."""
+    inputs = {w.in_features: torch.randn(rows, w.in_features, dtype=torch.bfloat16) for w in weights}
+
+    def run(min_rows: int) -> None:
+        amx.min_rows = min_rows
+        for w in weights:
+            w.matmul(inputs[w.in_features])
+
+    return {"torch": lambda: run(rows + 1), "amx": lambda: run(rows)}
+
+
 INT4_DEQUANTIZE_PROBE_ROWS = (16, 32, 64, 128, 256, 512)
 
 
-def int4_dequantize_min_rows(shapes: GemmShapes) -> int | None:
+def int4_dequantize_min_rows(shapes: GemmShapes, amx: Int4Amx | None = None) -> int | None:
     """The fewest tokens from which unpacking a layer's int4 weights into dense bf16 ones for the
-    call beats torch's int4 kernel (whose time grows with the tokens), on one layer of the model's
-    shapes; None when the kernel wins at every probed size."""
+    call beats the int4 kernel that serves that size (torch's, or ``amx`` from its ``min_rows``),
+    on one layer of the model's shapes; None when the kernel wins at every probed size."""
     with torch.inference_mode():
         weights = [
-            Int4Weight(quantize_int4(torch.randn(shape) * 0.02), torch.bfloat16) for shape in shapes.layer
+            Int4Weight(quantize_int4(torch.randn(shape) * 0.02), torch.bfloat16, amx)
+            for shape in shapes.layer
         ]
         if not all(w.can_unpack for w in weights):
             return None

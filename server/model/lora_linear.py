@@ -23,6 +23,7 @@ from torch import nn
 from server.model.cpu_tuning import base_gemm, prepare_weight
 from server.model.quant.int_weights import Codes, QuantizedWeight, pack
 from server.ops import lora_torch
+from server.ops.int4_amx import Int4Amx
 from server.ops.lora_torch import AddLoRA, LoRASegments
 
 
@@ -63,6 +64,7 @@ class LinearKwargs(_RequiredLinearKwargs, total=False):
     gemm: str
     lora_op: AddLoRA | None
     activation_dtype: torch.dtype
+    int4_amx: Int4Amx | None
 
 
 class MultiLoRALinear(nn.Module):
@@ -92,6 +94,7 @@ class MultiLoRALinear(nn.Module):
         gemm: str = "x_wt",  # base GEMM kernel (cpu_tuning.GEMM_KERNELS, measured per CPU)
         lora_op: AddLoRA | None = None,  # the side-path op (lora_torch.add_lora's signature); None: default
         activation_dtype: torch.dtype = torch.bfloat16,  # what a quantized GEMM computes in (measured)
+        int4_amx: Int4Amx | None = None,  # int4 GEMMs of enough tokens on AMX tiles (measured)
     ) -> None:
         super().__init__()
         # A quantized base keeps no dense weight: its GEMM reads the codes, and merged copies
@@ -100,7 +103,7 @@ class MultiLoRALinear(nn.Module):
         if isinstance(weight, torch.Tensor):
             out_total, in_features = weight.shape
         else:
-            self.quantized = pack(weight, activation_dtype)
+            self.quantized = pack(weight, activation_dtype, int4_amx)
             out_total, in_features = self.quantized.out_features, self.quantized.in_features
         if sum(slice_sizes) != out_total:
             raise ValueError(f"slice sizes {slice_sizes} do not add up to {out_total} outputs")

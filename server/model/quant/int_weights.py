@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from server.model.quant.nf4 import NF4Codes, NF4Weight, concat_nf4
+from server.ops import int4_amx
+from server.ops.int4_amx import Int4Amx
 
 INT4_GROUP_SIZE = 32  # GGUF's block size; quantizing a dense checkpoint uses the same
 INT4_INNER_K_TILES = 2  # what the CPU kernel packs for (2, 4 or 8; it only changes the layout)
@@ -97,7 +99,11 @@ class Int4Weight:
 
     scheme = "int4"
 
-    def __init__(self, codes: Int4Codes, activation_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, codes: Int4Codes, activation_dtype: torch.dtype = torch.bfloat16, amx: Int4Amx | None = None
+    ) -> None:
+        """``amx``: the AMX kernel (``server/ops/int4_amx``) for calls of at least ``amx.min_rows``
+        tokens, where the start-up measurement found it faster; it keeps its own packing too."""
         self.out_features, self.in_features = codes.codes.shape
         self.group_size = self.in_features // codes.scale.shape[1]
         self.activation_dtype = activation_dtype
@@ -113,6 +119,10 @@ class Int4Weight:
         self.num_bytes = (
             self.packed.numel() + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
         )
+        self.amx = amx if amx is not None and int4_amx.fits(self.out_features, self.in_features) else None
+        self.amx_packed = (
+            int4_amx.pack(codes.codes, codes.scale, codes.minimum) if self.amx is not None else None
+        )  # [N/16, K/32, 384] uint8
         # the packing is torch's own: unpacking serves only where it gives these codes back
         self.can_unpack = self.out_features % PACK_ROWS == 0 and torch.equal(
             self._unpacked_codes(), codes.codes
@@ -122,6 +132,10 @@ class Int4Weight:
         rows = self.dequantize_min_rows
         if rows is not None and x.shape[0] >= rows and self.can_unpack:
             return F.linear(x.to(self.activation_dtype), self.dequantize()).to(x.dtype)
+        if self.amx is not None and self.amx_packed is not None and x.shape[0] >= self.amx.min_rows:
+            return self.amx.matmul(
+                x, self.amx_packed, x.dtype if x.dtype == torch.float32 else torch.bfloat16
+            )
         y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(self.activation_dtype), self.packed, self.group_size, self.scales_and_zeros
         )
@@ -180,10 +194,10 @@ def concat(parts: list[torch.Tensor | Codes]) -> torch.Tensor | Codes:
     raise ValueError(f"the projections of one fused module are stored differently ({', '.join(kinds)})")
 
 
-def pack(codes: Codes, activation_dtype: torch.dtype) -> QuantizedWeight:
-    """The weight the GEMM reads, from a module's codes."""
+def pack(codes: Codes, activation_dtype: torch.dtype, int4_amx: Int4Amx | None = None) -> QuantizedWeight:
+    """The weight the GEMM reads, from a module's codes (``int4_amx``: see ``Int4Weight``)."""
     if isinstance(codes, NF4Codes):
         return NF4Weight(codes)  # computes in the dtype it was quantized from
     if isinstance(codes, Int4Codes):
-        return Int4Weight(codes, activation_dtype)
+        return Int4Weight(codes, activation_dtype, int4_amx)
     return Int8Weight(codes, activation_dtype)
