@@ -7,7 +7,8 @@ Run:  .venv/bin/python bench/quant_gemm.py                 (SmolLM2-135M's shape
 Random weights of the model's shapes; each kernel runs all 120 GEMMs per pass, ms per pass is the
 mean of --repeats passes after one warm-up. Kernels: dense fp32 and bf16 (F.linear), bf16 on
 oneDNN-packed weights, torch's int4 (``_weight_int4pack_mm_for_cpu``, server/model/quant/) and
-int8 (``_weight_int8pack_mm``) with bf16 activations. No timing here is asserted on.
+int8 (``_weight_int8pack_mm``) with bf16 activations, and int4 on AMX bf16 tiles
+(``server/ops/int4_amx.c``, where the CPU has AMX-BF16). No timing here is asserted on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from server.model.quant.int_weights import Int4Weight, Int8Weight, quantize_int4, quantize_int8
+from server.ops import int4_amx
 from server.ops.cpu_info import cpu_identity
 
 SMOLLM2_LAYER = ((960, 576), (576, 576), (3072, 576), (576, 1536))
@@ -68,6 +70,10 @@ def main() -> None:
         "int4 (bf16 act.)": [Int4Weight(quantize_int4(w), torch.bfloat16).matmul for w in dense],
         "int8 (bf16 act.)": [Int8Weight(quantize_int8(w), torch.bfloat16).matmul for w in dense],
     }
+    amx = int4_amx.load()
+    if amx is not None:
+        amx.min_rows = 1  # every call on AMX tiles
+        kernels["int4 AMX"] = [Int4Weight(quantize_int4(w), torch.bfloat16, amx).matmul for w in dense]
     print(f"machine: {cpu_identity()}, torch {torch.__version__}, {args.threads} threads")
     print("| tokens | " + " | ".join(kernels) + " |")
     print("| ---: |" + " ---: |" * len(kernels))
