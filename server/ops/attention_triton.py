@@ -1,7 +1,8 @@
 """The decode step's attention as a Triton kernel over the paged KV cache: the CUDA fast path.
 
-``decode_attention`` has the signature and meaning of ``attention_torch.decode_attention``
-(layouts documented there); ``rope_and_cache`` is ``attention_torch``'s. Where the torch version
+``decode_attention`` and ``rope_and_cache`` have the signatures and meaning of
+``attention_torch``'s (layouts documented there). ``rope_and_cache`` is one launch over (token,
+head) that rotates q in place in qkv and k on its way into the cache. Where the torch version
 gathers every sequence's padded K/V rows into copies, this kernel reads the head-major cache in
 place through ``kv_index`` and stops at each sequence's ``kv_lens`` (``kv_bias`` is not read):
 
@@ -22,7 +23,6 @@ import math
 
 import torch
 
-from server.ops.attention_torch import rope_and_cache as rope_and_cache  # the torch op, re-exported
 from server.ops.lora_triton import FP32_PRECISION, pow2_block
 from server.ops.lora_triton import TRITON_AVAILABLE as TRITON_AVAILABLE  # for the factory
 
@@ -65,8 +65,8 @@ if TRITON_AVAILABLE:
         q_ptrs = q_ptr + seq.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :] * sq_d
         q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         q = q.to(k_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D], as the reference casts q to the cache
-        seq_len = tl.minimum(tl.load(lens_ptr + seq), max_len)
-        start = part * partition_rows
+        seq_len = tl.minimum(tl.load(lens_ptr + seq), max_len).to(tl.int64)
+        start = part.to(tl.int64) * partition_rows  # the loop's bounds: one integer type
         end = tl.minimum(start + partition_rows, seq_len)
         k_head = k_ptr + kv_head.to(tl.int64) * sk_h
         v_head = v_ptr + kv_head.to(tl.int64) * sv_h
@@ -100,6 +100,41 @@ if TRITON_AVAILABLE:
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
+    def _rope_and_cache_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, index_ptr, k_ptr, v_ptr,
+        sx_t, sx_c, sc_t, sc_d, ss_t, ss_d, sk_h, sk_r, sk_d, sv_h, sv_r, sv_d,
+        num_heads, num_kv_heads, half,
+        BLOCK_HALF: tl.constexpr,
+    ):  # fmt: skip
+        """One (token t, head j of the H + 2·H_kv in qkv): j < H rotates q in place in qkv; the
+        next H_kv rotate k into k_cache[:, write_index[t]]; the last H_kv copy v into v_cache."""
+        token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        d = tl.arange(0, BLOCK_HALF)
+        mask = d < half
+        x_ptrs = qkv_ptr + token * sx_t + (head * 2 * half + d) * sx_c
+        lo = tl.load(x_ptrs, mask=mask, other=0.0)  # [BLOCK_HALF] first half of the head
+        hi = tl.load(x_ptrs + half * sx_c, mask=mask, other=0.0)
+        row = tl.load(index_ptr + token)
+        if head < num_heads + num_kv_heads:
+            cos_lo = tl.load(cos_ptr + token * sc_t + d * sc_d, mask=mask, other=0.0).to(tl.float32)
+            cos_hi = tl.load(cos_ptr + token * sc_t + (half + d) * sc_d, mask=mask, other=0.0).to(tl.float32)
+            sin_lo = tl.load(sin_ptr + token * ss_t + d * ss_d, mask=mask, other=0.0).to(tl.float32)
+            sin_hi = tl.load(sin_ptr + token * ss_t + (half + d) * ss_d, mask=mask, other=0.0).to(tl.float32)
+            new_lo = lo.to(tl.float32) * cos_lo - hi.to(tl.float32) * sin_lo  # rotate half: (-hi, lo)
+            new_hi = hi.to(tl.float32) * cos_hi + lo.to(tl.float32) * sin_hi
+            if head < num_heads:
+                tl.store(x_ptrs, new_lo.to(lo.dtype), mask=mask)
+                tl.store(x_ptrs + half * sx_c, new_hi.to(lo.dtype), mask=mask)
+            else:
+                k_row = k_ptr + (head - num_heads).to(tl.int64) * sk_h + row * sk_r
+                tl.store(k_row + d * sk_d, new_lo.to(k_ptr.dtype.element_ty), mask=mask)
+                tl.store(k_row + (half + d) * sk_d, new_hi.to(k_ptr.dtype.element_ty), mask=mask)
+        else:
+            v_row = v_ptr + (head - num_heads - num_kv_heads).to(tl.int64) * sv_h + row * sv_r
+            tl.store(v_row + d * sv_d, lo.to(v_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_row + (half + d) * sv_d, hi.to(v_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _merge_kernel(
         part_ptr, stats_ptr, out_ptr, num_parts, head_dim,
         sp_b, sp_h, sp_p, sp_d, ss_b, ss_h, ss_p, so_b, so_h, so_d,
@@ -121,6 +156,35 @@ if TRITON_AVAILABLE:
         out = tl.sum(parts * weight[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)  # [BLOCK_D]
         out_ptrs = out_ptr + seq * so_b + head * so_h + d * so_d
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    write_index: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """``attention_torch.rope_and_cache`` as one launch: q is rotated in place in ``qkv`` and
+    returned as its view [T, H, D]; k (rotated) and v are written to the cache rows ``write_index``.
+
+    Products in fp32, each value rounded once to its destination's dtype.
+    """
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("attention_triton.rope_and_cache needs triton; install loraplex[triton]")
+    _check_rope_inputs(qkv, cos, sin, write_index, k_cache, v_cache, num_heads, num_kv_heads)
+    num_tokens, head_dim = qkv.shape[0], k_cache.shape[-1]
+    if num_tokens:
+        _rope_and_cache_kernel[(num_tokens, num_heads + 2 * num_kv_heads)](
+            qkv, cos, sin, write_index, k_cache, v_cache,
+            *qkv.stride(), *cos.stride(), *sin.stride(), *k_cache.stride(), *v_cache.stride(),
+            num_heads, num_kv_heads, head_dim // 2,
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        )  # fmt: skip
+    return qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
 
 
 def decode_attention(
@@ -209,6 +273,38 @@ def _check_inputs(
         "kv_lens must be contiguous int64 [Bd]",
     )
     devices = {t.device for t in (q, k_cache, v_cache, kv_index, kv_lens)}
+    _require(len(devices) == 1, f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_rope_inputs(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    write_index: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    """Shapes, dtypes and devices only (the values of ``write_index`` are the caller's contract)."""
+    _require(
+        k_cache.dim() == 3 and k_cache.shape == v_cache.shape and k_cache.shape[0] == num_kv_heads,
+        f"k_cache and v_cache must be [H_kv={num_kv_heads}, rows, D] alike",
+    )
+    head_dim = k_cache.shape[2]
+    _require(head_dim % 2 == 0 and 0 < head_dim <= MAX_HEAD_DIM, "unsupported head dim")
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    _require(qkv.dim() == 2 and qkv.shape[1] == width, f"qkv must be [T, {width}]")
+    _require(qkv.dtype in _DTYPES and k_cache.dtype in _DTYPES, "dtypes must be float32, float16 or bfloat16")
+    rows = (qkv.shape[0], head_dim)
+    _require(cos.shape == rows and sin.shape == rows, f"cos and sin must be [T, D] = {list(rows)}")
+    _require(
+        write_index.shape == (qkv.shape[0],)
+        and write_index.dtype == torch.int64
+        and write_index.is_contiguous(),
+        "write_index must be contiguous int64 [T]",
+    )
+    devices = {t.device for t in (qkv, cos, sin, write_index, k_cache, v_cache)}
     _require(len(devices) == 1, f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 

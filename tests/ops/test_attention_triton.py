@@ -119,6 +119,54 @@ def test_a_zero_length_slot_gives_zeros_and_leaves_the_others_alone():
         assert torch.equal(got[2], torch.zeros(4, 16))
 
 
+def _rope_case(num_tokens, num_heads, num_kv_heads, head_dim, rows, dtype, seed=0):
+    """(qkv as a view with a wider row stride, cos, sin, write_index scattered over the cache, caches)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = torch.randn(num_tokens, width + 8, generator=gen)[:, 3 : 3 + width].to(dtype)  # [T, width]
+    angles = torch.rand(num_tokens, head_dim // 2, generator=gen) * 100
+    cos, sin = (f(torch.cat([angles, angles], dim=-1)).to(dtype) for f in (torch.cos, torch.sin))  # [T, D]
+    write_index = torch.randperm(rows, generator=gen)[:num_tokens]  # [T]
+    k_cache = torch.randn(num_kv_heads, rows, head_dim, generator=gen).to(dtype)  # [H_kv, rows, D]
+    v_cache = torch.randn(num_kv_heads, rows, head_dim, generator=gen).to(dtype)
+    return qkv, cos, sin, write_index, k_cache, v_cache
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=["fp32", "bf16"])
+def test_rope_and_cache_matches_reference(dtype, heads):
+    qkv, cos, sin, write_index, k_cache, v_cache = _rope_case(7, *heads, head_dim=24, rows=40, dtype=dtype)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    q_expected = attention_torch.rope_and_cache(qkv, cos, sin, write_index, k_expected, v_expected, *heads)
+    qkv_dev, k_got, v_got = (t.to(DEVICE).clone() for t in (qkv, k_cache, v_cache))
+    others = [t.to(DEVICE) for t in (cos, sin, write_index)]
+    q_got = attention_triton.rope_and_cache(qkv_dev, *others, k_got, v_got, *heads)
+    assert q_got.shape == q_expected.shape and q_got.data_ptr() == qkv_dev.data_ptr(), "q: rotated in place"
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(q_got.cpu(), q_expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(k_got.cpu(), k_expected, rtol=rtol, atol=atol)
+    assert torch.equal(v_got.cpu(), v_expected), "v is copied as is"
+    untouched = torch.ones(k_cache.shape[1], dtype=torch.bool)
+    untouched[write_index] = False
+    assert torch.equal(k_got.cpu()[:, untouched], k_cache[:, untouched]), "only the write_index rows change"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: {**a, "qkv": a["qkv"][:, :-2]}, "qkv must be"),
+        (lambda a: {**a, "cos": a["cos"][:-1]}, "cos and sin"),
+        (lambda a: {**a, "write_index": a["write_index"].int()}, "write_index must be"),
+        (lambda a: {**a, "num_kv_heads": 1}, "k_cache and v_cache"),
+    ],
+)
+def test_bad_rope_inputs_name_what_is_wrong(change, message):
+    names = ("qkv", "cos", "sin", "write_index", "k_cache", "v_cache")
+    args = dict(zip(names, _rope_case(3, 4, 2, head_dim=16, rows=10, dtype=torch.float32), strict=True))
+    with pytest.raises(ValueError, match=message):
+        attention_triton.rope_and_cache(**change({**args, "num_heads": 4, "num_kv_heads": 2}))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
