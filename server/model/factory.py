@@ -102,13 +102,28 @@ def pick_lora_op(kernels: CpuKernelChoice | None, model_config: ModelConfig) -> 
     return native.add_lora
 
 
-def pick_attention_ops(kernels: CpuKernelChoice | None, model_config: ModelConfig) -> AttentionOps | None:
-    """The compiled decode attention when the measurement chose it; None: ``attention_torch``."""
+def pick_attention_ops(
+    kernels: CpuKernelChoice | None, model_config: ModelConfig, device: torch.device
+) -> AttentionOps | None:
+    """CUDA: the Triton paged decode attention where triton imports. CPU: the compiled one when
+    the measurement chose it. None: ``attention_torch``."""
+    if device.type == "cuda":
+        return _triton_attention_ops()
     if kernels is None or kernels.attention_kernel != "native":
         return None
     from server.ops import attention_native
 
     return attention_native.load(_cache_dir(model_config))  # None: cannot be built now, torch path
+
+
+def _triton_attention_ops() -> AttentionOps | None:
+    from server.ops import attention_triton
+
+    if not attention_triton.TRITON_AVAILABLE:
+        log.info("decode attention: torch (attention_torch); triton is not installed")
+        return None
+    log.info("decode attention: Triton paged kernel (attention_triton), reading the KV cache in place")
+    return attention_triton
 
 
 def pick_quantization(
@@ -221,7 +236,7 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
         "lora_op": pick_lora_op(kernels, model_config),
         "int4_amx": pick_int4_amx(model_config, checkpoint) if plan.scheme == "int4" and kernels else None,
     }
-    attention_ops = pick_attention_ops(kernels, model_config)
+    attention_ops = pick_attention_ops(kernels, model_config, device)
     model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs, attention_ops).eval()
     if plan.scheme == "int4" and kernels is not None:
         shapes, amx = cpu_tuning.GemmShapes.of(checkpoint.config), linear_kwargs["int4_amx"]

@@ -43,7 +43,7 @@ FP32_PRECISION = "ieee"  # fp32 inputs: exact products, no silent tf32 truncatio
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def dot_fp32(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """a @ b accumulated in fp32. The interpreter multiplies the raw bits of bf16 operands
         (triton-lang/triton#11584), so there they go through fp32: the same exact products."""
         if UPCAST:
@@ -84,7 +84,7 @@ if TRITON_AVAILABLE:
             x = tl.load(x_ptr + rows[:, None] * sx_t + k[None, :] * sx_k, mask=x_mask, other=0.0)
             a_mask = (k < in_features)[:, None] & (cols < num_nr)[None, :]
             a = tl.load(a_ptr + a_cols[None, :] + k[:, None] * sa_k, mask=a_mask, other=0.0)
-            acc += _dot(x, a.to(x.dtype), PRECISION, UPCAST)  # [BLOCK_M, BLOCK_NR]
+            acc += dot_fp32(x, a.to(x.dtype), PRECISION, UPCAST)  # [BLOCK_M, BLOCK_NR]
         h_mask = row_mask[:, None] & (cols < num_nr)[None, :]
         tl.store(h_ptr + rows[:, None] * sh_t + cols[None, :] * sh_j, acc, mask=h_mask)
 
@@ -107,17 +107,17 @@ if TRITON_AVAILABLE:
         b_off = (col_lo + c)[None, :].to(tl.int64) * sb_o + slot.to(tl.int64) * sb_s + r[:, None] * sb_r
         b_mask = (r < rank)[:, None] & (c < width)[None, :]
         b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)  # [BLOCK_R, BLOCK_N]
-        delta = _dot(h.to(b.dtype), b, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N] fp32
+        delta = dot_fp32(h.to(b.dtype), b, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N] fp32
         y_ptrs = y_ptr + rows[:, None] * sy_t + (col_lo + c)[None, :] * sy_o
         y_mask = row_mask[:, None] & (c < width)[None, :]
         y = tl.load(y_ptrs, mask=y_mask, other=0.0)
         tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
 
     # Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors through numpy.
-    _INTERPRETED = not isinstance(_shrink_kernel, triton.runtime.JITFunction)
+    INTERPRETED = not isinstance(_shrink_kernel, triton.runtime.JITFunction)
 
 
-def _block(n: int, cap: int | None = None) -> int:
+def pow2_block(n: int, cap: int | None = None) -> int:
     """Power of two >= max(n, 16), optionally capped."""
     size: int = max(MIN_BLOCK, triton.next_power_of_2(n))
     return size if cap is None else min(size, cap)
@@ -140,10 +140,10 @@ def add_lora(
     if len(output_slices) > num_slices:
         raise ValueError(f"{len(output_slices)} output slices but lora_a has {num_slices}")
     max_len = max(end - start for start, end, _ in segments.seg_bounds)
-    block_m = _block(max_len, MAX_BLOCK_M)
+    block_m = pow2_block(max_len, MAX_BLOCK_M)
     grid_mg = (segments.seg_slots.shape[0], triton.cdiv(max_len, block_m))  # (G, token blocks)
     h = _shrink(x, lora_a, segments, grid_mg, block_m)  # [T, N*R] fp32
-    block_r = _block(rank)
+    block_r = pow2_block(rank)
     for n, (lo, hi) in enumerate(output_slices):
         grid = (*grid_mg, triton.cdiv(hi - lo, BLOCK_N))
         _expand_kernel[grid](
@@ -151,7 +151,7 @@ def add_lora(
             n * rank, lo, hi - lo, rank,
             *h.stride(), lora_b.stride(2), lora_b.stride(0), lora_b.stride(1), *y.stride(),
             BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=block_r,
-            PRECISION=FP32_PRECISION, UPCAST=_INTERPRETED,
+            PRECISION=FP32_PRECISION, UPCAST=INTERPRETED,
         )  # fmt: skip
 
 
@@ -166,7 +166,7 @@ def _shrink(
         x, lora_a, h, segments.seg_starts, segments.seg_slots,
         x.shape[1], lora_a.shape[1], num_nr,
         *x.stride(), sa_s, sa_n, sa_r, sa_k, *h.stride(),
-        BLOCK_M=block_m, BLOCK_NR=_block(num_nr), BLOCK_K=BLOCK_K,
-        PRECISION=FP32_PRECISION, UPCAST=_INTERPRETED,
+        BLOCK_M=block_m, BLOCK_NR=pow2_block(num_nr), BLOCK_K=BLOCK_K,
+        PRECISION=FP32_PRECISION, UPCAST=INTERPRETED,
     )  # fmt: skip
     return h

@@ -160,3 +160,21 @@ def test_native_cpu_kernels_keep_parity_with_hf_and_peft(tiny_llama, tmp_path, n
         assert tokens_of(results["g0"]) == hf_greedy(reference, PROMPTS[0], 16)
         assert tokens_of(results["g2"]) == hf_greedy(reference, PROMPTS[2], 16)
     assert tokens_of(results["g1"]) == hf_greedy(hf, PROMPTS[1], 16)  # a base request in the same batch
+
+
+def test_triton_decode_attention_keeps_parity_with_hf(tiny_llama, monkeypatch):
+    """The CUDA attention kernel in the model (Triton interpreter on CPU without a GPU): a
+    batch of 4 sequences of different lengths decodes HF's greedy tokens."""
+    pytest.importorskip("triton")
+    from server.model import factory
+    from server.ops import attention_triton
+
+    monkeypatch.setattr(factory, "pick_attention_ops", lambda kernels, model_config, device: attention_triton)
+    core = make_core(tiny_llama)
+    assert core.loaded.model.layers[0].attention_ops is attention_triton
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    for i, prompt in enumerate(PROMPTS):
+        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=12, **GREEDY), None)
+    results = run_to_completion(core)
+    for i, prompt in enumerate(PROMPTS):
+        assert tokens_of(results[f"r{i}"]) == hf_greedy(hf, prompt, 12), f"prompt {i}"
