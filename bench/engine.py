@@ -234,6 +234,8 @@ def run_hf(model, tokenizer, prompts, new_tokens: int, adapter_names=None) -> Ru
 
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    device = next(model.parameters()).device  # the model's (a GPU's): pad builds CPU tensors
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     clock = FirstTokenClock()
