@@ -147,18 +147,13 @@ def adapter_dirs(base_dir: Path, count: int, rank: int) -> list[Path]:
 
 def save_random_adapter(base_dir: Path, out: Path, rank: int, seed: int) -> None:
     """A peft LoRA on all seven projections: A from peft's random init, B ~ N(0, LORA_B_STD)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(ALL_TARGET_MODULES),
-                        init_lora_weights=False)  # fmt: skip
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, LORA_B_STD)
+    peft_model = get_peft_model(model, random_lora_config(rank))
+    randomize_lora_b(peft_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     peft_model.save_pretrained(tmp)
@@ -166,15 +161,34 @@ def save_random_adapter(base_dir: Path, out: Path, rank: int, seed: int) -> None
     tmp.rename(out)  # atomic: a half-written adapter is never picked up by a later run
 
 
-def build_engine(args) -> EngineCore:
-    """EngineCore with slots for every adapter, room for the batch, and a KV cache sized to the run."""
+def random_lora_config(rank: int):
+    """peft's LoraConfig of the bench adapters: all seven projections, alpha = 2 * rank, random A."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(ALL_TARGET_MODULES),
+                      init_lora_weights=False)  # fmt: skip
+
+
+def randomize_lora_b(peft_model, adapter_name: str = "default") -> None:
+    """B ~ N(0, LORA_B_STD) for one adapter of ``peft_model`` (A keeps peft's random init), so the
+    adapter changes the outputs without swamping them."""
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if f".lora_B.{adapter_name}." in name:
+                param.normal_(0, LORA_B_STD)
+
+
+def build_engine(args, device: str = "cpu", **overrides) -> EngineCore:
+    """EngineCore with slots for every adapter, room for the batch, and a KV cache sized to the run;
+    ``overrides`` are further EngineConfig fields."""
     config = EngineConfig(
         max_loras=args.num_adapters,
         max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.batch,
         max_num_batched_tokens=max(2048, args.batch * MAX_PROMPT_TOKENS),  # all prefills in one step
+        **overrides,
     )
-    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device="cpu"), config)
+    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device=device), config)
     per_token = kv_bytes_per_token(loaded.checkpoint.config, loaded.dtype)
     tokens = 2 * args.batch * (MAX_PROMPT_TOKENS + args.new_tokens + config.kv_block_size)  # 2x headroom
     return EngineCore(loaded, dataclasses.replace(config, kv_cache_bytes=per_token * tokens))
@@ -208,6 +222,8 @@ class FirstTokenClock:
 
     def __call__(self, input_ids, scores):
         if self.first is None:
+            if scores.is_cuda:  # the prefill's kernels were only queued
+                torch.cuda.synchronize(scores.device)
             self.first = time.perf_counter()
         return scores
 
@@ -218,6 +234,8 @@ def run_hf(model, tokenizer, prompts, new_tokens: int, adapter_names=None) -> Ru
 
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    device = next(model.parameters()).device  # the model's (a GPU's): pad builds CPU tensors
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     clock = FirstTokenClock()
@@ -242,14 +260,17 @@ def summarize(runs: list[Run], noise: list[float], batch: int, new_tokens: int) 
     return Result(mid, statistics.median(e2e), step_ms, spread, statistics.median(noise), runs[-1].tokens)
 
 
-def time_interleaved(systems: dict[str, Callable[[], Run]], args) -> dict[str, Result]:
-    """One warm-up run of each system, then ``repeats`` rounds that run every system once.
+def time_interleaved(
+    systems: dict[str, Callable[[], Run]], args, warm_ups: dict[str, Callable[[], Run]] | None = None
+) -> dict[str, Result]:
+    """One warm-up run of each system (``warm_ups[name]`` instead where given: a shorter one), then
+    ``repeats`` rounds that run every system once.
 
     Interleaving spreads a burst of load from other processes over all systems instead of
     skewing one of them; each system's runs also record how busy the other processes were.
     """
-    for fn in systems.values():
-        fn()
+    for name, fn in systems.items():
+        (warm_ups or {}).get(name, fn)()
     runs: dict[str, list[Run]] = {name: [] for name in systems}
     noise: dict[str, list[float]] = {name: [] for name in systems}
     for _ in range(args.repeats):
@@ -300,20 +321,24 @@ def hf_systems(core: EngineCore, prompts, args) -> dict[str, Callable[[], Run]]:
 # ---- bandwidth ----
 
 
-def memory_bandwidth_gbs(repeats: int = 10) -> tuple[float, float]:
-    """STREAM-like (copy, read) bandwidth on a 256 MiB fp32 tensor, best of runs, in GB/s.
+def memory_bandwidth_gbs(repeats: int = 10, device: str = "cpu", mib: int = 256) -> tuple[float, float]:
+    """STREAM-like (copy, read) bandwidth on a ``mib`` MiB fp32 tensor on ``device``, best of runs, in GB/s.
 
     copy counts bytes read + written (dst.copy_(src)); read is a sum over the tensor, the access
-    pattern of a decode step's weight reads.
+    pattern of a decode step's weight reads. On CUDA each timing ends with a synchronize.
     """
-    src = torch.ones(64 * 1024 * 1024)
+    src = torch.ones(mib * 1024 * 1024 // 4, device=device)
     dst = torch.empty_like(src)
+    sync = (lambda: torch.cuda.synchronize(src.device)) if src.is_cuda else (lambda: None)
     copy_s = read_s = float("inf")
     for _ in range(repeats + 1):  # the first round warms up (page faults, thread start)
+        sync()
         start = time.perf_counter()
         dst.copy_(src)
+        sync()
         middle = time.perf_counter()
         src.sum()
+        sync()
         copy_s, read_s = min(copy_s, middle - start), min(read_s, time.perf_counter() - middle)
     return 2 * src.nbytes / copy_s / 1e9, src.nbytes / read_s / 1e9
 

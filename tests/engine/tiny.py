@@ -12,6 +12,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -50,6 +51,18 @@ def write_tiny_llama(path: Path, seed: int = 0, family: str = "llama", **overrid
 
     ``family`` picks the architecture: llama, mistral or qwen2 (q/k/v biases).
     """
+    return save_checkpoint(random_llama(seed, family, **overrides), path)
+
+
+def random_llama(
+    seed: int = 0,
+    family: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **overrides,
+) -> PreTrainedModel:
+    """A random Llama-family HF model (``write_tiny_llama``'s shapes unless overridden), built in
+    ``dtype`` straight on ``device``: an 8B-shaped one is made on a GPU in seconds, never in fp32."""
     torch.manual_seed(seed)
     fields = dict(
         vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -58,11 +71,22 @@ def write_tiny_llama(path: Path, seed: int = 0, family: str = "llama", **overrid
     )  # fmt: skip
     fields.update(overrides)
     config_cls, model_cls = FAMILIES[family]
-    model = model_cls(config_cls(**fields)).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # HF initialises the parameters in the default dtype
+    try:
+        with torch.device(device):
+            model = model_cls(config_cls(**fields)).eval()
+    finally:
+        torch.set_default_dtype(previous)
     with torch.no_grad():  # HF initialises biases to zero; random ones make the bias path count
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0, 0.5)
+    return model
+
+
+def save_checkpoint(model: PreTrainedModel, path: Path) -> Path:
+    """``model`` as an HF checkpoint dir (safetensors) with ``byte_level_tokenizer``'s files."""
     model.save_pretrained(path, safe_serialization=True)
     byte_level_tokenizer().save_pretrained(path)
     return path
