@@ -162,13 +162,7 @@ def remembered(
     since = cpu_snapshot()
     value = measure()
     if other_load(since) <= MAX_OTHER_LOAD:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"value": value}))
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("could not cache the %s measurement in %s: %s", name, path, exc)
+        _write_json(path, {"value": value}, f"the {name} measurement")
     return value
 
 
@@ -187,13 +181,18 @@ def _read_cached(path: Path) -> CpuKernelChoice | None:
 
 
 def _write_cached(path: Path, choice: CpuKernelChoice) -> None:
+    _write_json(path, asdict(choice), "the CPU tuning")
+
+
+def _write_json(path: Path, data: object, what: str) -> None:
+    """``data`` as JSON at ``path``, replaced atomically; a warning (not an error) where it cannot be."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(choice), indent=1))
+        tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache dir only costs a measurement per start
-        log.warning("could not cache the CPU tuning in %s: %s", path, exc)
+        log.warning("could not cache %s in %s: %s", what, path, exc)
 
 
 def measure(

@@ -58,14 +58,18 @@ def our_last_logits(core, prompt: list[int], adapter_id: str | None) -> torch.Te
         core.kv_cache.allocator.free(seq.block_table)
 
 
-def test_greedy_tokens_equal_hf_generate(tiny_llama):
-    core = make_core(tiny_llama)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+def assert_greedy_matches_hf(core, model_dir, max_tokens: int) -> None:
+    """PROMPTS decoded together by ``core`` give HF generate's greedy tokens, each prompt alone."""
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for i, prompt in enumerate(PROMPTS):
-        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=24, **GREEDY), None)
+        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), None)
     results = run_to_completion(core)
     for i, prompt in enumerate(PROMPTS):
-        assert tokens_of(results[f"r{i}"]) == hf_greedy(hf, prompt, 24), f"prompt {i}"
+        assert tokens_of(results[f"r{i}"]) == hf_greedy(hf, prompt, max_tokens), f"prompt {i}"
+
+
+def test_greedy_tokens_equal_hf_generate(tiny_llama):
+    assert_greedy_matches_hf(make_core(tiny_llama), tiny_llama, 24)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
@@ -172,9 +176,4 @@ def test_triton_decode_attention_keeps_parity_with_hf(tiny_llama, monkeypatch):
     monkeypatch.setattr(factory, "pick_attention_ops", lambda kernels, model_config, device: attention_triton)
     core = make_core(tiny_llama)
     assert core.loaded.model.layers[0].attention_ops is attention_triton
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    for i, prompt in enumerate(PROMPTS):
-        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=12, **GREEDY), None)
-    results = run_to_completion(core)
-    for i, prompt in enumerate(PROMPTS):
-        assert tokens_of(results[f"r{i}"]) == hf_greedy(hf, prompt, 12), f"prompt {i}"
+    assert_greedy_matches_hf(core, tiny_llama, 12)

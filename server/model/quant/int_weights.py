@@ -133,9 +133,8 @@ class Int4Weight:
         if rows is not None and x.shape[0] >= rows and self.can_unpack:
             return F.linear(x.to(self.activation_dtype), self.dequantize()).to(x.dtype)
         if self.amx is not None and self.amx_packed is not None and x.shape[0] >= self.amx.min_rows:
-            return self.amx.matmul(
-                x, self.amx_packed, x.dtype if x.dtype == torch.float32 else torch.bfloat16
-            )
+            out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            return self.amx.matmul(x, self.amx_packed, out_dtype).to(x.dtype)
         y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(self.activation_dtype), self.packed, self.group_size, self.scales_and_zeros
         )
