@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tests.api.server_process import running_server
 from tests.api.test_limits_and_shutdown import assert_openai_error, sse_data
 from tests.engine.tiny import write_tiny_llama
 
-NUM_SEATS, FLOOD, FLOOD_TOKENS, SMALL, SMALL_TOKENS = 4, 40, 64, 3, 4
+NUM_SEATS, FLOOD, FLOOD_TOKENS, SMALL, SMALL_TOKENS, HOLD_TOKENS = 4, 40, 64, 3, 4, 8000
 GREEDY = {"temperature": 0, "ignore_eos": True}
 LIMITS = {"c": {"max_concurrent": 1}, "d": {"rpm": 2}, "e": {"tpm": 60}, "f": {}, "g": {"weight": 4.0}}
 STATE_TIMEOUT_S = 60
@@ -47,7 +48,7 @@ class Tenants:
 
 
 def start(root: Path, tenants: Tenants, scheduling: str):
-    model_dir = write_tiny_llama(root / "model", max_position_embeddings=512)
+    model_dir = write_tiny_llama(root / "model", max_position_embeddings=HOLD_TOKENS + 64)
     args = [
         "--model", str(model_dir), "--served-model-name", BASE_MODEL, "--data-dir", str(root / "data"),
         "--dtype", "float32", "--device", "cpu", "--max-num-seqs", str(NUM_SEATS),
@@ -85,8 +86,13 @@ def wait_until(condition, what: str) -> None:
 
 
 def flood(server: Server, tenants: Tenants) -> list[str]:
-    """A's flood, then B's requests once A's backlog is queued: the tenants in the order their
-    responses came back (each one checked complete)."""
+    """A's flood, then B's requests while A's backlog is queued: the tenants in the order their
+    responses came back (each one checked complete).
+
+    A's first NUM_SEATS requests are long streams that hold every seat until all of A's backlog
+    and then B's requests are queued; closing them (the server cancels a disconnected request)
+    frees the seats at once, so the order depends on the scheduler, not on how fast this machine
+    sends requests compared with how fast it serves them."""
     finished: list[str] = []
     lock = threading.Lock()
     clients = {t: tenants.client(server, t) for t in ("a", "b")}
@@ -98,10 +104,19 @@ def flood(server: Server, tenants: Tenants) -> list[str]:
         with lock:
             finished.append(tenant)
 
-    with ThreadPoolExecutor(FLOOD + SMALL) as pool:
-        futures = [pool.submit(send, "a", FLOOD_TOKENS) for _ in range(FLOOD)]
-        wait_until(lambda: waiting(clients["a"]) >= FLOOD - 2 * NUM_SEATS, "A's flood never queued")
+    backlog, held_streams = FLOOD - NUM_SEATS, []
+    with ExitStack() as seats, ThreadPoolExecutor(backlog + SMALL) as pool:
+        for _ in range(NUM_SEATS):
+            held = seats.enter_context(tenants.client(server, "a"))
+            stream = seats.enter_context(held.stream("POST", "/v1/completions", json=completion(HOLD_TOKENS, stream=True)))
+            events = sse_data(stream)
+            next(events)  # running: it holds a seat while `events` is open (a closed one disconnects)
+            held_streams.append(events)
+        futures = [pool.submit(send, "a", FLOOD_TOKENS) for _ in range(backlog)]
+        wait_until(lambda: waiting(clients["a"]) >= backlog, "A's flood never queued")
         futures += [pool.submit(send, "b", SMALL_TOKENS) for _ in range(SMALL)]
+        wait_until(lambda: waiting(clients["a"]) >= backlog + SMALL, "B's requests never queued")
+        seats.close()
         for future in futures:
             future.result()
     for client in clients.values():
@@ -120,9 +135,10 @@ def test_fair_scheduling_serves_the_small_tenant_during_a_flood(fair, tenants, t
     fair_order = flood(fair, tenants)
     with start(tmp_path, tenants, "fcfs") as fcfs:
         fcfs_order = flood(fcfs, tenants)
-    assert sorted(fair_order) == sorted(fcfs_order) == ["a"] * FLOOD + ["b"] * SMALL
-    assert a_finished_before_b_was_done(fair_order) <= FLOOD // 2, fair_order
-    assert a_finished_before_b_was_done(fcfs_order) >= FLOOD - 2 * NUM_SEATS - SMALL, fcfs_order
+    backlog = FLOOD - NUM_SEATS
+    assert sorted(fair_order) == sorted(fcfs_order) == ["a"] * backlog + ["b"] * SMALL
+    assert a_finished_before_b_was_done(fair_order) <= NUM_SEATS, fair_order
+    assert a_finished_before_b_was_done(fcfs_order) >= backlog - NUM_SEATS, fcfs_order
 
 
 def test_max_concurrent_refuses_a_second_request_at_once_and_no_one_else(fair, tenants):
