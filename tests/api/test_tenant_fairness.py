@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -108,7 +108,8 @@ def flood(server: Server, tenants: Tenants) -> list[str]:
     with ExitStack() as seats, ThreadPoolExecutor(backlog + SMALL) as pool:
         for _ in range(NUM_SEATS):
             held = seats.enter_context(tenants.client(server, "a"))
-            stream = seats.enter_context(held.stream("POST", "/v1/completions", json=completion(HOLD_TOKENS, stream=True)))
+            hold = completion(HOLD_TOKENS, stream=True)
+            stream = seats.enter_context(held.stream("POST", "/v1/completions", json=hold))
             events = sse_data(stream)
             next(events)  # running: it holds a seat while `events` is open (a closed one disconnects)
             held_streams.append(events)
