@@ -108,6 +108,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system (median; +1 warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     p.add_argument("--dtype", default=None, help="engine dtype (default: as the server: measured)")
+    p.add_argument(
+        "--quantization", default="auto", help="as `loraplex serve --quantization` (default: auto)"
+    )
     p.add_argument("--skip-hf", action="store_true", help="skip the HF and peft baselines")
     p.add_argument("--profile", action="store_true", help="split one mixed decode step by code path")
     args = p.parse_args()
@@ -188,7 +191,9 @@ def build_engine(args, device: str = "cpu", **overrides) -> EngineCore:
         max_num_batched_tokens=max(2048, args.batch * MAX_PROMPT_TOKENS),  # all prefills in one step
         **overrides,
     )
-    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device=device), config)
+    loaded = load_model(
+        ModelConfig(model=args.model, dtype=args.dtype, device=device, quantization=args.quantization), config
+    )
     per_token = kv_bytes_per_token(loaded.checkpoint.config, loaded.dtype)
     tokens = 2 * args.batch * (MAX_PROMPT_TOKENS + args.new_tokens + config.kv_block_size)  # 2x headroom
     return EngineCore(loaded, dataclasses.replace(config, kv_cache_bytes=per_token * tokens))

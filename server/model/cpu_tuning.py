@@ -31,7 +31,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from server.model.quant.int_weights import Int4Weight, quantize_int4
 from server.ops.cpu_info import cpu_identity, cpu_snapshot, cpuinfo, other_load
-from server.ops.int4_amx import Int4Amx
+from server.ops.int4_native import Int4Kernel
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -423,90 +423,103 @@ def base_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return F.linear(x, weight, bias)
 
 
-INT4_TORCH, INT4_AMX = "int4 bfloat16 activations", "int4 AMX"  # the int4 entries of the timings
+INT4_TORCH = "int4 bfloat16 activations"  # torch's int4 kernel in the timings; native ones: "int4 <name>"
+
+
+def int4_native_label(kernel: Int4Kernel) -> str:
+    return f"int4 {kernel.name}"
 
 
 def time_int4_against_dense(
-    shapes: GemmShapes, dtype: str, gemm: str, amx: Int4Amx | None = None
+    shapes: GemmShapes, dtype: str, gemm: str | None, natives: Sequence[Int4Kernel] = ()
 ) -> dict[str, float]:
     """ms per decode pass of the model's layer GEMMs: dense (``dtype``, ``gemm``: the measured
-    choice), int4 on torch's kernel with bf16 activations and, given ``amx``, int4 on AMX tiles
-    (keys INT4_TORCH, INT4_AMX), timed interleaved on the same sampled layers."""
+    choice; None: no dense pass), int4 on torch's kernel with bf16 activations (key INT4_TORCH) and on each of
+    ``natives`` (keys ``int4_native_label``), timed interleaved on the same sampled layers."""
     with torch.inference_mode():
         dense = _sample_weights(shapes, DTYPES[dtype])
-        dense_pass = _gemm_pass(dense, gemm)
-        int4 = [Int4Weight(quantize_int4(w), torch.bfloat16, amx) for w in dense]
-        inputs = {w.in_features: torch.randn(DECODE_ROWS, w.in_features, dtype=DTYPES[dtype]) for w in int4}
-
-        def int4_pass(min_rows: int) -> None:
-            if amx is not None:
-                amx.min_rows = min_rows
-            for weight in int4:
-                weight.matmul(inputs[weight.in_features])
-
-        passes = {INT4_TORCH: lambda: int4_pass(DECODE_ROWS + 1)}
-        if amx is not None:
-            passes[INT4_AMX] = lambda: int4_pass(1)
-        if dense_pass is not None:
+        dense_pass = _gemm_pass(dense, gemm) if gemm is not None else None
+        codes = [quantize_int4(w) for w in dense]
+        inputs = {w.shape[1]: torch.randn(DECODE_ROWS, w.shape[1], dtype=DTYPES[dtype]) for w in dense}
+        passes = {INT4_TORCH: _int4_pass([Int4Weight(c, torch.bfloat16) for c in codes], inputs)}
+        for kernel in natives:
+            kernel.min_rows = 1
+            passes[int4_native_label(kernel)] = _int4_pass(
+                [Int4Weight(c, torch.bfloat16, kernel) for c in codes], inputs
+            )
+        if dense_pass is not None and gemm is not None:
             passes[f"{dtype} {GEMM_KERNELS[gemm]}"] = dense_pass
         scale = shapes.num_layers / _sample_layers(shapes)
         return {name: ms * scale for name, ms in _time_interleaved(passes).items()}
 
 
-INT4_AMX_PROBE_ROWS = (1, 2, 3, 4, 6, 8)
+def _int4_pass(weights: list[Int4Weight], inputs: dict[int, torch.Tensor]) -> Callable[[], None]:
+    def one_pass() -> None:
+        for weight in weights:
+            weight.matmul(inputs[weight.in_features])
+
+    return one_pass
 
 
-def int4_amx_min_rows(shapes: GemmShapes, amx: Int4Amx) -> int | None:
-    """The fewest tokens from which the AMX kernel beats torch's int4 kernel on one layer of the
-    model's shapes (torch's time grows with the tokens, AMX's hardly does); None: never up to 8."""
+INT4_NATIVE_PROBE_ROWS = (1, 2, 3, 4, 6, 8)
+
+
+def int4_native_min_rows(shapes: GemmShapes, kernel: Int4Kernel, dtype: str = "bfloat16") -> int | None:
+    """The fewest tokens (activations in ``dtype``) from which ``kernel`` beats torch's int4 kernel
+    on one layer of the model's shapes; None: never up to 8."""
     with torch.inference_mode():
         weights = [
-            Int4Weight(quantize_int4(torch.randn(shape) * 0.02), torch.bfloat16, amx)
+            Int4Weight(quantize_int4(torch.randn(shape) * 0.02), torch.bfloat16, kernel)
             for shape in shapes.layer
         ]
-        for rows in INT4_AMX_PROBE_ROWS:
-            timings = _time_interleaved(_amx_paths(weights, amx, rows))
-            if timings["amx"] < timings["torch"]:
+        for rows in INT4_NATIVE_PROBE_ROWS:
+            timings = _time_interleaved(_native_paths(weights, kernel, rows, DTYPES[dtype]))
+            if timings["native"] < timings["torch"]:
                 return rows
     return None
 
 
-def _amx_paths(weights: list[Int4Weight], amx: Int4Amx, rows: int) -> dict[str, Callable[[], None]]:
-    """One call per weight on ``rows`` tokens: through torch's int4 kernel, and on AMX tiles."""
-    inputs = {w.in_features: torch.randn(rows, w.in_features, dtype=torch.bfloat16) for w in weights}
+def _native_paths(
+    weights: list[Int4Weight], kernel: Int4Kernel, rows: int, dtype: torch.dtype
+) -> dict[str, Callable[[], None]]:
+    """One call per weight on ``rows`` tokens: through torch's int4 kernel, and on ``kernel``."""
+    inputs = {w.in_features: torch.randn(rows, w.in_features, dtype=dtype) for w in weights}
 
     def run(min_rows: int) -> None:
-        amx.min_rows = min_rows
+        kernel.min_rows = min_rows
         for w in weights:
             w.matmul(inputs[w.in_features])
 
-    return {"torch": lambda: run(rows + 1), "amx": lambda: run(rows)}
+    return {"torch": lambda: run(rows + 1), "native": lambda: run(rows)}
 
 
 INT4_DEQUANTIZE_PROBE_ROWS = (16, 32, 64, 128, 256, 512)
 
 
-def int4_dequantize_min_rows(shapes: GemmShapes, amx: Int4Amx | None = None) -> int | None:
-    """The fewest tokens from which unpacking a layer's int4 weights into dense bf16 ones for the
-    call beats the int4 kernel that serves that size (torch's, or ``amx`` from its ``min_rows``),
-    on one layer of the model's shapes; None when the kernel wins at every probed size."""
+def int4_dequantize_min_rows(
+    shapes: GemmShapes, native: Int4Kernel | None = None, dtype: str = "bfloat16"
+) -> int | None:
+    """The fewest tokens (activations in ``dtype``) from which unpacking a layer's int4 weights into
+    dense ones in that dtype for the call beats the int4 kernel that serves that size (torch's, or
+    ``native`` from its ``min_rows``), on one layer of the model's shapes; None when the kernel wins
+    at every probed size."""
     with torch.inference_mode():
         weights = [
-            Int4Weight(quantize_int4(torch.randn(shape) * 0.02), torch.bfloat16, amx)
+            Int4Weight(quantize_int4(torch.randn(shape) * 0.02), torch.bfloat16, native)
             for shape in shapes.layer
         ]
         if not all(w.can_unpack for w in weights):
             return None
         for rows in INT4_DEQUANTIZE_PROBE_ROWS:
-            timings = _time_interleaved(_int4_paths(weights, rows))
+            timings = _time_interleaved(_int4_paths(weights, rows, DTYPES[dtype]))
             if timings["unpacked"] < timings["kernel"]:
                 return rows
     return None
 
 
-def _int4_paths(weights: list[Int4Weight], rows: int) -> dict[str, Callable[[], None]]:
+def _int4_paths(weights: list[Int4Weight], rows: int, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
     """One call per weight on ``rows`` tokens: through the int4 kernel, and unpacked."""
-    inputs = {w.in_features: torch.randn(rows, w.in_features, dtype=torch.bfloat16) for w in weights}
+    inputs = {w.in_features: torch.randn(rows, w.in_features, dtype=dtype) for w in weights}
 
     def run(dequantize_min_rows: int | None) -> None:
         for w in weights:

@@ -19,8 +19,8 @@ from server.model.lora_linear import LinearKwargs, MultiLoRALinear
 from server.model.quant import gguf_codes
 from server.model.quant import plan as quant_plan
 from server.model.quant.int_weights import Int4Weight
-from server.ops import int4_amx
-from server.ops.int4_amx import Int4Amx
+from server.ops import int4_native
+from server.ops.int4_native import Int4Kernel
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -148,13 +148,14 @@ def pick_quantization(
         kinds = ", ".join(sorted(set(types.values())))
         return quant_plan.QuantPlan("none", f"auto: the GGUF's linear weights are {kinds}, none 4-bit blocks")
     shapes = cpu_tuning.GemmShapes.of(checkpoint.config)
-    amx = int4_amx.load(_cache_dir(model_config))
-    context = f"{kernels.dtype} {kernels.gemm} amx={amx is not None}"
+    natives = int4_native.available(_cache_dir(model_config))
+    context = f"{kernels.dtype} {kernels.gemm} native={'+'.join(k.name for k in natives) or 'none'}"
     timings = dict(cpu_tuning.remembered(
         "int4-vs-dense", shapes, context, _cache_dir(model_config),
-        lambda: cpu_tuning.time_int4_against_dense(shapes, kernels.dtype, kernels.gemm, amx),
+        lambda: cpu_tuning.time_int4_against_dense(shapes, kernels.dtype, kernels.gemm, natives),
     ))  # fmt: skip
-    int4_ms = min(timings.pop(cpu_tuning.INT4_TORCH), timings.pop(cpu_tuning.INT4_AMX, float("inf")))
+    int4_labels = [cpu_tuning.INT4_TORCH, *(cpu_tuning.int4_native_label(k) for k in natives)]
+    int4_ms = min(timings.pop(label, float("inf")) for label in int4_labels)
     dense_name, dense_ms = next(iter(timings.items()), ("dense", float("inf")))
     measured = f"ms per decode pass: int4 {int4_ms:.1f}, {dense_name} {dense_ms:.1f}"
     if int4_ms < INT4_MIN_GAIN * dense_ms:
@@ -188,26 +189,36 @@ def _set_int4_dequantize_rows(model: LlamaForServing, rows: int | None) -> None:
     for module in model.modules():
         if isinstance(module, MultiLoRALinear) and isinstance(module.quantized, Int4Weight):
             module.quantized.dequantize_min_rows = rows
-    log.info("int4: calls of %s unpack the codes into dense bf16 weights (measured)",
+    log.info("int4: calls of %s unpack the codes into dense weights in the activations' dtype (measured)",
              "no size" if rows is None else f"{rows}+ tokens")  # fmt: skip
 
 
-def pick_int4_amx(model_config: ModelConfig, checkpoint: Checkpoint) -> Int4Amx | None:
-    """The AMX int4 kernel with its measured ``min_rows`` where this CPU has AMX-BF16 and the
-    kernel beats torch's from some batch size on (cached per CPU); None: torch's kernel only."""
-    amx = int4_amx.load(_cache_dir(model_config))
-    if amx is None:
-        return None
+def pick_int4_native(model_config: ModelConfig, checkpoint: Checkpoint, dtype: str) -> Int4Kernel | None:
+    """The native int4 kernel (``server/ops/int4_native``) that is fastest at a decode batch on
+    this CPU, with its measured ``min_rows`` (both cached per CPU); None: torch's kernel only."""
+    natives, cache_dir = int4_native.available(_cache_dir(model_config)), _cache_dir(model_config)
     shapes = cpu_tuning.GemmShapes.of(checkpoint.config)
-    rows = cpu_tuning.remembered("int4-amx-rows", shapes, "bfloat16", _cache_dir(model_config),
-                                 lambda: cpu_tuning.int4_amx_min_rows(shapes, amx))  # fmt: skip
-    if rows is None:
-        log.info("int4: torch's kernel at every batch size (the AMX kernel measured slower)")
+    if len(natives) > 1:
+        context = f"{dtype} " + "+".join(k.name for k in natives)
+        timings = cpu_tuning.remembered(
+            "int4-native-kernels", shapes, context, cache_dir,
+            lambda: cpu_tuning.time_int4_against_dense(shapes, dtype, None, natives),
+        )  # fmt: skip
+        natives.sort(key=lambda k: timings.get(cpu_tuning.int4_native_label(k), float("inf")))
+    if not natives:
         return None
-    amx.min_rows = rows
-    log.info("int4: calls of %d+ tokens on AMX tiles (their own packing: 0.75 bytes per weight more "
-             "memory), fewer on torch's kernel (measured)", rows)  # fmt: skip
-    return amx
+    kernel = natives[0]
+    rows = cpu_tuning.remembered(
+        "int4-rows-" + kernel.name.replace(" ", "-"), shapes, dtype, cache_dir,
+        lambda: cpu_tuning.int4_native_min_rows(shapes, kernel, dtype),
+    )  # fmt: skip
+    if rows is None:
+        log.info("int4: torch's kernel at every batch size (%s measured slower)", kernel.name)
+        return None
+    kernel.min_rows = rows
+    log.info("int4: calls of %d+ tokens on the native kernel (%s; its own packing: 0.75 bytes per "
+             "weight more memory), fewer on torch's (measured)", rows, kernel.name)  # fmt: skip
+    return kernel
 
 
 def _cache_dir(model_config: ModelConfig) -> Path:
@@ -234,15 +245,22 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
         "lora_dtype": lora_dtype or (dtype if plan.scheme != "none" else None),
         "gemm": kernels.gemm if kernels is not None else "x_wt",
         "lora_op": pick_lora_op(kernels, model_config),
-        "int4_amx": pick_int4_amx(model_config, checkpoint) if plan.scheme == "int4" and kernels else None,
+        "int4_native": (
+            pick_int4_native(model_config, checkpoint, kernels.dtype)
+            if plan.scheme == "int4" and kernels
+            else None
+        ),
     }
     attention_ops = pick_attention_ops(kernels, model_config, device)
     model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs, attention_ops).eval()
     if plan.scheme == "int4" and kernels is not None:
-        shapes, amx = cpu_tuning.GemmShapes.of(checkpoint.config), linear_kwargs["int4_amx"]
-        context = "bfloat16" if amx is None else f"bfloat16 amx from {amx.min_rows}"
-        rows = cpu_tuning.remembered("int4-unpack-rows", shapes, context, _cache_dir(model_config),
-                                     lambda: cpu_tuning.int4_dequantize_min_rows(shapes, amx))  # fmt: skip
+        shapes, native = cpu_tuning.GemmShapes.of(checkpoint.config), linear_kwargs["int4_native"]
+        serving = kernels.dtype
+        context = serving if native is None else f"{serving} {native.name} from {native.min_rows}"
+        rows = cpu_tuning.remembered(
+            "int4-unpack-rows", shapes, context, _cache_dir(model_config),
+            lambda: cpu_tuning.int4_dequantize_min_rows(shapes, native, serving),
+        )  # fmt: skip
         _set_int4_dequantize_rows(model, rows)
     log.info("loaded %s on %s in %s, max_model_len=%d", checkpoint.name, device, dtype, max_model_len)
     return LoadedModel(model, checkpoint, dtype, device, max_model_len, kernels)

@@ -23,7 +23,7 @@ from torch import nn
 from server.model.cpu_tuning import base_gemm, prepare_weight
 from server.model.quant.int_weights import Codes, QuantizedWeight, pack
 from server.ops import lora_torch
-from server.ops.int4_amx import Int4Amx
+from server.ops.int4_native import Int4Kernel
 from server.ops.lora_torch import AddLoRA, LoRASegments
 
 
@@ -64,7 +64,7 @@ class LinearKwargs(_RequiredLinearKwargs, total=False):
     gemm: str
     lora_op: AddLoRA | None
     activation_dtype: torch.dtype
-    int4_amx: Int4Amx | None
+    int4_native: Int4Kernel | None
 
 
 class MultiLoRALinear(nn.Module):
@@ -94,7 +94,7 @@ class MultiLoRALinear(nn.Module):
         gemm: str = "x_wt",  # base GEMM kernel (cpu_tuning.GEMM_KERNELS, measured per CPU)
         lora_op: AddLoRA | None = None,  # the side-path op (lora_torch.add_lora's signature); None: default
         activation_dtype: torch.dtype = torch.bfloat16,  # what a quantized GEMM computes in (measured)
-        int4_amx: Int4Amx | None = None,  # int4 GEMMs of enough tokens on AMX tiles (measured)
+        int4_native: Int4Kernel | None = None,  # int4 GEMMs of enough tokens on a native kernel (measured)
     ) -> None:
         super().__init__()
         # A quantized base keeps no dense weight: its GEMM reads the codes, and merged copies
@@ -103,7 +103,7 @@ class MultiLoRALinear(nn.Module):
         if isinstance(weight, torch.Tensor):
             out_total, in_features = weight.shape
         else:
-            self.quantized = pack(weight, activation_dtype, int4_amx)
+            self.quantized = pack(weight, activation_dtype, int4_native)
             out_total, in_features = self.quantized.out_features, self.quantized.in_features
         if sum(slice_sizes) != out_total:
             raise ValueError(f"slice sizes {slice_sizes} do not add up to {out_total} outputs")

@@ -75,6 +75,10 @@ class Int4Amx:
     """The loaded kernel; ``num_threads`` threads per call (default: torch's thread count), for
     calls of at least ``min_rows`` tokens (``Int4Weight`` reads it at every call)."""
 
+    name = "AMX bf16 tiles"
+    fits = staticmethod(fits)
+    pack = staticmethod(pack)
+
     def __init__(
         self, lib: ctypes.CDLL, num_threads: int | None = None, min_rows: int = DEFAULT_MIN_ROWS
     ) -> None:

@@ -207,7 +207,7 @@ class _Faster:
     def __init__(self, int4_ms: float, dense_ms: float):
         self.timings = {"int4 bfloat16 activations": int4_ms, "bfloat16 x·Wᵀ": dense_ms}
 
-    def __call__(self, shapes, dtype, gemm, amx=None):
+    def __call__(self, shapes, dtype, gemm, natives=()):
         return dict(self.timings)
 
 

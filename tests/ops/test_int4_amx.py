@@ -86,7 +86,7 @@ def test_bad_inputs_are_refused(amx):
 def test_an_int4_weight_takes_the_amx_kernel_from_its_min_rows_on(amx):
     codes = _codes(128, 64)
     weight, plain = Int4Weight(codes, torch.bfloat16, amx), Int4Weight(codes, torch.bfloat16)
-    assert weight.amx_packed is not None and plain.amx_packed is None
+    assert weight.native_packed is not None and plain.native_packed is None
     amx.min_rows = 4
     few, many = (torch.randn(r, 64, generator=GEN).to(torch.bfloat16) for r in (3, 8))
     assert torch.equal(weight.matmul(few), plain.matmul(few))  # under min_rows: torch's kernel
@@ -102,7 +102,7 @@ def test_a_side_path_over_an_amx_base_adds_to_it_as_over_the_dense_one(amx):
     parts = [_codes(s, 64) for s in sizes]
     common = dict(slice_names=names, slice_sizes=sizes, max_loras=2, max_lora_rank=8, target_names=names)
     amx.min_rows = 1
-    quantized = MultiLoRALinear(concat(parts), None, lora_dtype=torch.float32, int4_amx=amx, **common)
+    quantized = MultiLoRALinear(concat(parts), None, lora_dtype=torch.float32, int4_native=amx, **common)
     dense = MultiLoRALinear(torch.cat([p.dequantize() for p in parts]).to(torch.bfloat16), None,
                             lora_dtype=torch.float32, **common)  # fmt: skip
     adapter = {

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from server.model.quant.nf4 import NF4Codes, NF4Weight, concat_nf4
-from server.ops import int4_amx
-from server.ops.int4_amx import Int4Amx
+from server.ops.int4_native import Int4Kernel
 
 INT4_GROUP_SIZE = 32  # GGUF's block size; quantizing a dense checkpoint uses the same
 INT4_INNER_K_TILES = 2  # what the CPU kernel packs for (2, 4 or 8; it only changes the layout)
-PACK_ROWS = 64  # the CPU kernel packs outputs in blocks of 64 (``Int4Weight._unpacked_codes``)
+# the CPU kernel packs outputs in blocks of 64 (AVX-512 builds) or 32 (AVX2): ``Int4Weight._unpacked_codes``
+PACK_ROWS_CANDIDATES = (64, 32)
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,12 @@ class Int4Weight:
     scheme = "int4"
 
     def __init__(
-        self, codes: Int4Codes, activation_dtype: torch.dtype = torch.bfloat16, amx: Int4Amx | None = None
+        self,
+        codes: Int4Codes,
+        activation_dtype: torch.dtype = torch.bfloat16,
+        native: Int4Kernel | None = None,
     ) -> None:
-        """``amx``: the AMX kernel (``server/ops/int4_amx``) for calls of at least ``amx.min_rows``
+        """``native``: a kernel of ``server/ops/int4_native`` for calls of at least ``native.min_rows``
         tokens, where the start-up measurement found it faster; it keeps its own packing too."""
         self.out_features, self.in_features = codes.codes.shape
         self.group_size = self.in_features // codes.scale.shape[1]
@@ -114,45 +117,49 @@ class Int4Weight:
         zero = codes.minimum + 8 * codes.scale
         # [K/G, N, 2]: the kernel's layout of (scale, zero) per group and output
         self.scales_and_zeros = torch.stack([codes.scale.T, zero.T], dim=2).to(activation_dtype).contiguous()
-        self._scale = codes.scale.to(activation_dtype)[:, :, None]  # [N, K/G, 1], for ``dequantize``
-        self._minimum = codes.minimum.to(activation_dtype)[:, :, None]
+        self._scale = codes.scale.float()[:, :, None]  # [N, K/G, 1], for ``dequantize`` (computed in fp32)
+        self._minimum = codes.minimum.float()[:, :, None]
         self.num_bytes = (
             self.packed.numel() + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
         )
-        self.amx = amx if amx is not None and int4_amx.fits(self.out_features, self.in_features) else None
-        self.amx_packed = (
-            int4_amx.pack(codes.codes, codes.scale, codes.minimum) if self.amx is not None else None
-        )  # [N/16, K/32, 384] uint8
+        fits = native is not None and native.fits(self.out_features, self.in_features)
+        self.native = native if fits else None
+        self.native_packed = (
+            native.pack(codes.codes, codes.scale, codes.minimum) if fits and native is not None else None
+        )  # uint8, in the kernel's layout
         # the packing is torch's own: unpacking serves only where it gives these codes back
-        self.can_unpack = self.out_features % PACK_ROWS == 0 and torch.equal(
-            self._unpacked_codes(), codes.codes
-        )
+        self._pack_rows = next(
+            (rows for rows in PACK_ROWS_CANDIDATES
+             if self.out_features % rows == 0 and torch.equal(self._unpacked_codes(rows), codes.codes)),
+            None,
+        )  # fmt: skip
+        self.can_unpack = self._pack_rows is not None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.dequantize_min_rows
         if rows is not None and x.shape[0] >= rows and self.can_unpack:
-            return F.linear(x.to(self.activation_dtype), self.dequantize()).to(x.dtype)
-        if self.amx is not None and self.amx_packed is not None and x.shape[0] >= self.amx.min_rows:
+            dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else self.activation_dtype
+            return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)  # unpacked in x's dtype
+        if self.native is not None and self.native_packed is not None and x.shape[0] >= self.native.min_rows:
             out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            return self.amx.matmul(x, self.amx_packed, out_dtype).to(x.dtype)
+            return self.native.matmul(x, self.native_packed, out_dtype).to(x.dtype)
         y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(self.activation_dtype), self.packed, self.group_size, self.scales_and_zeros
         )
         return y.to(x.dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        """The dense weight [N, K] in the activation dtype (a fresh tensor each call)."""
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight [N, K] in ``dtype`` (default: the activation dtype; a fresh tensor each call)."""
         n, k = self.out_features, self.in_features
-        codes = (
-            self._unpacked_codes().view(n, k // self.group_size, self.group_size).to(self.activation_dtype)
-        )
-        return (codes * self._scale + self._minimum).view(n, k)
+        codes = self._unpacked_codes().view(n, k // self.group_size, self.group_size).float()
+        return torch.addcmul(self._minimum, codes, self._scale).view(n, k).to(dtype or self.activation_dtype)
 
-    def _unpacked_codes(self) -> torch.Tensor:
-        """[N, K] uint8 from the CPU kernel's packing: per block of 64 outputs, [K, 32] bytes whose
-        low nibbles are outputs 0-31 and high nibbles outputs 32-63 of the block."""
+    def _unpacked_codes(self, pack_rows: int | None = None) -> torch.Tensor:
+        """[N, K] uint8 from the CPU kernel's packing: per block of B outputs (64 or 32, as this
+        CPU's build packs), [K, B/2] bytes whose low nibbles are the block's first B/2 outputs."""
         n, k = self.out_features, self.in_features
-        blocks = self.packed.view(n // PACK_ROWS, k, PACK_ROWS // 2)
+        rows = pack_rows or self._pack_rows or PACK_ROWS_CANDIDATES[0]
+        blocks = self.packed.view(n // rows, k, rows // 2)
         both = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)  # [N/64, K, 64]
         return both.transpose(1, 2).reshape(n, k)
 
@@ -193,10 +200,12 @@ def concat(parts: list[torch.Tensor | Codes]) -> torch.Tensor | Codes:
     raise ValueError(f"the projections of one fused module are stored differently ({', '.join(kinds)})")
 
 
-def pack(codes: Codes, activation_dtype: torch.dtype, int4_amx: Int4Amx | None = None) -> QuantizedWeight:
-    """The weight the GEMM reads, from a module's codes (``int4_amx``: see ``Int4Weight``)."""
+def pack(
+    codes: Codes, activation_dtype: torch.dtype, int4_native: Int4Kernel | None = None
+) -> QuantizedWeight:
+    """The weight the GEMM reads, from a module's codes (``int4_native``: see ``Int4Weight``)."""
     if isinstance(codes, NF4Codes):
         return NF4Weight(codes)  # computes in the dtype it was quantized from
     if isinstance(codes, Int4Codes):
-        return Int4Weight(codes, activation_dtype, int4_amx)
+        return Int4Weight(codes, activation_dtype, int4_native)
     return Int8Weight(codes, activation_dtype)

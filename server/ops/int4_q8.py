@@ -1,0 +1,106 @@
+"""Group-wise int4 GEMMs with int8 activations on AVX2 integer dot products, in one C call: ``int4_q8.c``.
+
+``pack(codes, scale, minimum)`` lays a weight out as the C side reads it: per output row its codes
+(two per byte, 16 bytes per group of 32 inputs), then its fp32 scales and minimums (0.75 bytes
+per weight). ``Int4Q8.matmul(x, packed)`` is ``x · Wᵀ`` with each group of 32 activations of a row
+quantized to int8 on its own scale: the exact product of the weight and the quantized activations
+(llama.cpp's Q4_1 x Q8_1 products). On CPUs without AMX this is the int4 kernel that does not pay for
+its weights' unpacking once per token, as torch's does with fp32 activations (50x slower than
+with bf16 ones on the machines measured).
+
+The C source is compiled on first use for the CPU it runs on (``native_build``); ``load()`` is
+None where the CPU or the compiler has no AVX2 and FMA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from pathlib import Path
+
+import torch
+
+from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
+
+SOURCE = NativeSource("int4_q8", Path(__file__).with_name("int4_q8.c"), (*BASE_CFLAGS, "-fopenmp"))
+GROUP = 32  # inputs per group (GGUF's Q4_0 / Q4_1 blocks)
+_CALL_ARGS = struct.Struct("=11q")  # y, y row stride, x, x row stride, w, M, N, K, y bf16, x bf16, threads
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def load(cache_dir: Path | str | None = None) -> Int4Q8 | None:
+    """The compiled kernel, or None (no AVX2 + FMA here, or no compiler: logged once)."""
+    lib = load_library(SOURCE, cache_dir)
+    if lib is None or not lib.int4_q8_available():
+        return None
+    lib.int4_q8_matmul.argtypes = (ctypes.c_char_p,)
+    lib.int4_q8_matmul.restype = ctypes.c_int
+    return Int4Q8(lib)
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    """Whether a weight of this shape can be packed: whole groups of 32 inputs."""
+    return out_features > 0 and in_features > 0 and in_features % GROUP == 0
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """[N, 3K/4] uint8 rows from codes [N, K] (uint8 in [0, 15]), scale and minimum [N, K/32]."""
+    n, k = codes.shape
+    if not fits(n, k) or scale.shape != (n, k // GROUP) or minimum.shape != scale.shape:
+        raise ValueError(f"int4 q8: codes {tuple(codes.shape)} need whole groups of {GROUP} inputs")
+    q = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)  # [N, G, half, j]
+    nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2)  # input j low, 16 + j high
+    as_bytes = [t.float().contiguous().view(torch.uint8) for t in (scale, minimum)]  # [N, 4G] each
+    return torch.cat([nibbles, *as_bytes], dim=1).contiguous()
+
+
+class Int4Q8:
+    """The loaded kernel; ``num_threads`` threads per call (default: torch's thread count), for
+    calls of at least ``min_rows`` tokens (``Int4Weight`` reads it at every call)."""
+
+    name = "int8 activations on AVX2"
+    fits = staticmethod(fits)
+    pack = staticmethod(pack)
+
+    def __init__(self, lib: ctypes.CDLL, num_threads: int | None = None, min_rows: int = 1) -> None:
+        self._matmul = lib.int4_q8_matmul
+        self.num_threads = num_threads
+        self.min_rows = min_rows  # calls of fewer tokens keep torch's kernel (measured at start)
+
+    def matmul(self, x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x [M, K] (CPU, fp32 or bf16; other dtypes are cast to fp32) · Wᵀ → [M, N] in ``out_dtype``
+        (fp32 or bf16). ``packed``: [N, 3K/4] uint8 from ``pack``. ValueError for anything else."""
+        if x.dtype not in _DTYPES:
+            x = x.float()
+        if x.dim() == 2 and x.stride(-1) != 1:
+            x = x.contiguous()
+        _check(x, packed, out_dtype)
+        m, k = x.shape
+        n = packed.shape[0]
+        y = torch.empty(m, n, dtype=out_dtype)
+        if m == 0:
+            return y
+        threads = self.num_threads or torch.get_num_threads()
+        args = _CALL_ARGS.pack(
+            y.data_ptr(), n, x.data_ptr(), x.stride(0), packed.data_ptr(), m, n, k,
+            int(out_dtype == torch.bfloat16), int(x.dtype == torch.bfloat16), threads,
+        )  # fmt: skip
+        if self._matmul(args) != 0:
+            raise MemoryError(f"int4 q8 kernel: no memory for the int8 activations of {m} x {k}")
+        return y
+
+
+def _check(x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype) -> None:
+    if not x.is_cpu or x.dim() != 2:
+        raise ValueError(f"int4 q8 kernel: x must be a 2-D CPU tensor, got {tuple(x.shape)} on {x.device}")
+    if out_dtype not in _DTYPES:
+        raise ValueError(f"int4 q8 kernel: output dtype {out_dtype} unsupported (fp32 or bf16)")
+    k = x.shape[1]
+    ok = packed.dtype == torch.uint8 and packed.is_cpu and packed.is_contiguous() and packed.dim() == 2
+    if not ok or k % GROUP or packed.shape[1] != 3 * k // 4:
+        raise ValueError(
+            f"int4 q8 kernel: packed weights must be [N, {3 * k // 4}] uint8, contiguous, for x with "
+            f"{k} inputs (a multiple of {GROUP}); got {tuple(packed.shape)} {packed.dtype}"
+        )
+    if x.shape[0] > 1 and x.stride(0) < k:
+        raise ValueError("int4 q8 kernel: rows of x overlap")
