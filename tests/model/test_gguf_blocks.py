@@ -25,6 +25,7 @@ from server.model.loader import EMBEDDED_MODELS, UnsupportedModelError, iter_saf
 from server.model.quant import plan
 from server.model.quant.gguf_codes import linear_types, read_linears
 from server.model.quant.int_weights import Int4Codes
+from server.ops import int4_native
 from tests.engine.test_engine_parity import our_last_logits
 
 RNG = np.random.default_rng(0)
@@ -242,6 +243,44 @@ def test_auto_serves_a_gguf_on_its_own_4_bit_blocks_where_int4_is_faster(mixed_g
 
 def _all_q8_0(layer: int, tensor_name: str, data: np.ndarray, kind: GGMLQuantizationType):
     return quantize(dequantize(data, kind), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+
+
+@pytest.mark.slow
+def test_the_native_int4_kernel_faster_at_a_decode_batch_serves_from_its_measured_rows(
+    mixed_gguf, tmp_path, monkeypatch
+):
+    """Of the native kernels this CPU has (real ones: AMX, AVX2), the one the measurement finds
+    fastest at 8 tokens serves from the fewest tokens where it beats torch's; none where it never
+    does. Both measurements are cached per CPU: a second start does not measure again."""
+    checkpoint = _checkpoint(mixed_gguf, tmp_path)
+    kernels = int4_native.available(tmp_path / "kernels")
+    if not kernels:
+        pytest.skip("this CPU has no native int4 kernel (AMX-BF16 or AVX2 + FMA)")
+    calls: list[str] = []
+
+    def timings(shapes, dtype, gemm, natives):  # the last kernel the fastest
+        calls.append("kernels")
+        return {cpu_tuning.int4_native_label(k): 10.0 - i for i, k in enumerate(natives)}
+
+    def rows(answer):
+        def measure(shapes, kernel, dtype):
+            calls.append(kernel.name)
+            return answer
+
+        return measure
+
+    monkeypatch.setattr(int4_native, "available", lambda cache_dir=None: list(kernels))
+    monkeypatch.setattr(cpu_tuning, "time_int4_against_dense", timings)
+    monkeypatch.setattr(cpu_tuning, "int4_native_min_rows", rows(3))
+    config = ModelConfig(model=str(mixed_gguf), cache_dir=str(tmp_path / "wins"))
+    chosen = factory.pick_int4_native(config, checkpoint, "float32")
+    assert chosen is kernels[-1] and chosen.min_rows == 3
+    assert calls == (["kernels"] if len(kernels) > 1 else []) + [chosen.name]
+    calls.clear()
+    assert factory.pick_int4_native(config, checkpoint, "float32") is chosen and calls == []  # cached
+    monkeypatch.setattr(cpu_tuning, "int4_native_min_rows", rows(None))
+    slower = ModelConfig(model=str(mixed_gguf), cache_dir=str(tmp_path / "loses"))
+    assert factory.pick_int4_native(slower, checkpoint, "float32") is None
 
 
 @pytest.mark.slow
