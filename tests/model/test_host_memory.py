@@ -12,8 +12,9 @@ from server.model import host_memory
 
 def page_faults_of_logits_steps(keep: bool) -> int:
     """Minor page faults of what 20 decode steps do with their logits (an LM-head GEMM through
-    oneDNN's packed weights as the CPU engine runs it where the CPU packs bf16, bf16 [8, 49152] out, then fp32, then the
-    sampler's copy), after 30 steps that let the heap and glibc's adaptive thresholds settle."""
+    oneDNN's packed weights as the CPU engine runs it where the CPU packs bf16, bf16 [8, 49152]
+    out, then fp32, then the sampler's copy), after 30 steps that let the heap and glibc's
+    adaptive thresholds settle."""
     import resource
 
     import torch
