@@ -216,8 +216,8 @@ def build_ours(args: argparse.Namespace, checkpoint: Path, paths: list[Path]) ->
     then measures the side path and a full prefill)."""
     started = time.perf_counter()
     settings = SimpleNamespace(
-        model=str(checkpoint), dtype=None, num_adapters=max(len(paths), 1), max_lora_rank=RANK,
-        batch=max(args.batches + args.base_batches), new_tokens=args.new_tokens,
+        model=str(checkpoint), dtype=None, quantization="auto", num_adapters=max(len(paths), 1),
+        max_lora_rank=RANK, batch=max(args.batches + args.base_batches), new_tokens=args.new_tokens,
     )  # fmt: skip
     core = build_engine(settings, args.device, merge_policy="off", prefix_caching="off",
                         max_cpu_adapters_bytes=64 << 30)  # fmt: skip
