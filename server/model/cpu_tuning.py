@@ -461,6 +461,42 @@ def _int4_pass(weights: list[Int4Weight], inputs: dict[int, torch.Tensor]) -> Ca
     return one_pass
 
 
+LM_HEAD_PROBE_ROWS = (1, 2, 4, 8)
+
+
+def lm_head_int8_max_rows(
+    int8: Callable[[torch.Tensor], object], dense: Callable[[torch.Tensor], object], hidden: int, dtype: str
+) -> dict[str, float | int | None]:
+    """The most tokens up to which the int8 LM head beats the dense one at every probed size
+    (None: not even at one), with the ms of both at 1 and at DECODE_ROWS tokens."""
+    heads = {"int8": int8, "dense": dense}
+    timings = {rows: time_lm_head(heads, hidden, dtype, rows) for rows in LM_HEAD_PROBE_ROWS}
+    max_rows = None
+    for rows in LM_HEAD_PROBE_ROWS:
+        if timings[rows]["int8"] >= timings[rows]["dense"]:
+            break
+        max_rows = rows
+    one, decode = timings[1], timings[DECODE_ROWS]
+    return {"max_rows": max_rows, "int8_1": one["int8"], "dense_1": one["dense"],
+            "int8_8": decode["int8"], "dense_8": decode["dense"]}  # fmt: skip
+
+
+def time_lm_head(
+    heads: dict[str, Callable[[torch.Tensor], object]], hidden: int, dtype: str, rows: int = DECODE_ROWS
+) -> dict[str, float]:
+    """ms per call of each LM head (name → ``head(x)``) on ``rows`` tokens, interleaved."""
+    x = torch.randn(rows, hidden, dtype=DTYPES[dtype])
+
+    def call(head: Callable[[torch.Tensor], object]) -> Callable[[], None]:
+        def one_call() -> None:
+            head(x)
+
+        return one_call
+
+    with torch.inference_mode():
+        return _time_interleaved({name: call(head) for name, head in heads.items()})
+
+
 INT4_NATIVE_PROBE_ROWS = (1, 2, 3, 4, 6, 8)
 
 

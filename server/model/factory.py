@@ -15,11 +15,11 @@ from server.model.cpu_tuning import CpuKernelChoice
 from server.model.host_memory import keep_freed_memory
 from server.model.llama import LlamaForServing, Weights, load_weights
 from server.model.loader import Checkpoint, iter_safetensors, resolve_checkpoint
-from server.model.lora_linear import LinearKwargs, MultiLoRALinear
+from server.model.lora_linear import LinearKwargs, MultiLoRALinear, base_linear
 from server.model.quant import gguf_codes
 from server.model.quant import plan as quant_plan
-from server.model.quant.int_weights import Int4Weight
-from server.ops import int4_native
+from server.model.quant.int_weights import Int4Weight, Int8LMHead
+from server.ops import int4_native, int4_q8
 from server.ops.int4_native import Int4Kernel
 
 if TYPE_CHECKING:
@@ -221,6 +221,39 @@ def pick_int4_native(model_config: ModelConfig, checkpoint: Checkpoint, dtype: s
     return kernel
 
 
+def pick_lm_head_int8(
+    model_config: ModelConfig, checkpoint: Checkpoint, model: LlamaForServing, dtype: str
+) -> Int8LMHead | None:
+    """The LM head on the GGUF's own Q8_0 blocks with int8 activations where the file stores it so,
+    this CPU has the kernel, and it measured faster than the dense head at a decode batch (cached
+    per CPU); None: the dense head."""
+    kernel = int4_q8.load(_cache_dir(model_config))
+    blocks = gguf_codes.read_lm_head_q8_0(checkpoint.gguf_path) if checkpoint.gguf_path else None
+    if kernel is None or blocks is None:
+        return None
+    head = Int8LMHead(kernel, *blocks)
+    dense = model.lm_head_gemm_weight
+
+    def dense_head(x: torch.Tensor) -> torch.Tensor:
+        return base_linear(x, dense, None, model.gemm)
+
+    shapes, hidden = cpu_tuning.GemmShapes.of(checkpoint.config), checkpoint.config.hidden_size
+    head.max_rows = max(cpu_tuning.LM_HEAD_PROBE_ROWS)  # every probe on the kernel while measuring
+    found = cpu_tuning.remembered(
+        "lm-head-int8-rows", shapes, f"{dtype} {model.gemm}", _cache_dir(model_config),
+        lambda: cpu_tuning.lm_head_int8_max_rows(head.matmul, dense_head, hidden, dtype),
+    )  # fmt: skip
+    measured = (f"ms per call at 1 / 8 tokens: int8 {found['int8_1']:.2f} / {found['int8_8']:.2f}, "
+                f"dense {found['dense_1']:.2f} / {found['dense_8']:.2f}")  # fmt: skip
+    if not isinstance(found["max_rows"], int):
+        log.info("LM head: dense (%s)", measured)
+        return None
+    head.max_rows = found["max_rows"]
+    log.info("LM head: the GGUF's own Q8_0 blocks with int8 activations for up to %d tokens, dense "
+             "above; %d MiB more memory (%s)", head.max_rows, head.num_bytes >> 20, measured)  # fmt: skip
+    return head
+
+
 def _cache_dir(model_config: ModelConfig) -> Path:
     return Path(model_config.cache_dir).expanduser() if model_config.cache_dir else default_cache_dir()
 
@@ -262,5 +295,7 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
             lambda: cpu_tuning.int4_dequantize_min_rows(shapes, native, serving),
         )  # fmt: skip
         _set_int4_dequantize_rows(model, rows)
+    if plan.scheme == "int4" and kernels is not None and checkpoint.gguf_path is not None:
+        model.lm_head_int8 = pick_lm_head_int8(model_config, checkpoint, model, kernels.dtype)
     log.info("loaded %s on %s in %s, max_model_len=%d", checkpoint.name, device, dtype, max_model_len)
     return LoadedModel(model, checkpoint, dtype, device, max_model_len, kernels)

@@ -18,7 +18,7 @@ from torch import nn
 from server.model.cpu_tuning import prepare_weight
 from server.model.forward_batch import ForwardBatch
 from server.model.lora_linear import LinearKwargs, MultiLoRALinear, base_linear
-from server.model.quant.int_weights import Codes, concat
+from server.model.quant.int_weights import Codes, Int8LMHead, concat
 from server.ops import attention_torch
 from server.ops.attention_torch import AttentionOps
 
@@ -232,6 +232,7 @@ class LlamaForServing(nn.Module):
         )
         self.gemm = linear_kwargs.get("gemm", "x_wt")
         self.lm_head_gemm_weight = prepare_weight(self.lm_head, self.gemm)  # a reordered copy for oneDNN
+        self.lm_head_int8: Int8LMHead | None = None  # set by the factory where it measured faster
         cos, sin = rope_cos_sin(config, max_positions)
         dtype = self.embed_tokens.dtype
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)  # [P, D]
@@ -248,8 +249,15 @@ class LlamaForServing(nn.Module):
             hidden, residual = layer(hidden, residual, cos, sin, kv, batch)
         assert residual is not None  # a model has at least one layer
         last = self.norm((residual + hidden).index_select(0, batch.logits_index))  # [B_logits, hidden]
-        logits = base_linear(last, self.lm_head_gemm_weight, None, self.gemm).float()  # [B_logits, V]
-        return refine_top_ties(logits, last, self.lm_head)
+        return refine_top_ties(self._logits(last), last, self.lm_head)
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        """[B_logits, hidden] → fp32 [B_logits, V]: on the int8 head where there is one, else dense."""
+        head = self.lm_head_int8
+        logits = head.matmul(last) if head is not None else None
+        if logits is None:
+            logits = base_linear(last, self.lm_head_gemm_weight, None, self.gemm).float()
+        return logits
 
     def lora_layers(self) -> Iterator[tuple[int, MultiLoRALinear]]:
         """(layer index, module) for every module that holds LoRA slots."""

@@ -48,7 +48,11 @@ typedef struct {
     void *y;
     int64_t y_rs, M, N, K;
     int y_bf16;
+    int w_int8; /* the weights are int8 codes (GGUF's Q8_0) rather than int4 */
 } Job;
+
+/* Bytes of one output row of weights: codes, then fp32 scales (and fp32 minimums for int4). */
+static inline int64_t row_bytes_of(int64_t K, int int8) { return int8 ? K + 4 * (K / GROUP) : K / 2 + 8 * (K / GROUP); }
 
 static inline __m256 load8(const void *src, int is_bf16) {
     if (is_bf16) {
@@ -112,6 +116,23 @@ static inline __m256i dot_group(__m256i q, __m256i xq) {
 #endif
 }
 
+/* Group g of an output row's codes: int4 unpacked (unsigned, `sign` unused), or int8 as their
+ * magnitudes with the codes themselves in `sign` (vpmaddubsw takes one unsigned operand). */
+static inline void load_group(const uint8_t *row, int64_t g, int int8, __m256i *q, __m256i *sign) {
+    if (int8) {
+        const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
+        *q = _mm256_sign_epi8(codes, codes), *sign = codes;
+    } else {
+        *q = unpack_group(row + g * (GROUP / 2)), *sign = *q;
+    }
+}
+
+/* Σ over the group of code · xq, in 8 int32 partial sums: |code| · (xq with the code's sign) for
+ * int8 codes (at most 2 · 127 · 127 per int16 pair: no saturation). */
+static inline __m256i dot_codes(__m256i q, __m256i sign, __m256i xq, int int8) {
+    return dot_group(q, int8 ? _mm256_sign_epi8(xq, sign) : xq);
+}
+
 /* Σ_g a[g] · b[g] over G values. */
 static inline float dot_floats(const float *a, const float *b, int64_t G) {
     __m256 acc = _mm256_setzero_ps();
@@ -133,13 +154,13 @@ static inline void store(const Job *j, int64_t m, int64_t n, float v) {
 /* Outputs n0 .. n0 + outs (1 or 2) for rows m0 .. m0 + rows (1 to ROWS); `rows` and `outs` are
  * constants at every call site, so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void tile(const Job *j, int64_t n0, int outs, int64_t m0,
-                                                       int rows, float *scale_buf) {
-    const int64_t K = j->K, G = K / GROUP, row_bytes = K / 2 + 8 * G;
+                                                       int rows, float *scale_buf, int int8) {
+    const int64_t K = j->K, G = K / GROUP, row_bytes = row_bytes_of(K, int8), code_bytes = int8 ? K : K / 2;
     const uint8_t *w[2];
     const float *ws[2], *wm[2];
     for (int o = 0; o < outs; o++) {
         w[o] = j->w + (n0 + o) * row_bytes;
-        ws[o] = (const float *)(w[o] + K / 2);
+        ws[o] = (const float *)(w[o] + code_bytes);
         wm[o] = ws[o] + G;
     }
     /* scale_buf[(o * ROWS + r) * G + g] = scale[n0 + o, g] · dx[m0 + r, g] */
@@ -153,28 +174,32 @@ static inline __attribute__((always_inline)) void tile(const Job *j, int64_t n0,
     for (int o = 0; o < 2; o++)
         for (int r = 0; r < ROWS; r++) acc[o][r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        __m256i q[2];
-        for (int o = 0; o < outs; o++) q[o] = unpack_group(w[o] + g * (GROUP / 2));
+        __m256i q[2], sign[2];
+        for (int o = 0; o < outs; o++) load_group(w[o], g, int8, &q[o], &sign[o]);
         for (int r = 0; r < rows; r++) {
             const int8_t *xg = j->xq + ((m0 / ROWS * G + g) * ROWS + r) * GROUP;
             const __m256i xq = _mm256_loadu_si256((const __m256i *)xg);
             for (int o = 0; o < outs; o++) {
                 const __m256 s = _mm256_broadcast_ss(scale_buf + (o * ROWS + r) * G + g);
-                acc[o][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_group(q[o], xq)), s, acc[o][r]);
+                const __m256i dot = dot_codes(q[o], sign[o], xq, int8);
+                acc[o][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[o][r]);
             }
         }
     }
     for (int o = 0; o < outs; o++)
-        for (int r = 0; r < rows; r++)
-            store(j, m0 + r, n0 + o, hsum8(acc[o][r]) + dot_floats(wm[o], j->sx + (m0 + r) * G, G));
+        for (int r = 0; r < rows; r++) {
+            const float minimums = int8 ? 0.0f : dot_floats(wm[o], j->sx + (m0 + r) * G, G);
+            store(j, m0 + r, n0 + o, hsum8(acc[o][r]) + minimums);
+        }
 }
 
 /* The common tile, two outputs by four rows, written out so its eight accumulators, two groups of
  * codes and the activations fit AVX2's sixteen registers (the generic `tile` spills them). */
-static void tile_2x4(const Job *j, int64_t n0, int64_t m0, float *scale_buf) {
-    const int64_t K = j->K, G = K / GROUP, row_bytes = K / 2 + 8 * G;
+static inline __attribute__((always_inline)) void tile_2x4(const Job *j, int64_t n0, int64_t m0, float *scale_buf,
+                                                           int int8) {
+    const int64_t K = j->K, G = K / GROUP, row_bytes = row_bytes_of(K, int8), code_bytes = int8 ? K : K / 2;
     const uint8_t *w0 = j->w + n0 * row_bytes, *w1 = w0 + row_bytes;
-    const float *ws0 = (const float *)(w0 + K / 2), *ws1 = (const float *)(w1 + K / 2);
+    const float *ws0 = (const float *)(w0 + code_bytes), *ws1 = (const float *)(w1 + code_bytes);
     /* scale_buf[g][o][r] = scale[n0 + o, g] · dx[m0 + r, g]: one pointer for the loop below */
     for (int r = 0; r < ROWS; r++) {
         const float *d = j->dx + (m0 + r) * G;
@@ -190,12 +215,14 @@ static void tile_2x4(const Job *j, int64_t n0, int64_t m0, float *scale_buf) {
 #define STEP(R)                                                                                         \
     do {                                                                                                \
         const __m256i xq = _mm256_loadu_si256((const __m256i *)(xg + (R) * GROUP));                      \
-        a0##R = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_group(q0, xq)), _mm256_broadcast_ss(sg + (R)), a0##R); \
-        a1##R = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_group(q1, xq)), _mm256_broadcast_ss(sg + ROWS + (R)),  \
-                                a1##R);                                                                 \
+        const __m256i d0 = dot_codes(q0, sign0, xq, int8), d1 = dot_codes(q1, sign1, xq, int8);            \
+        a0##R = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_broadcast_ss(sg + (R)), a0##R);            \
+        a1##R = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_broadcast_ss(sg + ROWS + (R)), a1##R);     \
     } while (0)
     for (int64_t g = 0; g < G; g++, xg += ROWS * GROUP, sg += 2 * ROWS) {
-        const __m256i q0 = unpack_group(w0 + g * (GROUP / 2)), q1 = unpack_group(w1 + g * (GROUP / 2));
+        __m256i q0, q1, sign0, sign1;
+        load_group(w0, g, int8, &q0, &sign0);
+        load_group(w1, g, int8, &q1, &sign1);
         STEP(0);
         STEP(1);
         STEP(2);
@@ -205,20 +232,24 @@ static void tile_2x4(const Job *j, int64_t n0, int64_t m0, float *scale_buf) {
     const float *wm0 = ws0 + G, *wm1 = ws1 + G;
     const __m256 acc[2][ROWS] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
     for (int o = 0; o < 2; o++)
-        for (int r = 0; r < ROWS; r++)
-            store(j, m0 + r, n0 + o, hsum8(acc[o][r]) + dot_floats(o ? wm1 : wm0, j->sx + (m0 + r) * G, G));
+        for (int r = 0; r < ROWS; r++) {
+            const float minimums = int8 ? 0.0f : dot_floats(o ? wm1 : wm0, j->sx + (m0 + r) * G, G);
+            store(j, m0 + r, n0 + o, hsum8(acc[o][r]) + minimums);
+        }
 }
 
-#define TILE_CASES(OUTS)                                                      \
+#define TILE_CASES(OUTS, INT8)                                                \
     switch (rows) {                                                           \
-        case 1: tile(j, n0, OUTS, m0, 1, scale_buf); break;                   \
-        case 2: tile(j, n0, OUTS, m0, 2, scale_buf); break;                   \
-        case 3: tile(j, n0, OUTS, m0, 3, scale_buf); break;                   \
-        default: tile(j, n0, OUTS, m0, 4, scale_buf); break;                  \
+        case 1: tile(j, n0, OUTS, m0, 1, scale_buf, INT8); break;             \
+        case 2: tile(j, n0, OUTS, m0, 2, scale_buf, INT8); break;             \
+        case 3: tile(j, n0, OUTS, m0, 3, scale_buf, INT8); break;             \
+        default: tile(j, n0, OUTS, m0, 4, scale_buf, INT8); break;            \
     }
 
-/* Output pairs [first, end) (the last pair may be a single output when N is odd), all rows. */
-static void run_outputs(const Job *j, int64_t first_pair, int64_t end_pair) {
+/* Output pairs [first, end) (the last pair may be a single output when N is odd), all rows; `int8`
+ * a constant, so each weight kind gets its own copy of the loops. */
+static inline __attribute__((always_inline)) void run_outputs_of(const Job *j, int64_t first_pair, int64_t end_pair,
+                                                                 int int8) {
     const int64_t G = j->K / GROUP;
     float scale_buf[2 * ROWS * G]; /* 32 bytes per input: 32 KiB at K = 1024 */
     for (int64_t p = first_pair; p < end_pair; p++) {
@@ -226,18 +257,26 @@ static void run_outputs(const Job *j, int64_t first_pair, int64_t end_pair) {
         for (int64_t m0 = 0; m0 < j->M; m0 += ROWS) {
             const int rows = (int)(j->M - m0 < ROWS ? j->M - m0 : ROWS);
             if (n0 + 1 < j->N && rows == ROWS) {
-                tile_2x4(j, n0, m0, scale_buf);
+                tile_2x4(j, n0, m0, scale_buf, int8);
             } else if (n0 + 1 < j->N) {
-                TILE_CASES(2)
+                TILE_CASES(2, int8)
             } else {
-                TILE_CASES(1)
+                TILE_CASES(1, int8)
             }
         }
     }
 }
 
+static void run_outputs(const Job *j, int64_t first_pair, int64_t end_pair) {
+    if (j->w_int8)
+        run_outputs_of(j, first_pair, end_pair, 1);
+    else
+        run_outputs_of(j, first_pair, end_pair, 0);
+}
+
 /*
- * args (int64): y, y row stride, x, x row stride, w, M, N, K, y is bf16 (0/1), x is bf16 (0/1), threads.
+ * args (int64): y, y row stride, x, x row stride, w, M, N, K, y is bf16 (0/1), x is bf16 (0/1), threads,
+ * weights are int8 (0: int4 codes and minimums, 1: int8 codes, GGUF's Q8_0).
  * Returns 0, or -1 when the scratch buffers cannot be allocated (y is then not written).
  */
 int int4_q8_matmul(const int64_t *args) {
@@ -256,7 +295,7 @@ int int4_q8_matmul(const int64_t *args) {
         quantize_row(x + (size_t)(m * x_rs) * elem_size(x_bf16), x_bf16, K,
                      xq + ((m / ROWS) * G * ROWS + m % ROWS) * GROUP, ROWS * GROUP, dx + m * G, sx + m * G);
     const Job j = {xq, dx, sx, (const uint8_t *)(intptr_t)args[4], (void *)(intptr_t)args[0], args[1], M, N, K,
-                   (int)args[8]};
+                   (int)args[8], (int)args[11]};
     const int64_t pairs = (N + 1) / 2;
     if (threads <= 1) {
         run_outputs(&j, 0, pairs);

@@ -24,7 +24,8 @@ from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
 
 SOURCE = NativeSource("int4_q8", Path(__file__).with_name("int4_q8.c"), (*BASE_CFLAGS, "-fopenmp"))
 GROUP = 32  # inputs per group (GGUF's Q4_0 / Q4_1 blocks)
-_CALL_ARGS = struct.Struct("=11q")  # y, y row stride, x, x row stride, w, M, N, K, y bf16, x bf16, threads
+# y, y row stride, x, x row stride, w, M, N, K, y bf16, x bf16, threads, int8 weights
+_CALL_ARGS = struct.Struct("=12q")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -54,6 +55,18 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tor
     return torch.cat([nibbles, *as_bytes], dim=1).contiguous()
 
 
+def pack_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[N, 9K/8] uint8 rows from int8 codes [N, K] and fp32 scales [N, K/32] (GGUF's Q8_0 blocks:
+    W[n, k] = scale[n, k // 32] · codes[n, k]): per row its codes, then its scales."""
+    n, k = codes.shape
+    if codes.dtype != torch.int8 or not fits(n, k) or scale.shape != (n, k // GROUP):
+        raise ValueError(
+            f"int8 q8: codes {tuple(codes.shape)} {codes.dtype} need int8 and groups of {GROUP} inputs"
+        )
+    scales = scale.float().contiguous().view(torch.uint8)  # [N, 4K/32]
+    return torch.cat([codes.contiguous().view(torch.uint8), scales], dim=1).contiguous()
+
+
 class Int4Q8:
     """The loaded kernel; ``num_threads`` threads per call (default: torch's thread count), for
     calls of at least ``min_rows`` tokens (``Int4Weight`` reads it at every call)."""
@@ -70,11 +83,20 @@ class Int4Q8:
     def matmul(self, x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """x [M, K] (CPU, fp32 or bf16; other dtypes are cast to fp32) · Wᵀ → [M, N] in ``out_dtype``
         (fp32 or bf16). ``packed``: [N, 3K/4] uint8 from ``pack``. ValueError for anything else."""
+        return self._call(x, packed, out_dtype, int8=False)
+
+    def matmul_int8(self, x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """As ``matmul``, over int8 weights: ``packed`` [N, 9K/8] uint8 from ``pack_int8``."""
+        return self._call(x, packed, out_dtype, int8=True)
+
+    def _call(
+        self, x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype, int8: bool
+    ) -> torch.Tensor:
         if x.dtype not in _DTYPES:
             x = x.float()
         if x.dim() == 2 and x.stride(-1) != 1:
             x = x.contiguous()
-        _check(x, packed, out_dtype)
+        _check(x, packed, out_dtype, int8)
         m, k = x.shape
         n = packed.shape[0]
         y = torch.empty(m, n, dtype=out_dtype)
@@ -83,23 +105,24 @@ class Int4Q8:
         threads = self.num_threads or torch.get_num_threads()
         args = _CALL_ARGS.pack(
             y.data_ptr(), n, x.data_ptr(), x.stride(0), packed.data_ptr(), m, n, k,
-            int(out_dtype == torch.bfloat16), int(x.dtype == torch.bfloat16), threads,
+            int(out_dtype == torch.bfloat16), int(x.dtype == torch.bfloat16), threads, int(int8),
         )  # fmt: skip
         if self._matmul(args) != 0:
             raise MemoryError(f"int4 q8 kernel: no memory for the int8 activations of {m} x {k}")
         return y
 
 
-def _check(x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype) -> None:
+def _check(x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype, int8: bool = False) -> None:
     if not x.is_cpu or x.dim() != 2:
         raise ValueError(f"int4 q8 kernel: x must be a 2-D CPU tensor, got {tuple(x.shape)} on {x.device}")
     if out_dtype not in _DTYPES:
         raise ValueError(f"int4 q8 kernel: output dtype {out_dtype} unsupported (fp32 or bf16)")
     k = x.shape[1]
+    row_bytes = 9 * k // 8 if int8 else 3 * k // 4
     ok = packed.dtype == torch.uint8 and packed.is_cpu and packed.is_contiguous() and packed.dim() == 2
-    if not ok or k % GROUP or packed.shape[1] != 3 * k // 4:
+    if not ok or k % GROUP or packed.shape[1] != row_bytes:
         raise ValueError(
-            f"int4 q8 kernel: packed weights must be [N, {3 * k // 4}] uint8, contiguous, for x with "
+            f"int4 q8 kernel: packed weights must be [N, {row_bytes}] uint8, contiguous, for x with "
             f"{k} inputs (a multiple of {GROUP}); got {tuple(packed.shape)} {packed.dtype}"
         )
     if x.shape[0] > 1 and x.stride(0) < k:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
@@ -23,9 +24,9 @@ from server.engine.core import EngineCore
 from server.model import cpu_tuning, factory
 from server.model.loader import EMBEDDED_MODELS, UnsupportedModelError, iter_safetensors, resolve_checkpoint
 from server.model.quant import plan
-from server.model.quant.gguf_codes import linear_types, read_linears
+from server.model.quant.gguf_codes import linear_types, read_linears, read_lm_head_q8_0
 from server.model.quant.int_weights import Int4Codes
-from server.ops import int4_native
+from server.ops import int4_native, int4_q8
 from tests.engine.test_engine_parity import our_last_logits
 
 RNG = np.random.default_rng(0)
@@ -301,6 +302,47 @@ def test_a_mixed_gguf_on_its_own_blocks_serves_like_the_dense_model(mixed_gguf, 
     got, expected = our_last_logits(served, prompt, None), our_last_logits(dense, prompt, None)
     assert (got - expected).abs().max().item() < 0.02 * expected.abs().max().item()
     assert not torch.equal(got, expected)  # the int4 layers did run
+
+
+def test_the_lm_head_q8_0_blocks_are_the_weights_gguf_dequantizes():
+    path = _embedded_gguf()
+    codes, scale = read_lm_head_q8_0(path)
+    tied = "token_embd.weight"  # SmolLM2 has no output.weight
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == tied)
+    expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))
+    vocab, hidden = expected.shape
+    assert codes.dtype == torch.int8 and codes.shape == (vocab, hidden)
+    assert scale.shape == (vocab, hidden // 32)
+    assert torch.equal((codes.float().view(vocab, -1, 32) * scale[..., None]).view(vocab, hidden), expected)
+
+
+@pytest.mark.slow
+def test_an_int8_lm_head_on_the_files_q8_0_blocks_serves_like_the_dense_head(
+    mixed_gguf, tmp_path, monkeypatch
+):
+    """Where the measurement finds it faster for up to N tokens, the LM head runs on the GGUF's own
+    Q8_0 blocks for steps of up to N logits rows and on the dense head above; logits agree to the
+    activations' int8 rounding."""
+    if int4_q8.load(tmp_path / "kernels") is None:
+        pytest.skip("this CPU has no AVX2 + FMA")
+    engine = EngineConfig(max_loras=1, max_lora_rank=8, max_num_seqs=2, max_num_batched_tokens=64)
+    own = plan.QuantPlan("int4", "test", file_blocks_only=True)
+    monkeypatch.setattr(factory, "pick_quantization", lambda *args: own)
+    found = {"max_rows": 4, "int8_1": 1.0, "dense_1": 2.0, "int8_8": 3.0, "dense_8": 3.0}
+    monkeypatch.setattr(cpu_tuning, "lm_head_int8_max_rows", lambda *args: found)
+    config = ModelConfig(model=str(mixed_gguf), cache_dir=str(tmp_path / "cache"), dtype="float32")
+    loaded = factory.load_model(config, engine)
+    head = loaded.model.lm_head_int8
+    assert head is not None and head.max_rows == 4
+    last = torch.randn(5, loaded.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    dense = F.linear(last, loaded.model.lm_head)
+    on_int8 = loaded.model._logits(last[:4])
+    assert not torch.equal(on_int8, dense[:4])  # the int8 head did run
+    assert (on_int8 - dense[:4]).abs().max().item() < 0.02 * dense.abs().max().item()
+    torch.testing.assert_close(loaded.model._logits(last), dense, rtol=1e-4, atol=1e-4)  # 5 rows: dense
+    found["max_rows"] = None
+    slower = ModelConfig(model=str(mixed_gguf), cache_dir=str(tmp_path / "slower"), dtype="float32")
+    assert factory.load_model(slower, engine).model.lm_head_int8 is None
 
 
 def test_a_gguf_tensor_type_without_a_decoder_is_refused_at_start_naming_the_tensor(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from server.model.lora_linear import MultiLoRALinear
-from server.model.quant.int_weights import Int4Weight, concat, quantize_int4
+from server.model.quant.int_weights import Int4Weight, Int8LMHead, concat, quantize_int4
 from server.ops import int4_q8
 from server.ops.cpu_info import cpuinfo_flags_line
 from server.ops.lora_torch import LoRASegments
@@ -156,3 +156,40 @@ def test_a_side_path_over_a_q8_base_adds_to_it_as_over_the_dense_one(q8):
     torch.testing.assert_close(got[0], base_only[0])
     lora = dense(x, segments) - dense(x, LoRASegments.build([-1] * 5, torch.device("cpu"), [0]))
     torch.testing.assert_close(got - base_only, lora, rtol=1e-4, atol=1e-4)  # the side path, exactly
+
+
+def _int8_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, N]: int8 weights times the activations quantized per group of 32, in fp64."""
+    m, k = x.shape
+    groups = x.float().view(m, k // 32, 32)
+    max_abs = groups.abs().amax(dim=2, keepdim=True)
+    inverse = torch.where(max_abs > 0, 127.0 / max_abs, torch.zeros_like(max_abs))
+    xq, dx = torch.round(groups * inverse).double(), (max_abs / 127.0).double()[..., 0]
+    q = codes.view(codes.shape[0], k // 32, 32).double()
+    return (torch.einsum("mgk,ngk->mng", xq, q) * dx[:, None, :] * scale.double()[None]).sum(dim=2).float()
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (7, 64), (577, 576)])
+@pytest.mark.parametrize("rows", [1, 4, 5, 9])
+def test_int8_weights_times_int8_groups(q8, n, k, rows):
+    """GGUF's Q8_0 blocks (int8 codes, a scale per 32): codes of both signs, -127 and 127 included."""
+    codes = torch.randint(-127, 128, (n, k), generator=GEN, dtype=torch.int8)
+    codes[0, :2] = torch.tensor([-127, 127], dtype=torch.int8)
+    scale = torch.rand(n, k // 32, generator=GEN) * 0.01
+    packed = int4_q8.pack_int8(codes, scale)
+    x = torch.randn(rows, k, generator=GEN)
+    got = q8.matmul_int8(x, packed, torch.float32)
+    expected = _int8_reference(x, codes, scale)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    with pytest.raises(ValueError, match=r"packed weights must be \[N, \d+\] uint8"):
+        q8.matmul(x, packed, torch.float32)  # int8 rows are not int4 ones
+
+
+def test_an_int8_lm_head_serves_up_to_its_max_rows(q8):
+    codes = torch.randint(-127, 128, (96, 64), generator=GEN, dtype=torch.int8)
+    scale = torch.rand(96, 2, generator=GEN) * 0.01
+    head = Int8LMHead(q8, codes, scale, max_rows=4)
+    x = torch.randn(4, 64, generator=GEN)
+    torch.testing.assert_close(head.matmul(x), _int8_reference(x, codes, scale))
+    assert head.matmul(torch.randn(5, 64, generator=GEN)) is None  # the caller's dense head
+    assert head.num_bytes == 96 * (64 + 2 * 4)

@@ -77,6 +77,24 @@ def read_linears(gguf_path: Path, num_heads: int, num_kv_heads: int) -> GgufLine
     return GgufLinears(types, codes)
 
 
+def read_lm_head_q8_0(gguf_path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The LM head's own Q8_0 blocks (``output.weight``, else the tied ``token_embd.weight``) as
+    (int8 codes [V, hidden], fp32 scales [V, hidden / 32]), W = scale · code exactly as gguf-py
+    dequantizes them; None when that tensor is stored in another type."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    tensor = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    if tensor is None or tensor.tensor_type.name != "Q8_0":
+        return None
+    raw = np.asarray(tensor.data)  # [V, hidden/32 · 34] uint8: per block fp16 d, 32 int8 codes
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, 34)
+    scale = _fp16(blocks[:, :, 0:2])  # [V, hidden/32]
+    codes = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(n, -1)  # [V, hidden]
+    return torch.from_numpy(codes.copy()), torch.from_numpy(np.ascontiguousarray(scale))
+
+
 def _linear_tensors(reader: Any) -> list[tuple[str, Any]]:
     """(HF name, GGUF tensor) of the layers' linear weights, in file order (gguf-py is untyped)."""
     out = []

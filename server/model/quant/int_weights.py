@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from server.model.quant.nf4 import NF4Codes, NF4Weight, concat_nf4
+from server.ops import int4_q8
 from server.ops.int4_native import Int4Kernel
+from server.ops.int4_q8 import Int4Q8
 
 INT4_GROUP_SIZE = 32  # GGUF's block size; quantizing a dense checkpoint uses the same
 INT4_INNER_K_TILES = 2  # what the CPU kernel packs for (2, 4 or 8; it only changes the layout)
@@ -209,3 +211,21 @@ def pack(
     if isinstance(codes, Int4Codes):
         return Int4Weight(codes, activation_dtype, int4_native)
     return Int8Weight(codes, activation_dtype)
+
+
+class Int8LMHead:
+    """The LM head on int8 codes (a GGUF's own Q8_0 blocks: W = scale · code per group of 32) with
+    int8 activations, on ``server/ops/int4_q8.c``; ``matmul`` serves calls of at most ``max_rows``
+    tokens (measured at start by the factory; None above: the caller's dense head)."""
+
+    def __init__(self, kernel: Int4Q8, codes: torch.Tensor, scale: torch.Tensor, max_rows: int = 8) -> None:
+        self.kernel = kernel
+        self.packed = int4_q8.pack_int8(codes, scale)  # [V, 9·hidden/8] uint8
+        self.num_bytes = self.packed.numel()
+        self.max_rows = max_rows
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [T, hidden] → fp32 logits [T, V], or None for more than ``max_rows`` tokens."""
+        if x.shape[0] > self.max_rows:
+            return None
+        return self.kernel.matmul_int8(x, self.packed, torch.float32)
