@@ -438,7 +438,6 @@ def time_int4_against_dense(
     ``natives`` (keys ``int4_native_label``), timed interleaved on the same sampled layers."""
     with torch.inference_mode():
         dense = _sample_weights(shapes, DTYPES[dtype])
-        dense_pass = _gemm_pass(dense, gemm) if gemm is not None else None
         codes = [quantize_int4(w) for w in dense]
         inputs = {w.shape[1]: torch.randn(DECODE_ROWS, w.shape[1], dtype=DTYPES[dtype]) for w in dense}
         passes = {INT4_TORCH: _int4_pass([Int4Weight(c, torch.bfloat16) for c in codes], inputs)}
@@ -447,7 +446,7 @@ def time_int4_against_dense(
             passes[int4_native_label(kernel)] = _int4_pass(
                 [Int4Weight(c, torch.bfloat16, kernel) for c in codes], inputs
             )
-        if dense_pass is not None and gemm is not None:
+        if gemm is not None and (dense_pass := _gemm_pass(dense, gemm)) is not None:
             passes[f"{dtype} {GEMM_KERNELS[gemm]}"] = dense_pass
         scale = shapes.num_layers / _sample_layers(shapes)
         return {name: ms * scale for name, ms in _time_interleaved(passes).items()}

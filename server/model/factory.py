@@ -196,7 +196,8 @@ def _set_int4_dequantize_rows(model: LlamaForServing, rows: int | None) -> None:
 def pick_int4_native(model_config: ModelConfig, checkpoint: Checkpoint, dtype: str) -> Int4Kernel | None:
     """The native int4 kernel (``server/ops/int4_native``) that is fastest at a decode batch on
     this CPU, with its measured ``min_rows`` (both cached per CPU); None: torch's kernel only."""
-    natives, cache_dir = int4_native.available(_cache_dir(model_config)), _cache_dir(model_config)
+    cache_dir = _cache_dir(model_config)
+    natives = int4_native.available(cache_dir)
     shapes = cpu_tuning.GemmShapes.of(checkpoint.config)
     if len(natives) > 1:
         context = f"{dtype} " + "+".join(k.name for k in natives)

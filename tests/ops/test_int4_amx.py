@@ -97,20 +97,27 @@ def test_an_int4_weight_takes_the_amx_kernel_from_its_min_rows_on(amx):
     torch.testing.assert_close(on_amx.float(), plain.matmul(many).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_a_side_path_over_an_amx_base_adds_to_it_as_over_the_dense_one(amx):
+def qkv_layers_with_an_adapter(kernel, codes_of, dense_dtype: torch.dtype, generator: torch.Generator):
+    """A fused q|k|v layer (64 inputs) over ``kernel``'s int4 base and the same layer dense in
+    ``dense_dtype``, both with one random rank-8 adapter in slot 1 (scale 0.5)."""
     names, sizes = ("q_proj", "k_proj", "v_proj"), (64, 16, 16)
-    parts = [_codes(s, 64) for s in sizes]
+    parts = [codes_of(s, 64) for s in sizes]
     common = dict(slice_names=names, slice_sizes=sizes, max_loras=2, max_lora_rank=8, target_names=names)
-    amx.min_rows = 1
-    quantized = MultiLoRALinear(concat(parts), None, lora_dtype=torch.float32, int4_native=amx, **common)
-    dense = MultiLoRALinear(torch.cat([p.dequantize() for p in parts]).to(torch.bfloat16), None,
+    quantized = MultiLoRALinear(concat(parts), None, lora_dtype=torch.float32, int4_native=kernel, **common)
+    dense = MultiLoRALinear(torch.cat([p.dequantize() for p in parts]).to(dense_dtype), None,
                             lora_dtype=torch.float32, **common)  # fmt: skip
     adapter = {
-        n: (torch.randn(8, 64, generator=GEN), torch.randn(s, 8, generator=GEN))
+        n: (torch.randn(8, 64, generator=generator), torch.randn(s, 8, generator=generator))
         for n, s in zip(names, sizes, strict=True)
     }
     for layer in (quantized, dense):
         layer.set_slot(1, adapter, scale=0.5)
+    return quantized, dense
+
+
+def test_a_side_path_over_an_amx_base_adds_to_it_as_over_the_dense_one(amx):
+    amx.min_rows = 1
+    quantized, dense = qkv_layers_with_an_adapter(amx, _codes, torch.bfloat16, GEN)
     segments = LoRASegments.build([-1, 1, 1, 1, -1], torch.device("cpu"), [0, 8])
     x = torch.randn(5, 64, generator=GEN).to(torch.bfloat16)
     got, expected = quantized(x, segments), dense(x, segments)

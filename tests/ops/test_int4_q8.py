@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model.lora_linear import MultiLoRALinear
-from server.model.quant.int_weights import Int4Weight, Int8LMHead, concat, quantize_int4
+from server.model.quant.int_weights import Int4Weight, Int8LMHead, quantize_int4
 from server.ops import int4_q8
 from server.ops.cpu_info import cpuinfo_flags_line
 from server.ops.lora_torch import LoRASegments
+from tests.ops.test_int4_amx import qkv_layers_with_an_adapter
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -135,18 +135,7 @@ def test_an_int4_weight_takes_the_kernel_from_its_min_rows_on(q8):
 
 
 def test_a_side_path_over_a_q8_base_adds_to_it_as_over_the_dense_one(q8):
-    names, sizes = ("q_proj", "k_proj", "v_proj"), (64, 16, 16)
-    parts = [_codes(s, 64) for s in sizes]
-    common = dict(slice_names=names, slice_sizes=sizes, max_loras=2, max_lora_rank=8, target_names=names)
-    quantized = MultiLoRALinear(concat(parts), None, lora_dtype=torch.float32, int4_native=q8, **common)
-    dense = MultiLoRALinear(torch.cat([p.dequantize() for p in parts]), None, lora_dtype=torch.float32,
-                            **common)  # fmt: skip
-    adapter = {
-        n: (torch.randn(8, 64, generator=GEN), torch.randn(s, 8, generator=GEN))
-        for n, s in zip(names, sizes, strict=True)
-    }
-    for layer in (quantized, dense):
-        layer.set_slot(1, adapter, scale=0.5)
+    quantized, dense = qkv_layers_with_an_adapter(q8, _codes, torch.float32, GEN)
     segments = LoRASegments.build([-1, 1, 1, 1, -1], torch.device("cpu"), [0, 8])
     x = torch.randn(5, 64, generator=GEN)
     got, expected = quantized(x, segments), dense(x, segments)

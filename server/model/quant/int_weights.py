@@ -127,7 +127,7 @@ class Int4Weight:
         fits = native is not None and native.fits(self.out_features, self.in_features)
         self.native = native if fits else None
         self.native_packed = (
-            native.pack(codes.codes, codes.scale, codes.minimum) if fits and native is not None else None
+            self.native.pack(codes.codes, codes.scale, codes.minimum) if self.native is not None else None
         )  # uint8, in the kernel's layout
         # the packing is torch's own: unpacking serves only where it gives these codes back
         self._pack_rows = next(
