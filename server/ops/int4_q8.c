@@ -12,14 +12,24 @@
  *
  *     x  [M, K]  fp32 or bf16, row stride x_rs (elements), unit column stride
  *     y  [M, N]  fp32 or bf16, row stride y_rs, overwritten
- *     w  [N, 3K/4] bytes per output row: K/2 bytes of codes (for each group, byte j holds input j
- *          of the group in its low nibble and input 16 + j in its high one), then the row's K/32
- *          fp32 scales, then its K/32 fp32 minimums.
+ *     w  int4: [ceil(N / 8), K / 32, 192] bytes, outputs in blocks of 8 (the last one padded with
+ *          zeros), per block and group: 128 bytes of codes, then the 8 outputs' fp32 scales, then
+ *          their 8 fp32 minimums. Byte 32·j + 4·o + i of the codes holds input 4·j + i of the
+ *          group for output o in its low nibble and input 16 + 4·j + i in its high one (j < 4).
+ *        int8 (GGUF's Q8_0, W[n, k] = scale[n, g] · q[n, k], no minimum): [N, 9K/8] bytes per
+ *          output row: its K codes, then its K/32 fp32 scales.
  *
- * The 32 codes of a group are unpacked once per pair of outputs and four rows; one vpmaddubsw
- * (unsigned codes times signed activations, pairs summed in int16: at most 2·15·127, no
- * saturation) and one vpmaddwd multiply 32 weights in, or one vpdpbusd where the CPU has AVX-VNNI.
- * Decode is a few rows, so the kernel reads 0.75 bytes per weight where a dense fp32 GEMM reads 4.
+ * int4: one vpmaddubsw multiplies 4 inputs of 8 outputs (unsigned codes times one row's 4 int8
+ * activations, broadcast) into int16 pair sums; the 8 of a group add up in int16 (at most
+ * 8 · 2 · 15 · 127 = 30480: no overflow) before one vpmaddwd widens them, so the int32 lanes ARE
+ * the 8 outputs: the group's scales and minimums apply as vectors, with no horizontal sums
+ * (the layout of llama.cpp's repacked Q4_0 8x8 kernels). A block's 8 outputs and their weights
+ * stay in L1 while every row of x passes over them, 4 rows at a time. With AVX-VNNI, vpdpbusd
+ * accumulates in int32 instead.
+ * int8: per pair of outputs and four rows, |code| times the activations given the code's sign
+ * (vpsignb; vpmaddubsw takes one unsigned operand), then vpmaddwd, per output and row.
+ * Decode is a few rows, so the kernel reads 0.75 (int4) or 1.125 (int8) bytes per weight where a
+ * dense fp32 GEMM reads 4.
  *
  * Built where the compiler targets AVX2 and FMA (-march=native); elsewhere int4_q8_available()
  * says 0. The caller (int4_q8.py) checks shapes: this file trusts them (N >= 1, K % 32 == 0).
@@ -51,8 +61,16 @@ typedef struct {
     int w_int8; /* the weights are int8 codes (GGUF's Q8_0) rather than int4 */
 } Job;
 
-/* Bytes of one output row of weights: codes, then fp32 scales (and fp32 minimums for int4). */
-static inline int64_t row_bytes_of(int64_t K, int int8) { return int8 ? K + 4 * (K / GROUP) : K / 2 + 8 * (K / GROUP); }
+#define BLOCK_OUTS 8                  /* int4: outputs per block, one per int32 lane */
+#define BLOCK_GROUP_BYTES (128 + 64) /* int4: a block's codes, scales and minimums per group */
+
+/* Bytes of one int8 output row: codes, then fp32 scales. */
+static inline int64_t int8_row_bytes(int64_t K) { return K + 4 * (K / GROUP); }
+
+/* The 32 int8 activations of row r of the tile at m0, group g. */
+static inline const int8_t *xq_at(const Job *j, int64_t m0, int r, int64_t g) {
+    return j->xq + ((m0 / ROWS * (j->K / GROUP) + g) * ROWS + r) * GROUP;
+}
 
 static inline __m256 load8(const void *src, int is_bf16) {
     if (is_bf16) {
@@ -99,13 +117,6 @@ static void quantize_row(const void *x, int is_bf16, int64_t K, int8_t *xq, int6
     }
 }
 
-/* The 32 codes of group g of an output row, in input order: bytes 0-15 the low nibbles. */
-static inline __m256i unpack_group(const uint8_t *codes) {
-    const __m128i packed = _mm_loadu_si128((const __m128i *)codes);
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-    return _mm256_and_si256(both, _mm256_set1_epi8(15));
-}
-
 static inline __m256i dot_group(__m256i q, __m256i xq) {
 #if defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, xq);
@@ -116,31 +127,11 @@ static inline __m256i dot_group(__m256i q, __m256i xq) {
 #endif
 }
 
-/* Group g of an output row's codes: int4 unpacked (unsigned, `sign` unused), or int8 as their
- * magnitudes with the codes themselves in `sign` (vpmaddubsw takes one unsigned operand). */
-static inline void load_group(const uint8_t *row, int64_t g, int int8, __m256i *q, __m256i *sign) {
-    if (int8) {
-        const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
-        *q = _mm256_sign_epi8(codes, codes), *sign = codes;
-    } else {
-        *q = unpack_group(row + g * (GROUP / 2)), *sign = *q;
-    }
-}
-
-/* Σ over the group of code · xq, in 8 int32 partial sums: |code| · (xq with the code's sign) for
- * int8 codes (at most 2 · 127 · 127 per int16 pair: no saturation). */
-static inline __m256i dot_codes(__m256i q, __m256i sign, __m256i xq, int int8) {
-    return dot_group(q, int8 ? _mm256_sign_epi8(xq, sign) : xq);
-}
-
-/* Σ_g a[g] · b[g] over G values. */
-static inline float dot_floats(const float *a, const float *b, int64_t G) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + g), _mm256_loadu_ps(b + g), acc);
-    float s = hsum8(acc);
-    for (; g < G; g++) s += a[g] * b[g];
-    return s;
+/* Σ over group g of an int8 output row of code · xq, in 8 int32 partial sums: |code| times xq
+ * given the code's sign (at most 2 · 127 · 127 per int16 pair: no saturation). */
+static inline __m256i dot_int8_group(const uint8_t *row, int64_t g, __m256i xq) {
+    const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
+    return dot_group(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(xq, codes));
 }
 
 static inline void store(const Job *j, int64_t m, int64_t n, float v) {
@@ -151,132 +142,136 @@ static inline void store(const Job *j, int64_t m, int64_t n, float v) {
         ((float *)j->y)[at] = v;
 }
 
-/* Outputs n0 .. n0 + outs (1 or 2) for rows m0 .. m0 + rows (1 to ROWS); `rows` and `outs` are
- * constants at every call site, so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void tile(const Job *j, int64_t n0, int outs, int64_t m0,
-                                                       int rows, float *scale_buf, int int8) {
-    const int64_t K = j->K, G = K / GROUP, row_bytes = row_bytes_of(K, int8), code_bytes = int8 ? K : K / 2;
+/* int8 outputs n0 .. n0 + outs (1 or 2) for rows m0 .. m0 + rows (1 to ROWS); `rows` and `outs`
+ * are constants at every call site, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void int8_tile(const Job *j, int64_t n0, int outs, int64_t m0,
+                                                            int rows, float *scale_buf) {
+    const int64_t K = j->K, G = K / GROUP;
     const uint8_t *w[2];
-    const float *ws[2], *wm[2];
     for (int o = 0; o < outs; o++) {
-        w[o] = j->w + (n0 + o) * row_bytes;
-        ws[o] = (const float *)(w[o] + code_bytes);
-        wm[o] = ws[o] + G;
+        w[o] = j->w + (n0 + o) * int8_row_bytes(K);
+        const float *ws = (const float *)(w[o] + K);
+        /* scale_buf[(o * ROWS + r) * G + g] = scale[n0 + o, g] · dx[m0 + r, g] */
+        for (int r = 0; r < rows; r++)
+            for (int64_t g = 0; g < G; g++) scale_buf[(o * ROWS + r) * G + g] = ws[g] * j->dx[(m0 + r) * G + g];
     }
-    /* scale_buf[(o * ROWS + r) * G + g] = scale[n0 + o, g] · dx[m0 + r, g] */
-    for (int o = 0; o < outs; o++)
-        for (int r = 0; r < rows; r++) {
-            const float *d = j->dx + (m0 + r) * G;
-            float *s = scale_buf + (o * ROWS + r) * G;
-            for (int64_t g = 0; g < G; g++) s[g] = ws[o][g] * d[g];
-        }
     __m256 acc[2][ROWS];
     for (int o = 0; o < 2; o++)
         for (int r = 0; r < ROWS; r++) acc[o][r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        __m256i q[2], sign[2];
-        for (int o = 0; o < outs; o++) load_group(w[o], g, int8, &q[o], &sign[o]);
+    for (int64_t g = 0; g < G; g++)
         for (int r = 0; r < rows; r++) {
-            const int8_t *xg = j->xq + ((m0 / ROWS * G + g) * ROWS + r) * GROUP;
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)xg);
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)xq_at(j, m0, r, g));
             for (int o = 0; o < outs; o++) {
                 const __m256 s = _mm256_broadcast_ss(scale_buf + (o * ROWS + r) * G + g);
-                const __m256i dot = dot_codes(q[o], sign[o], xq, int8);
-                acc[o][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[o][r]);
+                acc[o][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_int8_group(w[o], g, xq)), s, acc[o][r]);
             }
         }
-    }
     for (int o = 0; o < outs; o++)
-        for (int r = 0; r < rows; r++) {
-            const float minimums = int8 ? 0.0f : dot_floats(wm[o], j->sx + (m0 + r) * G, G);
-            store(j, m0 + r, n0 + o, hsum8(acc[o][r]) + minimums);
-        }
+        for (int r = 0; r < rows; r++) store(j, m0 + r, n0 + o, hsum8(acc[o][r]));
 }
 
-/* The common tile, two outputs by four rows, written out so its eight accumulators, two groups of
- * codes and the activations fit AVX2's sixteen registers (the generic `tile` spills them). */
-static inline __attribute__((always_inline)) void tile_2x4(const Job *j, int64_t n0, int64_t m0, float *scale_buf,
-                                                           int int8) {
-    const int64_t K = j->K, G = K / GROUP, row_bytes = row_bytes_of(K, int8), code_bytes = int8 ? K : K / 2;
-    const uint8_t *w0 = j->w + n0 * row_bytes, *w1 = w0 + row_bytes;
-    const float *ws0 = (const float *)(w0 + code_bytes), *ws1 = (const float *)(w1 + code_bytes);
-    /* scale_buf[g][o][r] = scale[n0 + o, g] · dx[m0 + r, g]: one pointer for the loop below */
-    for (int r = 0; r < ROWS; r++) {
-        const float *d = j->dx + (m0 + r) * G;
-        for (int64_t g = 0; g < G; g++) {
-            scale_buf[g * 2 * ROWS + r] = ws0[g] * d[g];
-            scale_buf[g * 2 * ROWS + ROWS + r] = ws1[g] * d[g];
-        }
-    }
-    const int8_t *xg = j->xq + m0 / ROWS * G * ROWS * GROUP; /* group 0 of this tile's rows */
-    const float *sg = scale_buf;
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
-           a13 = a00;
-#define STEP(R)                                                                                         \
-    do {                                                                                                \
-        const __m256i xq = _mm256_loadu_si256((const __m256i *)(xg + (R) * GROUP));                      \
-        const __m256i d0 = dot_codes(q0, sign0, xq, int8), d1 = dot_codes(q1, sign1, xq, int8);            \
-        a0##R = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_broadcast_ss(sg + (R)), a0##R);            \
-        a1##R = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_broadcast_ss(sg + ROWS + (R)), a1##R);     \
-    } while (0)
-    for (int64_t g = 0; g < G; g++, xg += ROWS * GROUP, sg += 2 * ROWS) {
-        __m256i q0, q1, sign0, sign1;
-        load_group(w0, g, int8, &q0, &sign0);
-        load_group(w1, g, int8, &q1, &sign1);
-        STEP(0);
-        STEP(1);
-        STEP(2);
-        STEP(3);
-    }
-#undef STEP
-    const float *wm0 = ws0 + G, *wm1 = ws1 + G;
-    const __m256 acc[2][ROWS] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
-    for (int o = 0; o < 2; o++)
-        for (int r = 0; r < ROWS; r++) {
-            const float minimums = int8 ? 0.0f : dot_floats(o ? wm1 : wm0, j->sx + (m0 + r) * G, G);
-            store(j, m0 + r, n0 + o, hsum8(acc[o][r]) + minimums);
-        }
-}
-
-#define TILE_CASES(OUTS, INT8)                                                \
-    switch (rows) {                                                           \
-        case 1: tile(j, n0, OUTS, m0, 1, scale_buf, INT8); break;             \
-        case 2: tile(j, n0, OUTS, m0, 2, scale_buf, INT8); break;             \
-        case 3: tile(j, n0, OUTS, m0, 3, scale_buf, INT8); break;             \
-        default: tile(j, n0, OUTS, m0, 4, scale_buf, INT8); break;            \
+#define INT8_TILE_CASES(OUTS)                                         \
+    switch (rows) {                                                   \
+        case 1: int8_tile(j, n0, OUTS, m0, 1, scale_buf); break;      \
+        case 2: int8_tile(j, n0, OUTS, m0, 2, scale_buf); break;      \
+        case 3: int8_tile(j, n0, OUTS, m0, 3, scale_buf); break;      \
+        default: int8_tile(j, n0, OUTS, m0, 4, scale_buf); break;     \
     }
 
-/* Output pairs [first, end) (the last pair may be a single output when N is odd), all rows; `int8`
- * a constant, so each weight kind gets its own copy of the loops. */
-static inline __attribute__((always_inline)) void run_outputs_of(const Job *j, int64_t first_pair, int64_t end_pair,
-                                                                 int int8) {
-    const int64_t G = j->K / GROUP;
-    float scale_buf[2 * ROWS * G]; /* 32 bytes per input: 32 KiB at K = 1024 */
-    for (int64_t p = first_pair; p < end_pair; p++) {
+/* int8 output pairs [first, end) (the last pair may be a single output when N is odd), all rows. */
+static void int8_outputs(const Job *j, int64_t first, int64_t end) {
+    float scale_buf[2 * ROWS * (j->K / GROUP)]; /* 32 bytes per input: 32 KiB at K = 1024 */
+    for (int64_t p = first; p < end; p++) {
         const int64_t n0 = 2 * p;
         for (int64_t m0 = 0; m0 < j->M; m0 += ROWS) {
             const int rows = (int)(j->M - m0 < ROWS ? j->M - m0 : ROWS);
-            if (n0 + 1 < j->N && rows == ROWS) {
-                tile_2x4(j, n0, m0, scale_buf, int8);
-            } else if (n0 + 1 < j->N) {
-                TILE_CASES(2, int8)
+            if (n0 + 1 < j->N) {
+                INT8_TILE_CASES(2)
             } else {
-                TILE_CASES(1, int8)
+                INT8_TILE_CASES(1)
             }
         }
     }
 }
 
-static void run_outputs(const Job *j, int64_t first_pair, int64_t end_pair) {
+/* int4 block b (outputs 8b .. 8b + 7) for rows m0 .. m0 + rows (1 to ROWS, a constant at every call
+ * site): per group, 8 vpmaddubsw per row sum into int16 lanes of output pairs. */
+static inline __attribute__((always_inline)) void int4_block_rows(const Job *j, int64_t b, int64_t m0, int rows) {
+    const int64_t G = j->K / GROUP;
+    const uint8_t *block = j->w + b * G * BLOCK_GROUP_BYTES;
+    const __m256i nibble = _mm256_set1_epi8(15);
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *codes = block + g * BLOCK_GROUP_BYTES;
+        const int8_t *xg[ROWS];
+        for (int r = 0; r < rows; r++) xg[r] = xq_at(j, m0, r, g);
+        __m256i sum[ROWS];
+        for (int r = 0; r < ROWS; r++) sum[r] = _mm256_setzero_si256();
+        for (int q = 0; q < 4; q++) {
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 32 * q));
+            const __m256i low = _mm256_and_si256(packed, nibble);  /* inputs 4q .. 4q + 3 */
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble); /* 16 + 4q .. */
+            for (int r = 0; r < rows; r++) {
+                int32_t lo4, hi4;
+                memcpy(&lo4, xg[r] + 4 * q, 4), memcpy(&hi4, xg[r] + 16 + 4 * q, 4);
+                const __m256i xl = _mm256_set1_epi32(lo4), xh = _mm256_set1_epi32(hi4);
+#if defined(__AVXVNNI__)
+                sum[r] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(sum[r], low, xl), high, xh);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                sum[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(sum[r], low, xl), high, xh);
+#else
+                const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, xl), _mm256_maddubs_epi16(high, xh));
+                sum[r] = _mm256_add_epi16(sum[r], pairs);
+#endif
+            }
+        }
+        const __m256 scale = _mm256_loadu_ps((const float *)(codes + 128));
+        const __m256 minimum = _mm256_loadu_ps((const float *)(codes + 160));
+        for (int r = 0; r < rows; r++) {
+            const int64_t at = (m0 + r) * G + g;
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+            const __m256i dots = sum[r];
+#else
+            const __m256i dots = _mm256_madd_epi16(sum[r], _mm256_set1_epi16(1));
+#endif
+            const __m256 s = _mm256_mul_ps(scale, _mm256_set1_ps(j->dx[at]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), s, acc[r]);
+            acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(j->sx[at]), acc[r]);
+        }
+    }
+    const int64_t n0 = b * BLOCK_OUTS, outs = j->N - n0 < BLOCK_OUTS ? j->N - n0 : BLOCK_OUTS;
+    for (int r = 0; r < rows; r++) {
+        float out[BLOCK_OUTS];
+        _mm256_storeu_ps(out, acc[r]);
+        for (int64_t o = 0; o < outs; o++) store(j, m0 + r, n0 + o, out[o]);
+    }
+}
+
+/* int4 blocks [first, end), all rows. */
+static void int4_outputs(const Job *j, int64_t first, int64_t end) {
+    for (int64_t b = first; b < end; b++)
+        for (int64_t m0 = 0; m0 < j->M; m0 += ROWS) {
+            switch (j->M - m0 < ROWS ? j->M - m0 : ROWS) {
+                case 1: int4_block_rows(j, b, m0, 1); break;
+                case 2: int4_block_rows(j, b, m0, 2); break;
+                case 3: int4_block_rows(j, b, m0, 3); break;
+                default: int4_block_rows(j, b, m0, 4); break;
+            }
+        }
+}
+
+/* Units of work [first, end): int4 blocks of 8 outputs, or int8 pairs of outputs. */
+static void run_outputs(const Job *j, int64_t first, int64_t end) {
     if (j->w_int8)
-        run_outputs_of(j, first_pair, end_pair, 1);
+        int8_outputs(j, first, end);
     else
-        run_outputs_of(j, first_pair, end_pair, 0);
+        int4_outputs(j, first, end);
 }
 
 /*
  * args (int64): y, y row stride, x, x row stride, w, M, N, K, y is bf16 (0/1), x is bf16 (0/1), threads,
- * weights are int8 (0: int4 codes and minimums, 1: int8 codes, GGUF's Q8_0).
+ * weights are int8 (0: int4 blocks of 8 outputs, 1: int8 rows, GGUF's Q8_0).
  * Returns 0, or -1 when the scratch buffers cannot be allocated (y is then not written).
  */
 int int4_q8_matmul(const int64_t *args) {
@@ -296,15 +291,15 @@ int int4_q8_matmul(const int64_t *args) {
                      xq + ((m / ROWS) * G * ROWS + m % ROWS) * GROUP, ROWS * GROUP, dx + m * G, sx + m * G);
     const Job j = {xq, dx, sx, (const uint8_t *)(intptr_t)args[4], (void *)(intptr_t)args[0], args[1], M, N, K,
                    (int)args[8], (int)args[11]};
-    const int64_t pairs = (N + 1) / 2;
+    const int64_t units = j.w_int8 ? (N + 1) / 2 : (N + BLOCK_OUTS - 1) / BLOCK_OUTS;
     if (threads <= 1) {
-        run_outputs(&j, 0, pairs);
+        run_outputs(&j, 0, units);
     } else {
 #pragma omp parallel num_threads(threads)
         {
             const int64_t n_threads = omp_get_num_threads(), me = omp_get_thread_num();
-            const int64_t per = (pairs + n_threads - 1) / n_threads;
-            const int64_t first = me * per, end = first + per < pairs ? first + per : pairs;
+            const int64_t per = (units + n_threads - 1) / n_threads;
+            const int64_t first = me * per, end = first + per < units ? first + per : units;
             if (first < end) run_outputs(&j, first, end);
         }
     }

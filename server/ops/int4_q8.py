@@ -1,12 +1,13 @@
 """Group-wise int4 GEMMs with int8 activations on AVX2 integer dot products, in one C call: ``int4_q8.c``.
 
-``pack(codes, scale, minimum)`` lays a weight out as the C side reads it: per output row its codes
-(two per byte, 16 bytes per group of 32 inputs), then its fp32 scales and minimums (0.75 bytes
-per weight). ``Int4Q8.matmul(x, packed)`` is ``x · Wᵀ`` with each group of 32 activations of a row
-quantized to int8 on its own scale: the exact product of the weight and the quantized activations
-(llama.cpp's Q4_1 x Q8_1 products). On CPUs without AMX this is the int4 kernel that does not pay for
-its weights' unpacking once per token, as torch's does with fp32 activations (50x slower than
-with bf16 ones on the machines measured).
+``pack(codes, scale, minimum)`` lays a weight out as the C side reads it: per block of 8 outputs
+and group of 32 inputs one 192-byte record, the 8 outputs' codes interleaved by 4 inputs (two per
+byte), then their fp32 scales and minimums (0.75 bytes per weight). ``Int4Q8.matmul(x, packed)`` is
+``x · Wᵀ`` with each group of 32 activations of a row quantized to int8 on its own scale: the exact
+product of the weight and the quantized activations (llama.cpp's Q4_1 x Q8_1 products). On CPUs
+without AMX this is the int4 kernel that does not pay for its weights' unpacking once per token,
+as torch's does with fp32 activations (50x slower than with bf16 ones on the machines measured).
+``pack_int8`` / ``matmul_int8`` do the same over int8 codes (GGUF's Q8_0), row by row.
 
 The C source is compiled on first use for the CPU it runs on (``native_build``); ``load()`` is
 None where the CPU or the compiler has no AVX2 and FMA.
@@ -24,6 +25,8 @@ from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
 
 SOURCE = NativeSource("int4_q8", Path(__file__).with_name("int4_q8.c"), (*BASE_CFLAGS, "-fopenmp"))
 GROUP = 32  # inputs per group (GGUF's Q4_0 / Q4_1 blocks)
+BLOCK_OUTS = 8  # int4 outputs per record, one per int32 lane of an AVX2 register
+RECORD_BYTES = 128 + 2 * 4 * BLOCK_OUTS  # a record's codes, then its fp32 scales and minimums
 # y, y row stride, x, x row stride, w, M, N, K, y bf16, x bf16, threads, int8 weights
 _CALL_ARGS = struct.Struct("=12q")
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -40,26 +43,35 @@ def load(cache_dir: Path | str | None = None) -> Int4Q8 | None:
 
 
 def fits(out_features: int, in_features: int) -> bool:
-    """Whether a weight of this shape can be packed: whole groups of 32 inputs."""
-    return out_features > 0 and in_features > 0 and in_features % GROUP == 0
+    """Whether an int4 weight of this shape can be packed: whole blocks of 8 outputs, 32 inputs."""
+    return out_features > 0 and out_features % BLOCK_OUTS == 0 and in_features > 0 and in_features % GROUP == 0
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    """[N, 3K/4] uint8 rows from codes [N, K] (uint8 in [0, 15]), scale and minimum [N, K/32]."""
+    """[N/8, K/32, 192] uint8 records from codes [N, K] (uint8 in [0, 15]), scale and minimum [N, K/32]:
+    byte 32·j + 4·o + i of a record's codes holds input 4·j + i of the group for output o in its
+    low nibble and input 16 + 4·j + i in its high one."""
     n, k = codes.shape
     if not fits(n, k) or scale.shape != (n, k // GROUP) or minimum.shape != scale.shape:
-        raise ValueError(f"int4 q8: codes {tuple(codes.shape)} need whole groups of {GROUP} inputs")
-    q = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)  # [N, G, half, j]
-    nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2)  # input j low, 16 + j high
-    as_bytes = [t.float().contiguous().view(torch.uint8) for t in (scale, minimum)]  # [N, 4G] each
-    return torch.cat([nibbles, *as_bytes], dim=1).contiguous()
+        raise ValueError(
+            f"int4 q8: codes {tuple(codes.shape)} need blocks of {BLOCK_OUTS} outputs, {GROUP} inputs"
+        )
+    blocks, groups = n // BLOCK_OUTS, k // GROUP
+    q = codes.to(torch.uint8).view(blocks, BLOCK_OUTS, groups, 2, 4, 4)  # [B, o, G, half, j, i]
+    nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [B, o, G, j, i]
+    interleaved = nibbles.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 128)  # [B, G, (j, o, i)]
+
+    def per_record(t: torch.Tensor) -> torch.Tensor:  # [N, G] → [B, G, 32] bytes of 8 fp32 values
+        return t.float().view(blocks, BLOCK_OUTS, groups).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([interleaved, per_record(scale), per_record(minimum)], dim=2).contiguous()
 
 
 def pack_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """[N, 9K/8] uint8 rows from int8 codes [N, K] and fp32 scales [N, K/32] (GGUF's Q8_0 blocks:
     W[n, k] = scale[n, k // 32] · codes[n, k]): per row its codes, then its scales."""
     n, k = codes.shape
-    if codes.dtype != torch.int8 or not fits(n, k) or scale.shape != (n, k // GROUP):
+    if codes.dtype != torch.int8 or n == 0 or k == 0 or k % GROUP or scale.shape != (n, k // GROUP):
         raise ValueError(
             f"int8 q8: codes {tuple(codes.shape)} {codes.dtype} need int8 and groups of {GROUP} inputs"
         )
@@ -82,7 +94,7 @@ class Int4Q8:
 
     def matmul(self, x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """x [M, K] (CPU, fp32 or bf16; other dtypes are cast to fp32) · Wᵀ → [M, N] in ``out_dtype``
-        (fp32 or bf16). ``packed``: [N, 3K/4] uint8 from ``pack``. ValueError for anything else."""
+        (fp32 or bf16). ``packed``: [N/8, K/32, 192] uint8 from ``pack``. ValueError for anything else."""
         return self._call(x, packed, out_dtype, int8=False)
 
     def matmul_int8(self, x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -98,7 +110,7 @@ class Int4Q8:
             x = x.contiguous()
         _check(x, packed, out_dtype, int8)
         m, k = x.shape
-        n = packed.shape[0]
+        n = packed.shape[0] if int8 else packed.shape[0] * BLOCK_OUTS
         y = torch.empty(m, n, dtype=out_dtype)
         if m == 0:
             return y
@@ -118,11 +130,16 @@ def _check(x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype, int8: 
     if out_dtype not in _DTYPES:
         raise ValueError(f"int4 q8 kernel: output dtype {out_dtype} unsupported (fp32 or bf16)")
     k = x.shape[1]
-    row_bytes = 9 * k // 8 if int8 else 3 * k // 4
-    ok = packed.dtype == torch.uint8 and packed.is_cpu and packed.is_contiguous() and packed.dim() == 2
-    if not ok or k % GROUP or packed.shape[1] != row_bytes:
+    ok = packed.dtype == torch.uint8 and packed.is_cpu and packed.is_contiguous() and k % GROUP == 0
+    if int8:
+        want = f"[N, {9 * k // 8}]"
+        ok = ok and packed.dim() == 2 and packed.shape[1] == 9 * k // 8
+    else:
+        want = f"[N/{BLOCK_OUTS}, {k // GROUP}, {RECORD_BYTES}]"
+        ok = ok and packed.dim() == 3 and tuple(packed.shape[1:]) == (k // GROUP, RECORD_BYTES)
+    if not ok:
         raise ValueError(
-            f"int4 q8 kernel: packed weights must be [N, {row_bytes}] uint8, contiguous, for x with "
+            f"int4 q8 kernel: packed weights must be {want} uint8, contiguous, for x with "
             f"{k} inputs (a multiple of {GROUP}); got {tuple(packed.shape)} {packed.dtype}"
         )
     if x.shape[0] > 1 and x.stride(0) < k:

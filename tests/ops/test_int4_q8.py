@@ -64,9 +64,7 @@ def _rounding_bound(x: torch.Tensor, codes) -> torch.Tensor:
     return half_step @ weight_mass.T
 
 
-@pytest.mark.parametrize(
-    ("n", "k"), [(1, 32), (7, 64), (96, 576), (577, 1536)]
-)  # odd N: a single last output
+@pytest.mark.parametrize(("n", "k"), [(8, 32), (24, 64), (96, 576), (584, 1536)])  # blocks of 8 outputs
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 33])  # whole and partial tiles of 4 rows
 def test_the_kernel_computes_int4_times_int8_groups(q8, n, k, rows):
     codes = _codes(n, k)
@@ -107,16 +105,19 @@ def test_zero_rows_and_groups_of_zeros(q8):
 def test_bad_inputs_are_refused(q8):
     codes = _codes(32, 64)
     packed = int4_q8.pack(codes.codes, codes.scale, codes.minimum)
-    with pytest.raises(ValueError, match=r"packed weights must be \[N, 24\] uint8"):
+    with pytest.raises(ValueError, match=r"packed weights must be \[N/8, 1, 192\] uint8"):
         q8.matmul(torch.randn(2, 32), packed, torch.float32)
     with pytest.raises(ValueError, match=r"output dtype torch\.float16 unsupported"):
         q8.matmul(torch.randn(2, 64), packed, torch.float16)
     with pytest.raises(ValueError, match="contiguous"):
-        q8.matmul(torch.randn(2, 64), packed[:, :47], torch.float32)
+        q8.matmul(torch.randn(2, 64), packed[:, :, :191], torch.float32)
     with pytest.raises(ValueError, match="2-D CPU tensor"):
         q8.matmul(torch.randn(64), packed, torch.float32)
-    with pytest.raises(ValueError, match="whole groups of 32 inputs"):
-        int4_q8.pack(torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 1), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="blocks of 8 outputs, 32 inputs"):
+        int4_q8.pack(torch.zeros(8, 48, dtype=torch.uint8), torch.ones(8, 1), torch.zeros(8, 1))
+    with pytest.raises(ValueError, match="blocks of 8 outputs, 32 inputs"):
+        int4_q8.pack(torch.zeros(7, 64, dtype=torch.uint8), torch.ones(7, 2), torch.zeros(7, 2))
+    assert not int4_q8.fits(7, 64) and int4_q8.fits(8, 64)  # a weight that does not fit keeps torch's kernel
 
 
 def test_an_int4_weight_takes_the_kernel_from_its_min_rows_on(q8):
@@ -170,8 +171,8 @@ def test_int8_weights_times_int8_groups(q8, n, k, rows):
     got = q8.matmul_int8(x, packed, torch.float32)
     expected = _int8_reference(x, codes, scale)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    with pytest.raises(ValueError, match=r"packed weights must be \[N, \d+\] uint8"):
-        q8.matmul(x, packed, torch.float32)  # int8 rows are not int4 ones
+    with pytest.raises(ValueError, match=r"packed weights must be \[N/8, \d+, 192\] uint8"):
+        q8.matmul(x, packed, torch.float32)  # int8 rows are not int4 records
 
 
 def test_an_int8_lm_head_serves_up_to_its_max_rows(q8):
