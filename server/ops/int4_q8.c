@@ -16,8 +16,9 @@
  *          zeros), per block and group: 128 bytes of codes, then the 8 outputs' fp32 scales, then
  *          their 8 fp32 minimums. Byte 32·j + 4·o + i of the codes holds input 4·j + i of the
  *          group for output o in its low nibble and input 16 + 4·j + i in its high one (j < 4).
- *        int8 (GGUF's Q8_0, W[n, k] = scale[n, g] · q[n, k], no minimum): [N, 9K/8] bytes per
- *          output row: its K codes, then its K/32 fp32 scales.
+ *        int8 (GGUF's Q8_0, W[n, k] = scale[n, g] · q[n, k], no minimum): [N / 8, K / 32, 288]
+ *          bytes, per block and group 256 bytes of codes, then the 8 outputs' fp32 scales; byte
+ *          32·j + 4·o + i of the codes is input 4·j + i of the group for output o (j < 8).
  *
  * int4: one vpmaddubsw multiplies 4 inputs of 8 outputs (unsigned codes times one row's 4 int8
  * activations, broadcast) into int16 pair sums; the 8 of a group add up in int16 (at most
@@ -26,8 +27,9 @@
  * (the layout of llama.cpp's repacked Q4_0 8x8 kernels). A block's 8 outputs and their weights
  * stay in L1 while every row of x passes over them, 4 rows at a time. With AVX-VNNI, vpdpbusd
  * accumulates in int32 instead.
- * int8: per pair of outputs and four rows, |code| times the activations given the code's sign
- * (vpsignb; vpmaddubsw takes one unsigned operand), then vpmaddwd, per output and row.
+ * int8: the same blocks, |code| times the activations given the code's sign (vpsignb: vpmaddubsw
+ * takes one unsigned operand); pair sums reach 2 · 127 · 127, so each vpmaddubsw is widened by its
+ * own vpmaddwd.
  * Decode is a few rows, so the kernel reads 0.75 (int4) or 1.125 (int8) bytes per weight where a
  * dense fp32 GEMM reads 4.
  *
@@ -42,7 +44,7 @@
 #include "native_common.h"
 
 #define GROUP 32
-#define ROWS 4 /* rows of x per pass over a pair of outputs */
+#define ROWS 4 /* rows of x per pass over a block of outputs */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -61,11 +63,9 @@ typedef struct {
     int w_int8; /* the weights are int8 codes (GGUF's Q8_0) rather than int4 */
 } Job;
 
-#define BLOCK_OUTS 8                  /* int4: outputs per block, one per int32 lane */
-#define BLOCK_GROUP_BYTES (128 + 64) /* int4: a block's codes, scales and minimums per group */
-
-/* Bytes of one int8 output row: codes, then fp32 scales. */
-static inline int64_t int8_row_bytes(int64_t K) { return K + 4 * (K / GROUP); }
+#define BLOCK_OUTS 8                     /* outputs per block, one per int32 lane */
+#define INT4_GROUP_BYTES (128 + 32 + 32) /* a block's int4 codes, scales and minimums per group */
+#define INT8_GROUP_BYTES (256 + 32)      /* a block's int8 codes and scales per group */
 
 /* The 32 int8 activations of row r of the tile at m0, group g. */
 static inline const int8_t *xq_at(const Job *j, int64_t m0, int r, int64_t g) {
@@ -117,23 +117,6 @@ static void quantize_row(const void *x, int is_bf16, int64_t K, int8_t *xq, int6
     }
 }
 
-static inline __m256i dot_group(__m256i q, __m256i xq) {
-#if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, xq);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xq);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), _mm256_set1_epi16(1));
-#endif
-}
-
-/* Σ over group g of an int8 output row of code · xq, in 8 int32 partial sums: |code| times xq
- * given the code's sign (at most 2 · 127 · 127 per int16 pair: no saturation). */
-static inline __m256i dot_int8_group(const uint8_t *row, int64_t g, __m256i xq) {
-    const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
-    return dot_group(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(xq, codes));
-}
-
 static inline void store(const Job *j, int64_t m, int64_t n, float v) {
     const int64_t at = m * j->y_rs + n;
     if (j->y_bf16)
@@ -142,55 +125,13 @@ static inline void store(const Job *j, int64_t m, int64_t n, float v) {
         ((float *)j->y)[at] = v;
 }
 
-/* int8 outputs n0 .. n0 + outs (1 or 2) for rows m0 .. m0 + rows (1 to ROWS); `rows` and `outs`
- * are constants at every call site, so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void int8_tile(const Job *j, int64_t n0, int outs, int64_t m0,
-                                                            int rows, float *scale_buf) {
-    const int64_t K = j->K, G = K / GROUP;
-    const uint8_t *w[2];
-    for (int o = 0; o < outs; o++) {
-        w[o] = j->w + (n0 + o) * int8_row_bytes(K);
-        const float *ws = (const float *)(w[o] + K);
-        /* scale_buf[(o * ROWS + r) * G + g] = scale[n0 + o, g] · dx[m0 + r, g] */
-        for (int r = 0; r < rows; r++)
-            for (int64_t g = 0; g < G; g++) scale_buf[(o * ROWS + r) * G + g] = ws[g] * j->dx[(m0 + r) * G + g];
-    }
-    __m256 acc[2][ROWS];
-    for (int o = 0; o < 2; o++)
-        for (int r = 0; r < ROWS; r++) acc[o][r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++)
-        for (int r = 0; r < rows; r++) {
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)xq_at(j, m0, r, g));
-            for (int o = 0; o < outs; o++) {
-                const __m256 s = _mm256_broadcast_ss(scale_buf + (o * ROWS + r) * G + g);
-                acc[o][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_int8_group(w[o], g, xq)), s, acc[o][r]);
-            }
-        }
-    for (int o = 0; o < outs; o++)
-        for (int r = 0; r < rows; r++) store(j, m0 + r, n0 + o, hsum8(acc[o][r]));
-}
-
-#define INT8_TILE_CASES(OUTS)                                         \
-    switch (rows) {                                                   \
-        case 1: int8_tile(j, n0, OUTS, m0, 1, scale_buf); break;      \
-        case 2: int8_tile(j, n0, OUTS, m0, 2, scale_buf); break;      \
-        case 3: int8_tile(j, n0, OUTS, m0, 3, scale_buf); break;      \
-        default: int8_tile(j, n0, OUTS, m0, 4, scale_buf); break;     \
-    }
-
-/* int8 output pairs [first, end) (the last pair may be a single output when N is odd), all rows. */
-static void int8_outputs(const Job *j, int64_t first, int64_t end) {
-    float scale_buf[2 * ROWS * (j->K / GROUP)]; /* 32 bytes per input: 32 KiB at K = 1024 */
-    for (int64_t p = first; p < end; p++) {
-        const int64_t n0 = 2 * p;
-        for (int64_t m0 = 0; m0 < j->M; m0 += ROWS) {
-            const int rows = (int)(j->M - m0 < ROWS ? j->M - m0 : ROWS);
-            if (n0 + 1 < j->N) {
-                INT8_TILE_CASES(2)
-            } else {
-                INT8_TILE_CASES(1)
-            }
-        }
+/* Rows m0 .. m0 + rows of block b's outputs (the last block may hold fewer than 8). */
+static inline void store_block(const Job *j, int64_t b, int64_t m0, int rows, const __m256 *acc) {
+    const int64_t n0 = b * BLOCK_OUTS, outs = j->N - n0 < BLOCK_OUTS ? j->N - n0 : BLOCK_OUTS;
+    for (int r = 0; r < rows; r++) {
+        float out[BLOCK_OUTS];
+        _mm256_storeu_ps(out, acc[r]);
+        for (int64_t o = 0; o < outs; o++) store(j, m0 + r, n0 + o, out[o]);
     }
 }
 
@@ -198,12 +139,12 @@ static void int8_outputs(const Job *j, int64_t first, int64_t end) {
  * site): per group, 8 vpmaddubsw per row sum into int16 lanes of output pairs. */
 static inline __attribute__((always_inline)) void int4_block_rows(const Job *j, int64_t b, int64_t m0, int rows) {
     const int64_t G = j->K / GROUP;
-    const uint8_t *block = j->w + b * G * BLOCK_GROUP_BYTES;
+    const uint8_t *block = j->w + b * G * INT4_GROUP_BYTES;
     const __m256i nibble = _mm256_set1_epi8(15);
     __m256 acc[ROWS];
     for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        const uint8_t *codes = block + g * BLOCK_GROUP_BYTES;
+        const uint8_t *codes = block + g * INT4_GROUP_BYTES;
         const int8_t *xg[ROWS];
         for (int r = 0; r < rows; r++) xg[r] = xq_at(j, m0, r, g);
         __m256i sum[ROWS];
@@ -240,38 +181,70 @@ static inline __attribute__((always_inline)) void int4_block_rows(const Job *j, 
             acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(j->sx[at]), acc[r]);
         }
     }
-    const int64_t n0 = b * BLOCK_OUTS, outs = j->N - n0 < BLOCK_OUTS ? j->N - n0 : BLOCK_OUTS;
-    for (int r = 0; r < rows; r++) {
-        float out[BLOCK_OUTS];
-        _mm256_storeu_ps(out, acc[r]);
-        for (int64_t o = 0; o < outs; o++) store(j, m0 + r, n0 + o, out[o]);
-    }
+    store_block(j, b, m0, rows, acc);
 }
 
-/* int4 blocks [first, end), all rows. */
-static void int4_outputs(const Job *j, int64_t first, int64_t end) {
+/* int8 block b for rows m0 .. m0 + rows (1 to ROWS, a constant at every call site). */
+static inline __attribute__((always_inline)) void int8_block_rows(const Job *j, int64_t b, int64_t m0, int rows) {
+    const int64_t G = j->K / GROUP;
+    const uint8_t *block = j->w + b * G * INT8_GROUP_BYTES;
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *codes = block + g * INT8_GROUP_BYTES;
+        const int8_t *xg[ROWS];
+        for (int r = 0; r < rows; r++) xg[r] = xq_at(j, m0, r, g);
+        __m256i sum[ROWS];
+        for (int r = 0; r < ROWS; r++) sum[r] = _mm256_setzero_si256();
+        for (int q = 0; q < 8; q++) {
+            const __m256i signed_codes = _mm256_loadu_si256((const __m256i *)(codes + 32 * q));
+            const __m256i magnitude = _mm256_sign_epi8(signed_codes, signed_codes); /* inputs 4q .. 4q + 3 */
+            for (int r = 0; r < rows; r++) {
+                int32_t x4;
+                memcpy(&x4, xg[r] + 4 * q, 4);
+                const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x4), signed_codes);
+#if defined(__AVXVNNI__)
+                sum[r] = _mm256_dpbusd_avx_epi32(sum[r], magnitude, xs);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                sum[r] = _mm256_dpbusd_epi32(sum[r], magnitude, xs);
+#else
+                const __m256i pairs = _mm256_maddubs_epi16(magnitude, xs);
+                sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+            }
+        }
+        const __m256 scale = _mm256_loadu_ps((const float *)(codes + 256));
+        for (int r = 0; r < rows; r++) {
+            const __m256 s = _mm256_mul_ps(scale, _mm256_set1_ps(j->dx[(m0 + r) * G + g]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), s, acc[r]);
+        }
+    }
+    store_block(j, b, m0, rows, acc);
+}
+
+#define BLOCK_ROWS_CASES(FN)                    \
+    switch (j->M - m0 < ROWS ? j->M - m0 : ROWS) { \
+        case 1: FN(j, b, m0, 1); break;            \
+        case 2: FN(j, b, m0, 2); break;            \
+        case 3: FN(j, b, m0, 3); break;            \
+        default: FN(j, b, m0, 4); break;           \
+    }
+
+/* Blocks [first, end) of 8 outputs, all rows. */
+static void run_outputs(const Job *j, int64_t first, int64_t end) {
     for (int64_t b = first; b < end; b++)
         for (int64_t m0 = 0; m0 < j->M; m0 += ROWS) {
-            switch (j->M - m0 < ROWS ? j->M - m0 : ROWS) {
-                case 1: int4_block_rows(j, b, m0, 1); break;
-                case 2: int4_block_rows(j, b, m0, 2); break;
-                case 3: int4_block_rows(j, b, m0, 3); break;
-                default: int4_block_rows(j, b, m0, 4); break;
+            if (j->w_int8) {
+                BLOCK_ROWS_CASES(int8_block_rows)
+            } else {
+                BLOCK_ROWS_CASES(int4_block_rows)
             }
         }
 }
 
-/* Units of work [first, end): int4 blocks of 8 outputs, or int8 pairs of outputs. */
-static void run_outputs(const Job *j, int64_t first, int64_t end) {
-    if (j->w_int8)
-        int8_outputs(j, first, end);
-    else
-        int4_outputs(j, first, end);
-}
-
 /*
  * args (int64): y, y row stride, x, x row stride, w, M, N, K, y is bf16 (0/1), x is bf16 (0/1), threads,
- * weights are int8 (0: int4 blocks of 8 outputs, 1: int8 rows, GGUF's Q8_0).
+ * weights are int8 (0: int4 blocks, 1: int8 blocks, GGUF's Q8_0).
  * Returns 0, or -1 when the scratch buffers cannot be allocated (y is then not written).
  */
 int int4_q8_matmul(const int64_t *args) {
@@ -291,7 +264,7 @@ int int4_q8_matmul(const int64_t *args) {
                      xq + ((m / ROWS) * G * ROWS + m % ROWS) * GROUP, ROWS * GROUP, dx + m * G, sx + m * G);
     const Job j = {xq, dx, sx, (const uint8_t *)(intptr_t)args[4], (void *)(intptr_t)args[0], args[1], M, N, K,
                    (int)args[8], (int)args[11]};
-    const int64_t units = j.w_int8 ? (N + 1) / 2 : (N + BLOCK_OUTS - 1) / BLOCK_OUTS;
+    const int64_t units = (N + BLOCK_OUTS - 1) / BLOCK_OUTS;
     if (threads <= 1) {
         run_outputs(&j, 0, units);
     } else {

@@ -7,7 +7,7 @@ byte), then their fp32 scales and minimums (0.75 bytes per weight). ``Int4Q8.mat
 product of the weight and the quantized activations (llama.cpp's Q4_1 x Q8_1 products). On CPUs
 without AMX this is the int4 kernel that does not pay for its weights' unpacking once per token,
 as torch's does with fp32 activations (50x slower than with bf16 ones on the machines measured).
-``pack_int8`` / ``matmul_int8`` do the same over int8 codes (GGUF's Q8_0), row by row.
+``pack_int8`` / ``matmul_int8`` do the same over int8 codes (GGUF's Q8_0), 288-byte records.
 
 The C source is compiled on first use for the CPU it runs on (``native_build``); ``load()`` is
 None where the CPU or the compiler has no AVX2 and FMA.
@@ -26,7 +26,8 @@ from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
 SOURCE = NativeSource("int4_q8", Path(__file__).with_name("int4_q8.c"), (*BASE_CFLAGS, "-fopenmp"))
 GROUP = 32  # inputs per group (GGUF's Q4_0 / Q4_1 blocks)
 BLOCK_OUTS = 8  # int4 outputs per record, one per int32 lane of an AVX2 register
-RECORD_BYTES = 128 + 2 * 4 * BLOCK_OUTS  # a record's codes, then its fp32 scales and minimums
+RECORD_BYTES = 128 + 2 * 4 * BLOCK_OUTS  # an int4 record's codes, then its fp32 scales and minimums
+INT8_RECORD_BYTES = 256 + 4 * BLOCK_OUTS  # an int8 record's codes, then its fp32 scales
 # y, y row stride, x, x row stride, w, M, N, K, y bf16, x bf16, threads, int8 weights
 _CALL_ARGS = struct.Struct("=12q")
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -44,7 +45,8 @@ def load(cache_dir: Path | str | None = None) -> Int4Q8 | None:
 
 def fits(out_features: int, in_features: int) -> bool:
     """Whether an int4 weight of this shape can be packed: whole blocks of 8 outputs, 32 inputs."""
-    return out_features > 0 and out_features % BLOCK_OUTS == 0 and in_features > 0 and in_features % GROUP == 0
+    whole_blocks = out_features % BLOCK_OUTS == 0 and in_features % GROUP == 0
+    return out_features > 0 and in_features > 0 and whole_blocks
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
@@ -61,22 +63,29 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tor
     nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [B, o, G, j, i]
     interleaved = nibbles.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 128)  # [B, G, (j, o, i)]
 
-    def per_record(t: torch.Tensor) -> torch.Tensor:  # [N, G] → [B, G, 32] bytes of 8 fp32 values
-        return t.float().view(blocks, BLOCK_OUTS, groups).transpose(1, 2).contiguous().view(torch.uint8)
+    records = [interleaved, _per_record(scale, blocks, groups), _per_record(minimum, blocks, groups)]
+    return torch.cat(records, dim=2).contiguous()
 
-    return torch.cat([interleaved, per_record(scale), per_record(minimum)], dim=2).contiguous()
+
+def _per_record(values: torch.Tensor, blocks: int, groups: int) -> torch.Tensor:
+    """[N, G] fp32 values → [N/8, G, 32] bytes: each record's 8 outputs' values."""
+    return values.float().view(blocks, BLOCK_OUTS, groups).transpose(1, 2).contiguous().view(torch.uint8)
 
 
 def pack_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[N, 9K/8] uint8 rows from int8 codes [N, K] and fp32 scales [N, K/32] (GGUF's Q8_0 blocks:
-    W[n, k] = scale[n, k // 32] · codes[n, k]): per row its codes, then its scales."""
+    """[N/8, K/32, 288] uint8 records from int8 codes [N, K] and fp32 scales [N, K/32] (GGUF's Q8_0
+    blocks: W[n, k] = scale[n, k // 32] · codes[n, k]): byte 32·j + 4·o + i of a record's codes is
+    input 4·j + i of the group for output o, then the 8 outputs' scales."""
     n, k = codes.shape
-    if codes.dtype != torch.int8 or n == 0 or k == 0 or k % GROUP or scale.shape != (n, k // GROUP):
+    if codes.dtype != torch.int8 or not fits(n, k) or scale.shape != (n, k // GROUP):
         raise ValueError(
-            f"int8 q8: codes {tuple(codes.shape)} {codes.dtype} need int8 and groups of {GROUP} inputs"
+            f"int8 q8: codes {tuple(codes.shape)} {codes.dtype} need int8, blocks of {BLOCK_OUTS} "
+            f"outputs and {GROUP} inputs"
         )
-    scales = scale.float().contiguous().view(torch.uint8)  # [N, 4K/32]
-    return torch.cat([codes.contiguous().view(torch.uint8), scales], dim=1).contiguous()
+    blocks, groups = n // BLOCK_OUTS, k // GROUP
+    q = codes.view(torch.uint8).view(blocks, BLOCK_OUTS, groups, 8, 4)  # [B, o, G, j, i]
+    interleaved = q.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 256)  # [B, G, (j, o, i)]
+    return torch.cat([interleaved, _per_record(scale, blocks, groups)], dim=2).contiguous()
 
 
 class Int4Q8:
@@ -98,7 +107,7 @@ class Int4Q8:
         return self._call(x, packed, out_dtype, int8=False)
 
     def matmul_int8(self, x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """As ``matmul``, over int8 weights: ``packed`` [N, 9K/8] uint8 from ``pack_int8``."""
+        """As ``matmul``, over int8 weights: ``packed`` [N/8, K/32, 288] uint8 from ``pack_int8``."""
         return self._call(x, packed, out_dtype, int8=True)
 
     def _call(
@@ -110,7 +119,7 @@ class Int4Q8:
             x = x.contiguous()
         _check(x, packed, out_dtype, int8)
         m, k = x.shape
-        n = packed.shape[0] if int8 else packed.shape[0] * BLOCK_OUTS
+        n = packed.shape[0] * BLOCK_OUTS
         y = torch.empty(m, n, dtype=out_dtype)
         if m == 0:
             return y
@@ -131,12 +140,9 @@ def _check(x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype, int8: 
         raise ValueError(f"int4 q8 kernel: output dtype {out_dtype} unsupported (fp32 or bf16)")
     k = x.shape[1]
     ok = packed.dtype == torch.uint8 and packed.is_cpu and packed.is_contiguous() and k % GROUP == 0
-    if int8:
-        want = f"[N, {9 * k // 8}]"
-        ok = ok and packed.dim() == 2 and packed.shape[1] == 9 * k // 8
-    else:
-        want = f"[N/{BLOCK_OUTS}, {k // GROUP}, {RECORD_BYTES}]"
-        ok = ok and packed.dim() == 3 and tuple(packed.shape[1:]) == (k // GROUP, RECORD_BYTES)
+    record = INT8_RECORD_BYTES if int8 else RECORD_BYTES
+    want = f"[N/{BLOCK_OUTS}, {k // GROUP}, {record}]"
+    ok = ok and packed.dim() == 3 and tuple(packed.shape[1:]) == (k // GROUP, record)
     if not ok:
         raise ValueError(
             f"int4 q8 kernel: packed weights must be {want} uint8, contiguous, for x with "

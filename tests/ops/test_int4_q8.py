@@ -159,7 +159,7 @@ def _int8_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -
     return (torch.einsum("mgk,ngk->mng", xq, q) * dx[:, None, :] * scale.double()[None]).sum(dim=2).float()
 
 
-@pytest.mark.parametrize(("n", "k"), [(1, 32), (7, 64), (577, 576)])
+@pytest.mark.parametrize(("n", "k"), [(8, 32), (24, 64), (584, 576)])
 @pytest.mark.parametrize("rows", [1, 4, 5, 9])
 def test_int8_weights_times_int8_groups(q8, n, k, rows):
     """GGUF's Q8_0 blocks (int8 codes, a scale per 32): codes of both signs, -127 and 127 included."""
@@ -172,7 +172,9 @@ def test_int8_weights_times_int8_groups(q8, n, k, rows):
     expected = _int8_reference(x, codes, scale)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     with pytest.raises(ValueError, match=r"packed weights must be \[N/8, \d+, 192\] uint8"):
-        q8.matmul(x, packed, torch.float32)  # int8 rows are not int4 records
+        q8.matmul(x, packed, torch.float32)  # int8 records are not int4 ones
+    with pytest.raises(ValueError, match="need int8, blocks of 8 outputs and 32 inputs"):
+        int4_q8.pack_int8(codes[:7], scale[:7])
 
 
 def test_an_int8_lm_head_serves_up_to_its_max_rows(q8):

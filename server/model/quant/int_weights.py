@@ -220,7 +220,7 @@ class Int8LMHead:
 
     def __init__(self, kernel: Int4Q8, codes: torch.Tensor, scale: torch.Tensor, max_rows: int = 8) -> None:
         self.kernel = kernel
-        self.packed = int4_q8.pack_int8(codes, scale)  # [V, 9·hidden/8] uint8
+        self.packed = int4_q8.pack_int8(codes, scale)  # [V/8, hidden/32, 288] uint8
         self.num_bytes = self.packed.numel()
         self.max_rows = max_rows
 
