@@ -363,13 +363,15 @@ def decode_step_bytes(core: EngineCore, num_slots_read: int) -> tuple[int, int]:
 MISSING = object()
 FORWARD = "model forward (total)"
 STEP = "engine step (total)"
-OTHER_OPS = "other model ops (norms, RoPE, KV write, SiLU, ...)"
+OTHER_OPS = "other model ops (SiLU gates, embedding, RoPE rows, ...)"
 GLUE = "rest of the step (Python glue)"
 SPLIT_ORDER = (
     "base matmuls (qkv, o, gate_up, down)", "LoRA ops (add_lora)", "attention (KV gather + SDPA)",
-    "LM head matmul", "build ForwardBatch", "sampling", "scheduler (schedule + postprocess)",
+    "LM head matmul", "residual adds + RMS norms", "RoPE + KV write", "build ForwardBatch", "sampling",
+    "scheduler (schedule + postprocess)",
     "detokenize + deltas",
 )  # fmt: skip
+MODEL_PATHS = 6  # SPLIT_ORDER's first entries run inside the model's forward
 
 
 class StepSplit:
@@ -406,13 +408,18 @@ def instrument(core: EngineCore, split: StepSplit) -> None:
     import server.model.llama as llama_module
     import server.model.lora_linear as lora_module
 
-    base, lora, attn, head, build, sample, sched, emit = SPLIT_ORDER
+    base, lora, attn, head, norms, rope, build, sample, sched, emit = SPLIT_ORDER
     split.wrap(lora_module, "base_linear", base)
     for module in core.loaded.model.modules():  # a quantized base reads its codes, not base_linear
         if isinstance(module, lora_module.MultiLoRALinear) and module.quantized is not None:
             split.wrap(module.quantized, "matmul", base)
-    split.wrap(llama_module, "base_linear", head)
+    split.wrap(core.loaded.model, "_logits", head)  # the int8 head or the dense one
     split.wrap(llama_module.DecoderLayer, "_attention", attn)
+    model = core.loaded.model
+    for ops in {id(layer.attention_ops): layer.attention_ops for layer in model.layers}.values():
+        split.wrap(ops, "rope_and_cache", rope)  # one object shared by the layers: wrapped once
+    for ops in {id(layer.norm_ops): layer.norm_ops for layer in model.layers}.values():
+        split.wrap(ops, "add_rms_norm", norms)
     for _, module in core.loaded.model.lora_layers():
         split.wrap(module, "_add_lora", lora)
     split.wrap(core.runner, "model", FORWARD)
@@ -447,8 +454,8 @@ def split_decode_step(core: EngineCore, prompts, adapters, new_tokens: int) -> d
     finally:
         split.restore()
     ms = {label: split.seconds[label] / steps * 1e3 for label in (*SPLIT_ORDER, FORWARD, STEP)}
-    ms[OTHER_OPS] = ms[FORWARD] - sum(ms[k] for k in SPLIT_ORDER[:4])
-    ms[GLUE] = ms[STEP] - ms[FORWARD] - sum(ms[k] for k in SPLIT_ORDER[4:])
+    ms[OTHER_OPS] = ms[FORWARD] - sum(ms[k] for k in SPLIT_ORDER[:MODEL_PATHS])
+    ms[GLUE] = ms[STEP] - ms[FORWARD] - sum(ms[k] for k in SPLIT_ORDER[MODEL_PATHS:])
     return ms
 
 
@@ -471,7 +478,7 @@ def print_profile(core: EngineCore, prompts, args) -> None:
     print("\nOne decode step by code path (mean over the decode steps of one batch, ms; other processes "
           f"kept {other_load(start):.2f} cores busy meanwhile):\n")  # fmt: skip
     print("| code path | base only ms | mixed ms | mixed % of step |\n| --- | ---: | ---: | ---: |")
-    order = (*SPLIT_ORDER[:4], OTHER_OPS, FORWARD, *SPLIT_ORDER[4:], GLUE, STEP)
+    order = (*SPLIT_ORDER[:MODEL_PATHS], OTHER_OPS, FORWARD, *SPLIT_ORDER[MODEL_PATHS:], GLUE, STEP)
     for label in order:
         print(f"| {label} | {base[label]:.2f} | {lora[label]:.2f} | {100 * lora[label] / lora[STEP]:.0f}% |")
     print(f"\ntorch.profiler, {args.new_tokens - 1} mixed decode steps, top ops by self CPU time:")

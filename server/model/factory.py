@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from server.ops.attention_torch import AttentionOps
     from server.ops.lora_torch import AddLoRA
+    from server.ops.norm_torch import NormOps
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,16 @@ def pick_attention_ops(
     from server.ops import attention_native
 
     return attention_native.load(_cache_dir(model_config))  # None: cannot be built now, torch path
+
+
+def pick_norm_ops(kernels: CpuKernelChoice | None, model_config: ModelConfig) -> NormOps | None:
+    """CPU (``kernels`` chosen): the compiled residual add + RMS norm and SiLU gate, one call each
+    where torch runs four to six ops (always fewer dispatches, so not timed). None: ``norm_torch``."""
+    if kernels is None:
+        return None
+    from server.ops import norm_native
+
+    return norm_native.load(_cache_dir(model_config))  # None: cannot be built now, torch path
 
 
 def _triton_attention_ops() -> AttentionOps | None:
@@ -232,6 +243,10 @@ def pick_lm_head_int8(
     blocks = gguf_codes.read_lm_head_q8_0(checkpoint.gguf_path) if checkpoint.gguf_path else None
     if kernel is None or blocks is None:
         return None
+    if not int4_q8.fits(*blocks[0].shape):
+        log.info("LM head: dense (its %d x %d Q8_0 blocks are not whole blocks of the int8 kernel)",
+                 *blocks[0].shape)  # fmt: skip
+        return None
     head = Int8LMHead(kernel, *blocks)
     dense = model.lm_head_gemm_weight
 
@@ -286,7 +301,9 @@ def load_model(model_config: ModelConfig, engine_config: EngineConfig) -> Loaded
         ),
     }
     attention_ops = pick_attention_ops(kernels, model_config, device)
-    model = LlamaForServing(checkpoint.config, weights, max_model_len, linear_kwargs, attention_ops).eval()
+    norm_ops = pick_norm_ops(kernels, model_config)
+    config = checkpoint.config
+    model = LlamaForServing(config, weights, max_model_len, linear_kwargs, attention_ops, norm_ops).eval()
     if plan.scheme == "int4" and kernels is not None:
         shapes, native = cpu_tuning.GemmShapes.of(checkpoint.config), linear_kwargs["int4_native"]
         serving = kernels.dtype

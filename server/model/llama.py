@@ -19,8 +19,9 @@ from server.model.cpu_tuning import prepare_weight
 from server.model.forward_batch import ForwardBatch
 from server.model.lora_linear import LinearKwargs, MultiLoRALinear, base_linear
 from server.model.quant.int_weights import Codes, Int8LMHead, concat
-from server.ops import attention_torch
+from server.ops import attention_torch, norm_torch
 from server.ops.attention_torch import AttentionOps
+from server.ops.norm_torch import NormOps
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -95,9 +96,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One fused op (bit-identical to transformers' formula in fp32; in bf16 it rounds once, after
-        the weight, where transformers rounds before it too)."""
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        """``norm_torch.add_rms_norm`` without a residual (the layers call their ``norm_ops`` instead)."""
+        return norm_torch.add_rms_norm(x, None, self.weight, self.eps)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -107,9 +107,11 @@ class DecoderLayer(nn.Module):
         weights: Weights,
         linear_kwargs: LinearKwargs,
         attention_ops: AttentionOps = attention_torch,
+        norm_ops: NormOps = norm_torch,
     ) -> None:
         super().__init__()
         self.attention_ops = attention_ops  # rope_and_cache + decode_attention: attention_torch's signatures
+        self.norm_ops = norm_ops  # add_rms_norm + silu_mul: norm_torch's signatures
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -138,6 +140,7 @@ class DecoderLayer(nn.Module):
             weights["mlp.down_proj.weight"], None, ("down_proj",), (config.hidden_size,), **linear_kwargs
         )
         self.scale = self.head_dim**-0.5
+        self.eps = eps
 
     def forward(
         self,
@@ -149,17 +152,19 @@ class DecoderLayer(nn.Module):
         batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual [T, hidden]; cos/sin [T, D] → (hidden, residual) after this layer."""
-        residual = hidden if residual is None else residual + hidden
-        qkv = self.qkv_proj(self.input_layernorm(residual), batch.lora)  # [T, (H + 2·H_kv)·D]
+        norms = self.norm_ops
+        normed, residual = norms.add_rms_norm(hidden, residual, self.input_layernorm.weight, self.eps)
+        qkv = self.qkv_proj(normed, batch.lora)  # [T, (H + 2·H_kv)·D]
         k_cache, v_cache = kv
         q = self.attention_ops.rope_and_cache(
             qkv, cos, sin, batch.kv_write_index, k_cache, v_cache, self.num_heads, self.num_kv_heads
         )  # [T, H, D]; this step's K/V rows are in the cache now
         attn = self._attention(q, k_cache, v_cache, batch)  # [T, H·D]
-        residual = residual + self.o_proj(attn, batch.lora)
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(residual), batch.lora)  # [T, 2·I]
-        inter = gate_up.shape[1] // 2
-        return self.down_proj(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], batch.lora), residual
+        normed, residual = norms.add_rms_norm(
+            self.o_proj(attn, batch.lora), residual, self.post_attention_layernorm.weight, self.eps
+        )
+        gate_up = self.gate_up_proj(normed, batch.lora)  # [T, 2·I]
+        return self.down_proj(norms.silu_mul(gate_up), batch.lora), residual
 
     def _attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch
@@ -216,8 +221,10 @@ class LlamaForServing(nn.Module):
         max_positions: int,
         linear_kwargs: LinearKwargs,
         attention_ops: AttentionOps | None = None,
+        norm_ops: NormOps | None = None,
     ) -> None:
-        """``attention_ops``: the decode step's attention kernels (default: ``attention_torch``)."""
+        """``attention_ops``: the decode step's attention kernels (default: ``attention_torch``);
+        ``norm_ops``: the layers' residual adds, RMS norms and SiLU gates (default: ``norm_torch``)."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Parameter(
@@ -226,8 +233,10 @@ class LlamaForServing(nn.Module):
         lm_head = _dense_or_none(weights.pop("lm_head.weight", None))
         self.lm_head = self.embed_tokens if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self.norm = RMSNorm(_dense(weights.pop("model.norm.weight")), config.rms_norm_eps)
+        self.norm_ops = norm_ops or norm_torch
+        attention = attention_ops or attention_torch
         self.layers = nn.ModuleList(
-            DecoderLayer(config, _layer_weights(weights, i), linear_kwargs, attention_ops or attention_torch)
+            DecoderLayer(config, _layer_weights(weights, i), linear_kwargs, attention, self.norm_ops)
             for i in range(config.num_hidden_layers)
         )
         self.gemm = linear_kwargs.get("gemm", "x_wt")
@@ -248,7 +257,10 @@ class LlamaForServing(nn.Module):
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, kv, batch)
         assert residual is not None  # a model has at least one layer
-        last = self.norm((residual + hidden).index_select(0, batch.logits_index))  # [B_logits, hidden]
+        index = batch.logits_index
+        last, _ = self.norm_ops.add_rms_norm(
+            hidden.index_select(0, index), residual.index_select(0, index), self.norm.weight, self.norm.eps
+        )  # [B_logits, hidden]
         return refine_top_ties(self._logits(last), last, self.lm_head)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:

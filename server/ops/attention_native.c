@@ -22,8 +22,12 @@
  * fp32 or bf16 (one flag for the activations, one for the cache). Compiled with
  * -ffp-contract=off, so that fp32 RoPE rounds exactly as torch's separate multiplies and add.
  * The caller (attention_native.py) validates shapes, strides and index bounds: this file trusts
- * them. Single-threaded: a decode step's attention is ~20 µs of work per layer.
+ * them. Decode attention splits its (sequence, kv head) pairs over up to `threads` threads
+ * (OpenMP: torch's own runtime in the process); RoPE and the cache writes run on one.
  */
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,7 +101,7 @@ int loraplex_rope_and_cache(const RopeArgs *a) {
 
 typedef struct {
     int64_t out, out_rs, q, q_rs, num_seqs, num_heads, num_kv_heads, head_dim;
-    int64_t k_cache, v_cache, kv_hs, idx, idx_rs, lens, scale_bits, act_bf16, cache_bf16;
+    int64_t k_cache, v_cache, kv_hs, idx, idx_rs, lens, scale_bits, act_bf16, cache_bf16, threads;
 } DecodeArgs;
 
 /*
@@ -253,19 +257,34 @@ static attend_fn pick_attend(int64_t head_dim, int act_bf16, int cache_bf16) {
     return head_dim == 64 ? d64[which] : head_dim == 128 ? d128[which] : any[which];
 }
 
-/* 0, or -1 when the scores scratch cannot be allocated. */
+/* Pairs [first, end) of (sequence, kv head), on this thread's scores scratch; 0, or -1 without it. */
+static int attend_pairs(const DecodeArgs *a, attend_fn attend, float scale, int64_t scores_floats, int64_t first,
+                        int64_t end) {
+    float *scores = scores_scratch(scores_floats);
+    if (scores == NULL) return -1;
+    for (int64_t p = first; p < end; p++) attend(a, p / a->num_kv_heads, p % a->num_kv_heads, scale, scores);
+    return 0;
+}
+
+/* 0, or -1 when a scores scratch cannot be allocated. */
 int loraplex_decode_attention(const DecodeArgs *a) {
-    const int64_t G = a->num_heads / a->num_kv_heads;
+    const int64_t G = a->num_heads / a->num_kv_heads, pairs = a->num_seqs * a->num_kv_heads;
     int64_t max_len = 0;
     for (int64_t b = 0; b < a->num_seqs; b++)
         max_len = ((const int64_t *)a->lens)[b] > max_len ? ((const int64_t *)a->lens)[b] : max_len;
-    float *scores = scores_scratch(G * (max_len > 0 ? max_len : 1));
-    if (scores == NULL) return -1;
+    const int64_t scores_floats = G * (max_len > 0 ? max_len : 1);
     float scale;
     const uint32_t bits = (uint32_t)a->scale_bits;
     memcpy(&scale, &bits, sizeof scale);
     const attend_fn attend = pick_attend(a->head_dim, a->act_bf16 != 0, a->cache_bf16 != 0);
-    for (int64_t b = 0; b < a->num_seqs; b++)
-        for (int64_t g = 0; g < a->num_kv_heads; g++) attend(a, b, g, scale, scores);
-    return 0;
+    const int threads = (int)(a->threads < pairs ? a->threads : pairs);
+    if (threads <= 1) return attend_pairs(a, attend, scale, scores_floats, 0, pairs);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        const int64_t n = omp_get_num_threads(), me = omp_get_thread_num(), per = (pairs + n - 1) / n;
+        const int64_t first = me * per, end = first + per < pairs ? first + per : pairs;
+        if (first < end) failed |= attend_pairs(a, attend, scale, scores_floats, first, end) != 0;
+    }
+    return failed ? -1 : 0;
 }

@@ -25,12 +25,14 @@ import torch
 from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
 
 SOURCE = NativeSource(
-    "attention_native", Path(__file__).with_name("attention_native.c"), (*BASE_CFLAGS, "-ffp-contract=off")
+    "attention_native",
+    Path(__file__).with_name("attention_native.c"),
+    (*BASE_CFLAGS, "-ffp-contract=off", "-fopenmp"),
 )
 MAX_HEAD_DIM, MAX_GROUP = 256, 32  # as in the C file
 _FLAGS = {torch.float32: 0, torch.bfloat16: 1}
 _ROPE_ARGS = struct.Struct("=14q")  # RopeArgs of the C file, in order
-_DECODE_ARGS = struct.Struct("=17q")  # DecodeArgs
+_DECODE_ARGS = struct.Struct("=18q")  # DecodeArgs
 
 
 def load(cache_dir: Path | str | None = None) -> NativeAttention | None:
@@ -50,6 +52,7 @@ class NativeAttention:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._rope = lib.loraplex_rope_and_cache
         self._decode = lib.loraplex_decode_attention
+        self.num_threads: int | None = None  # decode attention's threads (default: torch's thread count)
         # what -> (tensor, rows it was checked against)
         self._checked: dict[str, tuple[torch.Tensor, int]] = {}
 
@@ -100,6 +103,7 @@ class NativeAttention:
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
             kv_index.data_ptr(), kv_index.stride(0), kv_lens.data_ptr(),
             _float_bits(scale), _FLAGS[q.dtype], _FLAGS[k_cache.dtype],
+            self.num_threads or torch.get_num_threads(),
         )  # fmt: skip
         if self._decode(args) != 0:
             raise MemoryError("native attention kernel: out of memory for its scores scratch")

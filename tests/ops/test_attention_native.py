@@ -77,6 +77,22 @@ def test_decode_attention_matches_torch(native, lens, heads, kv_heads, head_dim,
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 30])  # more threads than (sequence, kv head) pairs too
+def test_decode_attention_on_threads_gives_the_one_thread_result(native, threads):
+    lens = [40, 33, 64, 2, 9, 80, 1, 16]
+    k_cache, v_cache = torch.randn(3, 260, 64), torch.randn(3, 260, 64)
+    index, kv_lens, bias = _paged_batch(lens, 260, seed=5)
+    q = torch.randn(len(lens), 9, 64)
+    try:
+        native.num_threads = 1
+        alone = native.decode_attention(q, k_cache, v_cache, index, kv_lens, bias, 0.125)
+        native.num_threads = threads
+        shared = native.decode_attention(q, k_cache, v_cache, index, kv_lens, bias, 0.125)
+    finally:
+        native.num_threads = None
+    assert torch.equal(shared, alone)  # each pair on one thread, computed the same way
+
+
 def test_decode_attention_never_reads_padding_or_other_rows(native):
     lens = [3, 1, 6]
     rows = 32
