@@ -35,7 +35,8 @@
  *
  * Built where the compiler targets AVX2 and FMA (-march=native); elsewhere int4_q8_available()
  * says 0. The caller (int4_q8.py) checks shapes: this file trusts them (N >= 1, K % 32 == 0).
- * Outputs are shared by up to `threads` threads (OpenMP, as int4_amx.c).
+ * Blocks of outputs are shared by up to `threads` threads (OpenMP, torch's own runtime in the
+ * process), in chunks taken as each thread comes free.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -268,13 +269,12 @@ int int4_q8_matmul(const int64_t *args) {
     if (threads <= 1) {
         run_outputs(&j, 0, units);
     } else {
-#pragma omp parallel num_threads(threads)
-        {
-            const int64_t n_threads = omp_get_num_threads(), me = omp_get_thread_num();
-            const int64_t per = (units + n_threads - 1) / n_threads;
-            const int64_t first = me * per, end = first + per < units ? first + per : units;
-            if (first < end) run_outputs(&j, first, end);
-        }
+        /* chunks of blocks handed out as threads come free: a thread the OS runs late (the
+         * HTTP side shares the cores) takes fewer, instead of the whole call waiting on its share */
+        const int64_t per = units / (8 * (int64_t)threads) > 0 ? units / (8 * (int64_t)threads) : 1;
+        const int64_t chunks = (units + per - 1) / per;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks; c++) run_outputs(&j, c * per, (c + 1) * per < units ? (c + 1) * per : units);
     }
     free(xq), free(dx);
     return 0;
