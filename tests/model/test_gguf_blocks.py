@@ -345,6 +345,20 @@ def test_an_int8_lm_head_on_the_files_q8_0_blocks_serves_like_the_dense_head(
     assert factory.load_model(slower, engine).model.lm_head_int8 is None
 
 
+def test_a_q8_0_head_not_in_blocks_of_8_keeps_the_dense_head(mixed_gguf, tmp_path, monkeypatch):
+    """The int8 kernel takes whole blocks of 8 outputs: a vocabulary of 8·n + 1 rows is served on
+    the dense head, decided at start (never a failure mid-request)."""
+    if int4_q8.load(tmp_path / "kernels") is None:
+        pytest.skip("this CPU has no AVX2 + FMA")
+    codes, scale = read_lm_head_q8_0(_embedded_gguf())
+    odd = (codes[: 8 * 5 + 1], scale[: 8 * 5 + 1])
+    monkeypatch.setattr(factory.gguf_codes, "read_lm_head_q8_0", lambda path: odd)
+    config = ModelConfig(model=str(mixed_gguf), cache_dir=str(tmp_path / "cache"), dtype="float32")
+    checkpoint = resolve_checkpoint(config)
+    assert factory.pick_lm_head_int8(config, checkpoint, None, "float32") is None  # type: ignore[arg-type]
+    assert int4_q8.fits(*codes.shape)  # the embedded model's own head (49152 rows) does fit
+
+
 def test_a_gguf_tensor_type_without_a_decoder_is_refused_at_start_naming_the_tensor(tmp_path):
     from gguf import GGML_QUANT_SIZES
 
