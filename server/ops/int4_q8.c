@@ -25,7 +25,7 @@
  * 8 · 2 · 15 · 127 = 30480: no overflow) before one vpmaddwd widens them, so the int32 lanes ARE
  * the 8 outputs: the group's scales and minimums apply as vectors, with no horizontal sums
  * (the layout of llama.cpp's repacked Q4_0 8x8 kernels). A block's 8 outputs and their weights
- * stay in L1 while every row of x passes over them, 4 rows at a time. With AVX-VNNI, vpdpbusd
+ * stay in L1 while every row of x passes over them, INT4_ROWS rows at a time. With AVX-VNNI, vpdpbusd
  * accumulates in int32 instead.
  * int8: the same blocks, |code| times the activations given the code's sign (vpsignb: vpmaddubsw
  * takes one unsigned operand); pair sums reach 2 · 127 · 127, so each vpmaddubsw is widened by its
@@ -45,7 +45,14 @@
 #include "native_common.h"
 
 #define GROUP 32
-#define ROWS 4 /* rows of x per pass over a block of outputs */
+#define TILE 8 /* rows of x side by side per group in the quantized activations */
+#ifndef INT4_ROWS
+#define INT4_ROWS 4 /* rows of x per pass over a block of int4 outputs (1 to TILE) */
+#endif
+#ifndef INT8_ROWS
+#define INT8_ROWS 8 /* the same over int8 outputs (8: the LM head 14 % faster at 8 tokens on a Zen 3;
+                       for int4, 4, 6 and 8 measured the same) */
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -54,7 +61,7 @@
 int int4_q8_available(void) { return 1; }
 
 typedef struct {
-    const int8_t *xq; /* [ceil(M / ROWS), G, ROWS, 32]: each tile's rows side by side per group */
+    const int8_t *xq; /* [ceil(M / TILE), G, TILE, 32]: each tile's rows side by side per group */
     const float *dx;  /* [M, G] */
     const float *sx;  /* [M, G] */
     const uint8_t *w;
@@ -68,9 +75,9 @@ typedef struct {
 #define INT4_GROUP_BYTES (128 + 32 + 32) /* a block's int4 codes, scales and minimums per group */
 #define INT8_GROUP_BYTES (256 + 32)      /* a block's int8 codes and scales per group */
 
-/* The 32 int8 activations of row r of the tile at m0, group g. */
-static inline const int8_t *xq_at(const Job *j, int64_t m0, int r, int64_t g) {
-    return j->xq + ((m0 / ROWS * (j->K / GROUP) + g) * ROWS + r) * GROUP;
+/* The 32 int8 activations of row m, group g. */
+static inline const int8_t *xq_at(const Job *j, int64_t m, int64_t g) {
+    return j->xq + ((m / TILE * (j->K / GROUP) + g) * TILE + m % TILE) * GROUP;
 }
 
 static inline __m256 load8(const void *src, int is_bf16) {
@@ -136,20 +143,20 @@ static inline void store_block(const Job *j, int64_t b, int64_t m0, int rows, co
     }
 }
 
-/* int4 block b (outputs 8b .. 8b + 7) for rows m0 .. m0 + rows (1 to ROWS, a constant at every call
+/* int4 block b (outputs 8b .. 8b + 7) for rows m0 .. m0 + rows (1 to TILE, a constant at every call
  * site): per group, 8 vpmaddubsw per row sum into int16 lanes of output pairs. */
 static inline __attribute__((always_inline)) void int4_block_rows(const Job *j, int64_t b, int64_t m0, int rows) {
     const int64_t G = j->K / GROUP;
     const uint8_t *block = j->w + b * G * INT4_GROUP_BYTES;
     const __m256i nibble = _mm256_set1_epi8(15);
-    __m256 acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[TILE];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *codes = block + g * INT4_GROUP_BYTES;
-        const int8_t *xg[ROWS];
-        for (int r = 0; r < rows; r++) xg[r] = xq_at(j, m0, r, g);
-        __m256i sum[ROWS];
-        for (int r = 0; r < ROWS; r++) sum[r] = _mm256_setzero_si256();
+        const int8_t *xg[TILE];
+        for (int r = 0; r < rows; r++) xg[r] = xq_at(j, m0 + r, g);
+        __m256i sum[TILE];
+        for (int r = 0; r < rows; r++) sum[r] = _mm256_setzero_si256();
         for (int q = 0; q < 4; q++) {
             const __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + 32 * q));
             const __m256i low = _mm256_and_si256(packed, nibble);  /* inputs 4q .. 4q + 3 */
@@ -185,18 +192,18 @@ static inline __attribute__((always_inline)) void int4_block_rows(const Job *j, 
     store_block(j, b, m0, rows, acc);
 }
 
-/* int8 block b for rows m0 .. m0 + rows (1 to ROWS, a constant at every call site). */
+/* int8 block b for rows m0 .. m0 + rows (1 to TILE, a constant at every call site). */
 static inline __attribute__((always_inline)) void int8_block_rows(const Job *j, int64_t b, int64_t m0, int rows) {
     const int64_t G = j->K / GROUP;
     const uint8_t *block = j->w + b * G * INT8_GROUP_BYTES;
-    __m256 acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[TILE];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *codes = block + g * INT8_GROUP_BYTES;
-        const int8_t *xg[ROWS];
-        for (int r = 0; r < rows; r++) xg[r] = xq_at(j, m0, r, g);
-        __m256i sum[ROWS];
-        for (int r = 0; r < ROWS; r++) sum[r] = _mm256_setzero_si256();
+        const int8_t *xg[TILE];
+        for (int r = 0; r < rows; r++) xg[r] = xq_at(j, m0 + r, g);
+        __m256i sum[TILE];
+        for (int r = 0; r < rows; r++) sum[r] = _mm256_setzero_si256();
         for (int q = 0; q < 8; q++) {
             const __m256i signed_codes = _mm256_loadu_si256((const __m256i *)(codes + 32 * q));
             const __m256i magnitude = _mm256_sign_epi8(signed_codes, signed_codes); /* inputs 4q .. 4q + 3 */
@@ -223,24 +230,28 @@ static inline __attribute__((always_inline)) void int8_block_rows(const Job *j, 
     store_block(j, b, m0, rows, acc);
 }
 
-#define BLOCK_ROWS_CASES(FN)                    \
-    switch (j->M - m0 < ROWS ? j->M - m0 : ROWS) { \
-        case 1: FN(j, b, m0, 1); break;            \
-        case 2: FN(j, b, m0, 2); break;            \
-        case 3: FN(j, b, m0, 3); break;            \
-        default: FN(j, b, m0, 4); break;           \
+/* FN over rows m0 .. m0 + min(M - m0, R) with the count a constant (R <= TILE). */
+#define BLOCK_ROWS_CASES(FN, R)                          \
+    switch (j->M - m0 < (R) ? j->M - m0 : (R)) {         \
+        case 1: FN(j, b, m0, 1); break;                  \
+        case 2: FN(j, b, m0, 2); break;                  \
+        case 3: FN(j, b, m0, 3); break;                  \
+        case 4: FN(j, b, m0, 4); break;                  \
+        case 5: FN(j, b, m0, 5 <= (R) ? 5 : 1); break;   \
+        case 6: FN(j, b, m0, 6 <= (R) ? 6 : 1); break;   \
+        case 7: FN(j, b, m0, 7 <= (R) ? 7 : 1); break;   \
+        default: FN(j, b, m0, 8 <= (R) ? 8 : 1); break;  \
     }
 
 /* Blocks [first, end) of 8 outputs, all rows. */
 static void run_outputs(const Job *j, int64_t first, int64_t end) {
-    for (int64_t b = first; b < end; b++)
-        for (int64_t m0 = 0; m0 < j->M; m0 += ROWS) {
-            if (j->w_int8) {
-                BLOCK_ROWS_CASES(int8_block_rows)
-            } else {
-                BLOCK_ROWS_CASES(int4_block_rows)
-            }
+    for (int64_t b = first; b < end; b++) {
+        if (j->w_int8) {
+            for (int64_t m0 = 0; m0 < j->M; m0 += INT8_ROWS) BLOCK_ROWS_CASES(int8_block_rows, INT8_ROWS)
+        } else {
+            for (int64_t m0 = 0; m0 < j->M; m0 += INT4_ROWS) BLOCK_ROWS_CASES(int4_block_rows, INT4_ROWS)
         }
+    }
 }
 
 /*
@@ -252,8 +263,8 @@ int int4_q8_matmul(const int64_t *args) {
     const int64_t M = args[5], N = args[6], K = args[7], G = K / GROUP, x_rs = args[3];
     const int x_bf16 = (int)args[9], threads = (int)args[10];
     const char *x = (const char *)(intptr_t)args[2];
-    const int64_t tiles = (M + ROWS - 1) / ROWS;
-    int8_t *xq = (int8_t *)malloc((size_t)(tiles * ROWS * K));
+    const int64_t tiles = (M + TILE - 1) / TILE;
+    int8_t *xq = (int8_t *)malloc((size_t)(tiles * TILE * K));
     float *dx = (float *)malloc((size_t)(2 * M * G) * sizeof(float));
     if (xq == NULL || dx == NULL) {
         free(xq), free(dx);
@@ -262,7 +273,7 @@ int int4_q8_matmul(const int64_t *args) {
     float *sx = dx + M * G;
     for (int64_t m = 0; m < M; m++)
         quantize_row(x + (size_t)(m * x_rs) * elem_size(x_bf16), x_bf16, K,
-                     xq + ((m / ROWS) * G * ROWS + m % ROWS) * GROUP, ROWS * GROUP, dx + m * G, sx + m * G);
+                     xq + ((m / TILE) * G * TILE + m % TILE) * GROUP, TILE * GROUP, dx + m * G, sx + m * G);
     const Job j = {xq, dx, sx, (const uint8_t *)(intptr_t)args[4], (void *)(intptr_t)args[0], args[1], M, N, K,
                    (int)args[8], (int)args[11]};
     const int64_t units = (N + BLOCK_OUTS - 1) / BLOCK_OUTS;
