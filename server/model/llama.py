@@ -140,7 +140,6 @@ class DecoderLayer(nn.Module):
             weights["mlp.down_proj.weight"], None, ("down_proj",), (config.hidden_size,), **linear_kwargs
         )
         self.scale = self.head_dim**-0.5
-        self.eps = eps
 
     def forward(
         self,
@@ -153,7 +152,8 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual [T, hidden]; cos/sin [T, D] → (hidden, residual) after this layer."""
         norms = self.norm_ops
-        normed, residual = norms.add_rms_norm(hidden, residual, self.input_layernorm.weight, self.eps)
+        pre_attention, pre_mlp = self.input_layernorm, self.post_attention_layernorm
+        normed, residual = norms.add_rms_norm(hidden, residual, pre_attention.weight, pre_attention.eps)
         qkv = self.qkv_proj(normed, batch.lora)  # [T, (H + 2·H_kv)·D]
         k_cache, v_cache = kv
         q = self.attention_ops.rope_and_cache(
@@ -161,7 +161,7 @@ class DecoderLayer(nn.Module):
         )  # [T, H, D]; this step's K/V rows are in the cache now
         attn = self._attention(q, k_cache, v_cache, batch)  # [T, H·D]
         normed, residual = norms.add_rms_norm(
-            self.o_proj(attn, batch.lora), residual, self.post_attention_layernorm.weight, self.eps
+            self.o_proj(attn, batch.lora), residual, pre_mlp.weight, pre_mlp.eps
         )
         gate_up = self.gate_up_proj(normed, batch.lora)  # [T, 2·I]
         return self.down_proj(norms.silu_mul(gate_up), batch.lora), residual

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import torch
 
-from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
+from server.ops.native_build import BASE_CFLAGS, NativeSource, float_bits, load_library
 
 SOURCE = NativeSource(
     "attention_native",
@@ -102,7 +102,7 @@ class NativeAttention:
             num_seqs, num_heads, k_cache.shape[0], head_dim,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
             kv_index.data_ptr(), kv_index.stride(0), kv_lens.data_ptr(),
-            _float_bits(scale), _FLAGS[q.dtype], _FLAGS[k_cache.dtype],
+            float_bits(scale), _FLAGS[q.dtype], _FLAGS[k_cache.dtype],
             self.num_threads or torch.get_num_threads(),
         )  # fmt: skip
         if self._decode(args) != 0:
@@ -137,11 +137,6 @@ class NativeAttention:
         if num_seqs:
             _require(int(lens.min()) >= 1 and int(lens.max()) <= max_len, f"kv_lens must lie in 1..{max_len}")
         self._checked["kv_lens"] = (lens, max_len)
-
-
-def _float_bits(value: float) -> int:
-    bits: int = struct.unpack("=I", struct.pack("=f", value))[0]
-    return bits
 
 
 def _cache_fits(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> bool:

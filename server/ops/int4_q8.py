@@ -61,10 +61,15 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tor
     blocks, groups = n // BLOCK_OUTS, k // GROUP
     q = codes.to(torch.uint8).view(blocks, BLOCK_OUTS, groups, 2, 4, 4)  # [B, o, G, half, j, i]
     nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [B, o, G, j, i]
-    interleaved = nibbles.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 128)  # [B, G, (j, o, i)]
+    scales, minimums = _per_record(scale, blocks, groups), _per_record(minimum, blocks, groups)
+    return torch.cat([_interleaved(nibbles), scales, minimums], dim=2).contiguous()
 
-    records = [interleaved, _per_record(scale, blocks, groups), _per_record(minimum, blocks, groups)]
-    return torch.cat(records, dim=2).contiguous()
+
+def _interleaved(codes: torch.Tensor) -> torch.Tensor:
+    """[B, o, G, j, i] code bytes (block, output, group, run of 4 inputs, input in the run) →
+    [B, G, j·o·i]: per record, each run of 4 inputs for the 8 outputs side by side."""
+    blocks, _, groups = codes.shape[:3]
+    return codes.permute(0, 2, 3, 1, 4).reshape(blocks, groups, -1)
 
 
 def _per_record(values: torch.Tensor, blocks: int, groups: int) -> torch.Tensor:
@@ -84,8 +89,7 @@ def pack_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         )
     blocks, groups = n // BLOCK_OUTS, k // GROUP
     q = codes.view(torch.uint8).view(blocks, BLOCK_OUTS, groups, 8, 4)  # [B, o, G, j, i]
-    interleaved = q.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 256)  # [B, G, (j, o, i)]
-    return torch.cat([interleaved, _per_record(scale, blocks, groups)], dim=2).contiguous()
+    return torch.cat([_interleaved(q), _per_record(scale, blocks, groups)], dim=2).contiguous()
 
 
 class Int4Q8:

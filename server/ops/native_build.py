@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -123,3 +124,9 @@ def _run(command: list[str], what: str) -> subprocess.CompletedProcess[str]:
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
         raise NativeUnavailable(f"{what} failed (exit {done.returncode}): {tail}")
     return done
+
+
+def float_bits(value: float) -> int:
+    """The fp32 bit pattern of ``value``, as an int64 argument the kernels read back as a float."""
+    bits: int = struct.unpack("=I", struct.pack("=f", value))[0]
+    return bits

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from server.ops import norm_torch
-from server.ops.native_build import BASE_CFLAGS, NativeSource, load_library
+from server.ops.native_build import BASE_CFLAGS, NativeSource, float_bits, load_library
 
 SOURCE = NativeSource("norm_native", Path(__file__).with_name("norm_native.c"), BASE_CFLAGS)
 _BF16 = {torch.float32: 0, torch.bfloat16: 1}
@@ -63,7 +63,7 @@ class NativeNorms:
         summed = residual.data_ptr() if residual is not None else 0
         args = _NORM_ARGS.pack(
             out.data_ptr(), summed, hidden.data_ptr(), summed, weight.data_ptr(), rows, size,
-            _float_bits(eps), _BF16[dtype],
+            float_bits(eps), _BF16[dtype],
         )  # fmt: skip
         self._norm(args)
         return out, hidden if residual is None else residual
@@ -85,8 +85,3 @@ class NativeNorms:
 def _takes(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """A contiguous CPU tensor of ``dtype``, one the kernels take (fp32 or bf16)."""
     return t.dtype == dtype and dtype in _BF16 and t.is_cpu and t.is_contiguous()
-
-
-def _float_bits(value: float) -> int:
-    bits: int = struct.unpack("=I", struct.pack("=f", value))[0]
-    return bits
